@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU session's work (see ../shared/GPU.md): build for this GPU's arch, run the whole test suite, run
+# compute-sanitizer on small cases of every kernel, run the benchmarks. Logs and JSON go to $OUT (or ./out).
+#   SUBQ_GPU_STEPS="build test sanitize bench"   which steps to run (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+STEPS=${SUBQ_GPU_STEPS:-build test sanitize bench}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
+ARCH=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
+summary=()
+step() { summary+=("$1: $2"); echo "=== $1: $2"; }
+
+if [[ $STEPS == *build* ]]; then
+  start=$SECONDS
+  SUBQ_CUDA_ARCHS=$ARCH MAX_JOBS=$(nproc) python3 -m pip install --no-build-isolation --no-deps -e . \
+    >"$OUT/build.log" 2>&1
+  step build "exit $? for sm_$ARCH in $((SECONDS - start)) s"
+fi
+python3 -c "import subq, torch; print('subq', subq.cuda_built(), subq.cuda_archs(), torch.cuda.get_device_name())"
+
+if [[ $STEPS == *test* ]]; then
+  python3 -m pytest tests -q -x -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+  step tests "exit $? ($(tail -n 1 "$OUT/pytest.log"))"
+fi
+
+if [[ $STEPS == *sanitize* ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python3 bench/sanitize_cases.py >"$OUT/sanitize_$tool.log" 2>&1
+    step "sanitizer $tool" "exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1))"
+  done
+fi
+
+if [[ $STEPS == *bench* ]]; then
+  python3 bench/bench_monarch.py --out "$OUT/monarch_bench.json" >"$OUT/bench_monarch.log" 2>&1
+  step bench_monarch "exit $?"
+  tail -n 40 "$OUT/bench_monarch.log"
+fi
+
+printf '%s\n' "${summary[@]}"
+grep -E "FAILED|Error" "$OUT/pytest.log" 2>/dev/null | head -n 20

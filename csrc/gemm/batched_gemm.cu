@@ -1,0 +1,85 @@
+// Runtime dispatch of run_batched_gemm onto the compiled (family, layout) instantiations.
+#include <cstdint>
+#include <utility>
+
+#include "gemm/batched_gemm.h"
+#include "gemm/batched_gemm_launch.cuh"
+#include "gemm/instantiations/extern.h"
+
+namespace subq {
+namespace {
+
+using gemm::Affine;
+using gemm::ColumnMajor;
+using gemm::RowMajor;
+
+enum class Major { kRow, kColumn, kNeither };
+
+Major major_of(const StridedMatrix& m) {
+  if (m.col_stride == 1) return Major::kRow;
+  if (m.row_stride == 1) return Major::kColumn;
+  return Major::kNeither;
+}
+
+StridedMatrix transposed(const StridedMatrix& m) {
+  StridedMatrix t = m;
+  std::swap(t.row_stride, t.col_stride);
+  return t;
+}
+
+// Vector loads and stores need the base pointer, the leading dimension and the batch stride to be multiples of
+// the vector width. (Extents along a unit-stride dimension are rounded up to the vector: see batched_gemm.h.)
+bool aligned(const StridedMatrix& m, Major major, int vector, int element_size) {
+  if (vector == 1) return true;
+  const int64_t ld = major == Major::kRow ? m.row_stride : m.col_stride;
+  return reinterpret_cast<uintptr_t>(m.ptr) % (uintptr_t(vector) * element_size) == 0 && ld % vector == 0 &&
+         m.batch_stride % vector == 0;
+}
+
+template <typename Family>
+Status dispatch_layouts(const BatchedGemmParams& p, cudaStream_t stream) {
+  const Major a = major_of(p.a), b = major_of(p.b);
+  if (a == Major::kNeither || b == Major::kNeither) return Status::kInvalidArgument;
+  const int size = sizeof(typename Family::ElementInput);
+  if (!aligned(p.a, a, Family::kAlignment, size) || !aligned(p.b, b, Family::kAlignment, size)) {
+    return Status::kMisaligned;
+  }
+  const bool row_d = major_of(p.d) == Major::kRow && aligned(p.d, Major::kRow, Family::kAlignment, size);
+  if (row_d) {
+    if (a == Major::kRow && b == Major::kRow) return gemm::launch_batched_gemm<Family, RowMajor, RowMajor, RowMajor>(p, stream);
+    if (a == Major::kRow && b == Major::kColumn) return gemm::launch_batched_gemm<Family, RowMajor, ColumnMajor, RowMajor>(p, stream);
+    if (a == Major::kColumn && b == Major::kRow) return gemm::launch_batched_gemm<Family, ColumnMajor, RowMajor, RowMajor>(p, stream);
+    return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, RowMajor>(p, stream);
+  }
+  // Strided output: the Monarch output permutation (A and B column-major, as run_monarch_fwd lays them out).
+  if (a == Major::kColumn && b == Major::kColumn) {
+    return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, Affine>(p, stream);
+  }
+  return Status::kUnsupported;
+}
+
+}  // namespace
+
+Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
+  if (params.m < 0 || params.n < 0 || params.k < 1 || params.batch < 0) return Status::kInvalidArgument;
+  if (params.m == 0 || params.n == 0 || params.batch == 0) return Status::kSuccess;
+  BatchedGemmParams p = params;
+  // A column-major D is the row-major D^T = B^T A^T: one set of kernels serves both.
+  if (major_of(p.d) == Major::kColumn) {
+    std::swap(p.m, p.n);
+    StridedMatrix a = transposed(p.b), b = transposed(p.a);
+    p.a = a;
+    p.b = b;
+    p.d = transposed(p.d);
+  }
+  switch (p.dtype) {
+    case DType::kBFloat16: return dispatch_layouts<gemm::TensorOpBF16>(p, stream);
+    case DType::kFloat16: return dispatch_layouts<gemm::TensorOpF16>(p, stream);
+    case DType::kFloat32:
+      return p.math == MathMode::kTF32 ? dispatch_layouts<gemm::TensorOpTF32>(p, stream)
+                                       : dispatch_layouts<gemm::SimtF32>(p, stream);
+  }
+  return Status::kUnsupported;
+}
+
+}  // namespace subq

@@ -1,0 +1,35 @@
+// Strided batched GEMM, the primitive every Monarch product is built from:
+//   D[g] = A[g] · B[g]   for g in [0, batch),   A: (M, K), B: (K, N), D: (M, N).
+// Each operand is described by a row stride, a column stride and a batch stride, in elements. A and B must have a
+// unit stride in one of their two dimensions (row- or column-major); D may be row-major, column-major or fully
+// strided ("affine": any two strides), which is how permutations are fused into the store.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace subq {
+
+struct StridedMatrix {
+  void* ptr = nullptr;
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+  int64_t batch_stride = 0;
+};
+
+struct BatchedGemmParams {
+  DType dtype = DType::kBFloat16;
+  MathMode math = MathMode::kExact;  // float32 only
+  int64_t m = 0, n = 0, k = 0, batch = 0;
+  StridedMatrix a, b, d;
+};
+
+// Launches on `stream`. Returns kMisaligned when a vectorized load would be misaligned (16-bit types need
+// pointers, leading dimensions and batch strides that are multiples of 8 elements; TF32 of 4); the caller then
+// takes its generic path.
+Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream);
+
+}  // namespace subq

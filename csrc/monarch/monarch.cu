@@ -1,0 +1,167 @@
+// Monarch products as sequences of strided batched GEMMs (gemm/batched_gemm.h). Each GEMM below is written in the
+// paper's indices; the strides are where the permutations live.
+#include "monarch/monarch.h"
+
+#include "gemm/batched_gemm.h"
+#include "monarch/monarch_permute.cuh"
+
+namespace subq {
+namespace {
+
+// A (rows, cols) matrix inside a batch: element (i, j) of batch g at ptr + g*batch + i*row + j*col.
+StridedMatrix mat(const void* ptr, int64_t row, int64_t col, int64_t batch) {
+  return StridedMatrix{const_cast<void*>(ptr), row, col, batch};
+}
+
+Status gemm(DType dtype, MathMode math, int64_t m, int64_t n, int64_t k, int64_t batch, StridedMatrix a,
+            StridedMatrix b, StridedMatrix d, cudaStream_t stream) {
+  BatchedGemmParams params;
+  params.dtype = dtype;
+  params.math = math;
+  params.m = m;
+  params.n = n;
+  params.k = k;
+  params.batch = batch;
+  params.a = a;
+  params.b = b;
+  params.d = d;
+  return run_batched_gemm(params, stream);
+}
+
+Status from_cuda(cudaError_t err) { return err == cudaSuccess ? Status::kSuccess : Status::kCudaError; }
+
+char* offset(void* ptr, int64_t elements, DType dtype) {
+  return static_cast<char*>(ptr) + elements * dtype_size(dtype);
+}
+
+// Zero the columns [tokens, padded) of a feature-major (features, padded) buffer: the GEMMs' vector loads along
+// tokens read them, and they must contribute nothing to reductions over tokens.
+Status zero_token_padding(void* buffer, int64_t features, int64_t tokens, DType dtype, cudaStream_t stream) {
+  const int64_t padded = monarch_padded_tokens(tokens);
+  if (padded == tokens || features == 0) return Status::kSuccess;
+  const size_t esize = dtype_size(dtype);
+  return from_cuda(cudaMemset2DAsync(offset(buffer, tokens, dtype), padded * esize, 0, (padded - tokens) * esize,
+                                     features, stream));
+}
+
+#define SUBQ_RETURN_IF_ERROR(expr)            \
+  do {                                        \
+    const Status status_ = (expr);            \
+    if (status_ != Status::kSuccess) return status_; \
+  } while (0)
+
+bool valid(const MonarchShape& s) {
+  return s.tokens >= 0 && s.k > 0 && s.p > 0 && s.q > 0 && s.l > 0 && s.r > 0 && s.s > 0 && s.k * s.q == s.l * s.r;
+}
+
+}  // namespace
+
+// ---- Order 1 --------------------------------------------------------------------------------------------------
+
+Status blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream) {
+  if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
+  const int64_t n_out = p.nblocks * p.out_block;
+  // y_j (t, o) = sum_i x_j(t, i) w_j(o, i)
+  return gemm(p.dtype, p.math, p.tokens, p.out_block, p.in_block, p.nblocks,
+              mat(p.x, p.x_row_stride, 1, p.in_block),
+              mat(p.w, 1, p.in_block, p.out_block * p.in_block),
+              mat(p.y, n_out, 1, p.out_block), stream);
+}
+
+Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStream_t stream) {
+  if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
+  const int64_t n_in = p.nblocks * p.in_block, n_out = p.nblocks * p.out_block;
+  if (g.dx) {  // dx_j (t, i) = sum_o dy_j(t, o) w_j(o, i)
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.tokens, p.in_block, p.out_block, p.nblocks,
+                              mat(g.dy, n_out, 1, p.out_block),
+                              mat(p.w, p.in_block, 1, p.out_block * p.in_block),
+                              mat(g.dx, n_in, 1, p.in_block), stream));
+  }
+  if (g.dw) {  // dw_j (o, i) = sum_t dy_j(t, o) x_j(t, i)
+    if (p.tokens == 0) {
+      return from_cuda(cudaMemsetAsync(g.dw, 0, p.nblocks * p.out_block * p.in_block * dtype_size(p.dtype), stream));
+    }
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.out_block, p.in_block, p.tokens, p.nblocks,
+                              mat(g.dy, 1, n_out, p.out_block),
+                              mat(p.x, p.x_row_stride, 1, p.in_block),
+                              mat(g.dw, p.in_block, 1, p.out_block * p.in_block), stream));
+  }
+  return Status::kSuccess;
+}
+
+// ---- Order 2 --------------------------------------------------------------------------------------------------
+
+int64_t monarch_padded_tokens(int64_t tokens) { return (tokens + 7) / 8 * 8; }
+
+int64_t monarch_intermediate_elements(const MonarchShape& s) { return s.k * s.q * monarch_padded_tokens(s.tokens); }
+
+int64_t monarch_bwd_workspace_elements(const MonarchShape& s) {
+  return s.tokens * s.l * s.s + monarch_intermediate_elements(s);
+}
+
+// Feature-major intermediate: T[f][t] = (R x)[t, f] with f = i*q + c and ld = padded tokens. Block j of u = P t is
+// u_j(t, m) = T[m*l + j][t]: column-major with leading dimension l*padded and batch stride padded.
+Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
+  const MonarchShape& s = p.shape;
+  if (!valid(s)) return Status::kInvalidArgument;
+  if (s.tokens == 0) return Status::kSuccess;
+  const int64_t padded = monarch_padded_tokens(s.tokens);
+  SUBQ_RETURN_IF_ERROR(zero_token_padding(p.intermediate, s.k * s.q, s.tokens, p.dtype, stream));
+  // t_i (t, c) = sum_pp x_i(t, pp) w1_i(c, pp), stored transposed
+  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.q, s.p, s.k,
+                            mat(p.x, p.x_row_stride, 1, s.p),
+                            mat(p.w1, 1, s.p, s.q * s.p),
+                            mat(p.intermediate, 1, padded, s.q * padded), stream));
+  // y(t, s'*l + j) = o_j(t, s') = sum_m u_j(t, m) w2_j(s', m): P^T is the output's strides (l*s, l), batch 1
+  return gemm(p.dtype, p.math, s.tokens, s.s, s.r, s.l,
+              mat(p.intermediate, 1, s.l * padded, padded),
+              mat(p.w2, 1, s.r, s.s * s.r),
+              mat(p.y, s.l * s.s, s.l, 1), stream);
+}
+
+Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t stream) {
+  const MonarchShape& s = p.shape;
+  if (!valid(s)) return Status::kInvalidArgument;
+  const size_t esize = dtype_size(p.dtype);
+  if (s.tokens == 0) {
+    if (g.dw1) SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(g.dw1, 0, s.k * s.q * s.p * esize, stream)));
+    if (g.dw2) SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(g.dw2, 0, s.l * s.s * s.r * esize, stream)));
+    return Status::kSuccess;
+  }
+  const int64_t padded = monarch_padded_tokens(s.tokens);
+  // dO_j (t, s') = dy(t, s'*l + j), token-major (tokens, l, s): the cp.async loads of 16-bit types cannot gather at
+  // stride l, so the output gradient is un-permuted once here and read with unit stride by both GEMMs below.
+  void* d_out = g.workspace;
+  void* d_inter = offset(g.workspace, s.tokens * s.l * s.s, p.dtype);
+  SUBQ_RETURN_IF_ERROR(from_cuda(unpermute_blocks(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
+
+  if (g.dw2) {  // dw2_j (s', m) = sum_t dO_j(t, s') u_j(t, m)
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.s, s.r, s.tokens, s.l,
+                              mat(d_out, 1, s.l * s.s, s.s),
+                              mat(p.intermediate, 1, s.l * padded, padded),
+                              mat(g.dw2, s.r, 1, s.s * s.r), stream));
+  }
+  if (!g.dx && !g.dw1) return Status::kSuccess;
+  // du_j (t, m) = sum_s' dO_j(t, s') w2_j(s', m), stored feature-major like the forward intermediate, which
+  // applies P^T for free: dT[m*l + j][t].
+  SUBQ_RETURN_IF_ERROR(zero_token_padding(d_inter, s.k * s.q, s.tokens, p.dtype, stream));
+  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.r, s.s, s.l,
+                            mat(d_out, s.l * s.s, 1, s.s),
+                            mat(p.w2, s.r, 1, s.s * s.r),
+                            mat(d_inter, 1, s.l * padded, padded), stream));
+  if (g.dx) {  // dx_i (t, pp) = sum_c dT_i(t, c) w1_i(c, pp)
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.p, s.q, s.k,
+                              mat(d_inter, 1, padded, s.q * padded),
+                              mat(p.w1, s.p, 1, s.q * s.p),
+                              mat(g.dx, s.k * s.p, 1, s.p), stream));
+  }
+  if (g.dw1) {  // dw1_i (c, pp) = sum_t dT_i(t, c) x_i(t, pp)
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.q, s.p, s.tokens, s.k,
+                              mat(d_inter, padded, 1, s.q * padded),
+                              mat(p.x, p.x_row_stride, 1, s.p),
+                              mat(g.dw1, s.p, 1, s.q * s.p), stream));
+  }
+  return Status::kSuccess;
+}
+
+}  // namespace subq

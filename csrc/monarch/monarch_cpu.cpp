@@ -1,0 +1,60 @@
+#include "monarch/monarch_cpu.h"
+
+namespace subq::cpu {
+namespace {
+
+int64_t padded_tokens(int64_t tokens) { return (tokens + 7) / 8 * 8; }
+
+// (nblocks, tokens, block) view of a (tokens, nblocks*block) matrix.
+at::Tensor blocks_first(const at::Tensor& m, int64_t nblocks) {
+  return m.reshape({m.size(0), nblocks, m.size(1) / nblocks}).transpose(0, 1);
+}
+
+// Block j of u = P (R x): u[j, t, m] = T[m*l + j, t] for the feature-major intermediate T.
+at::Tensor permuted_blocks(const at::Tensor& intermediate, int64_t tokens, int64_t l) {
+  return intermediate.narrow(1, 0, tokens).reshape({intermediate.size(0) / l, l, tokens}).permute({1, 2, 0});
+}
+
+}  // namespace
+
+at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t nblocks = w.size(0);
+  return at::bmm(blocks_first(x, nblocks), w.transpose(1, 2)).transpose(0, 1).reshape({x.size(0), nblocks * w.size(1)});
+}
+
+std::tuple<at::Tensor, at::Tensor> blockdiag_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                                 std::array<bool, 2> output_mask) {
+  const int64_t nblocks = w.size(0);
+  const at::Tensor dy_b = blocks_first(dy, nblocks);
+  at::Tensor dx = output_mask[0] ? at::bmm(dy_b, w).transpose(0, 1).reshape(x.sizes()) : x.new_empty({0});
+  at::Tensor dw = output_mask[1] ? at::bmm(dy_b.transpose(1, 2), blocks_first(x, nblocks)) : x.new_empty({0});
+  return {dx, dw};
+}
+
+std::tuple<at::Tensor, at::Tensor> monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+  const int64_t tokens = x.size(0), k = w1.size(0), q = w1.size(1), l = w2.size(0);
+  const at::Tensor t = at::bmm(blocks_first(x, k), w1.transpose(1, 2));  // (k, tokens, q)
+  at::Tensor intermediate = at::zeros({k * q, padded_tokens(tokens)}, x.options());
+  intermediate.narrow(1, 0, tokens).copy_(t.permute({0, 2, 1}).reshape({k * q, tokens}));
+  const at::Tensor o = at::bmm(permuted_blocks(intermediate, tokens, l), w2.transpose(1, 2));  // (l, tokens, s)
+  return {o.permute({1, 2, 0}).reshape({tokens, l * w2.size(1)}), intermediate};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                           const at::Tensor& intermediate, const at::Tensor& w1,
+                                                           const at::Tensor& w2, std::array<bool, 3> output_mask) {
+  const int64_t tokens = x.size(0), k = w1.size(0), l = w2.size(0), s = w2.size(1);
+  const at::Tensor d_out = dy.reshape({tokens, s, l}).permute({2, 0, 1});  // dO[j, t, s'] = dy[t, s'*l + j]
+  at::Tensor dw2 = output_mask[2] ? at::bmm(d_out.transpose(1, 2), permuted_blocks(intermediate, tokens, l))
+                                  : x.new_empty({0});
+  at::Tensor dx = x.new_empty({0}), dw1 = x.new_empty({0});
+  if (output_mask[0] || output_mask[1]) {
+    const at::Tensor du = at::bmm(d_out, w2);                                            // (l, tokens, r)
+    const at::Tensor dt = blocks_first(du.permute({1, 2, 0}).reshape({tokens, k * w1.size(1)}), k);  // (k, tokens, q)
+    if (output_mask[0]) dx = at::bmm(dt, w1).transpose(0, 1).reshape(x.sizes());
+    if (output_mask[1]) dw1 = at::bmm(dt.transpose(1, 2), blocks_first(x, k));
+  }
+  return {dx, dw1, dw2};
+}
+
+}  // namespace subq::cpu

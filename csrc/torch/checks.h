@@ -1,0 +1,31 @@
+// Argument checks shared by the torch glue. The Python wrappers check first and raise ValueError with the
+// public argument names; these keep direct torch.ops.subq.* callers from reaching a kernel with bad input.
+#pragma once
+
+#include <string>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace subq::glue {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ".dtype (", t.scalar_type(), ") must match ", ref_name,
+              ".dtype (", ref.scalar_type(), ")");
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* name, const std::string& what) {
+  TORCH_CHECK(t.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what, "), got shape ",
+              t.sizes());
+}
+
+}  // namespace subq::glue

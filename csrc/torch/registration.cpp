@@ -1,0 +1,25 @@
+// Op schemas of the subq library and the subq._C Python module. Implementations register per op file
+// (csrc/torch/<op>.cpp); fake kernels and autograd are registered in Python (python/subq/ops/).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(subq, m) {
+  m.def("blockdiag_fwd(Tensor x, Tensor w) -> Tensor");
+  m.def("blockdiag_bwd(Tensor dy, Tensor x, Tensor w, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("monarch_fwd(Tensor x, Tensor w1, Tensor w2) -> (Tensor, Tensor)");
+  m.def("monarch_bwd(Tensor dy, Tensor x, Tensor intermediate, Tensor w1, Tensor w2, bool[3] output_mask)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "subq compiled ops (registered under torch.ops.subq)";
+  m.def("cuda_built", [] {
+#ifdef SUBQ_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the CUTLASS CUDA kernels were compiled into this build.");
+  m.def("cuda_archs", [] { return std::string(SUBQ_CUDA_ARCHS_STRING); },
+        "The SUBQ_CUDA_ARCHS this build compiled for ('' for a CPU-only build).");
+}

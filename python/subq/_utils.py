@@ -1,0 +1,27 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+    return t
+
+
+def check_ndim(t: torch.Tensor, ndim: int, name: str, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}.dtype ({t.dtype}) must match {ref_name}.dtype ({ref.dtype})")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")

@@ -1,0 +1,6 @@
+"""Fused ops. Each is a torch custom op (torch.ops.subq.*) with CPU and CUDA kernels, a fake kernel for
+torch.compile, and autograd."""
+
+from subq.ops.monarch import blockdiag_matmul, monarch_matmul
+
+__all__ = ["blockdiag_matmul", "monarch_matmul"]

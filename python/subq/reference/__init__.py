@@ -1,0 +1,5 @@
+"""Plain PyTorch references: short, obviously right, meant to run in float64. Tests compare every op to these."""
+
+from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
+
+__all__ = ["blockdiag_matmul_ref", "monarch_dense_matrix", "monarch_matmul_ref"]
