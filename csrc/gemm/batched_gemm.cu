@@ -44,6 +44,10 @@ Status dispatch_layouts(const BatchedGemmParams& p, cudaStream_t stream) {
   if (!aligned(p.a, a, Family::kAlignment, size) || !aligned(p.b, b, Family::kAlignment, size)) {
     return Status::kMisaligned;
   }
+  // The mainloop takes the partial K tile first, so when K is an operand's unit-stride dimension every later
+  // vector load is aligned only if K is a multiple of the vector width.
+  const bool k_contiguous = a == Major::kRow || b == Major::kColumn;
+  if (k_contiguous && p.k % Family::kAlignment != 0) return Status::kMisaligned;
   const bool row_d = major_of(p.d) == Major::kRow && aligned(p.d, Major::kRow, Family::kAlignment, size);
   if (row_d) {
     if (a == Major::kRow && b == Major::kRow) return gemm::launch_batched_gemm<Family, RowMajor, RowMajor, RowMajor>(p, stream);
@@ -51,11 +55,11 @@ Status dispatch_layouts(const BatchedGemmParams& p, cudaStream_t stream) {
     if (a == Major::kColumn && b == Major::kRow) return gemm::launch_batched_gemm<Family, ColumnMajor, RowMajor, RowMajor>(p, stream);
     return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, RowMajor>(p, stream);
   }
-  // Strided output: the Monarch output permutation (A and B column-major, as run_monarch_fwd lays them out).
+  // Strided output: the Monarch output permutation (A and B column-major, as monarch_fwd lays them out).
   if (a == Major::kColumn && b == Major::kColumn) {
     return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, Affine>(p, stream);
   }
-  return Status::kUnsupported;
+  return Status::kMisaligned;
 }
 
 }  // namespace

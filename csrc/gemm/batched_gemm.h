@@ -27,9 +27,10 @@ struct BatchedGemmParams {
   StridedMatrix a, b, d;
 };
 
-// Launches on `stream`. Returns kMisaligned when a vectorized load would be misaligned (16-bit types need
-// pointers, leading dimensions and batch strides that are multiples of 8 elements; TF32 of 4); the caller then
-// takes its generic path.
+// Launches on `stream`. Returns kMisaligned when a vectorized access would be misaligned: 16-bit types need
+// pointers, leading dimensions and batch strides that are multiples of 8 elements (TF32: 4), and K a multiple of
+// that when an operand is contiguous along K; the caller then takes its generic path. Along a unit-stride M or N,
+// loads may run past the extent to the next multiple of the vector width: those elements must be allocated.
 Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream);
 
 }  // namespace subq

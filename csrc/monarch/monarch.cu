@@ -96,7 +96,9 @@ int64_t monarch_padded_tokens(int64_t tokens) { return (tokens + 7) / 8 * 8; }
 int64_t monarch_intermediate_elements(const MonarchShape& s) { return s.k * s.q * monarch_padded_tokens(s.tokens); }
 
 int64_t monarch_bwd_workspace_elements(const MonarchShape& s) {
-  return s.tokens * s.l * s.s + monarch_intermediate_elements(s);
+  const int64_t padded = monarch_padded_tokens(s.tokens);
+  const int64_t x_copy = padded == s.tokens ? 0 : padded * s.k * s.p;
+  return padded * s.l * s.s + monarch_intermediate_elements(s) + x_copy;
 }
 
 // Feature-major intermediate: T[f][t] = (R x)[t, f] with f = i*q + c and ld = padded tokens. Block j of u = P t is
@@ -129,14 +131,19 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
     return Status::kSuccess;
   }
   const int64_t padded = monarch_padded_tokens(s.tokens);
-  // dO_j (t, s') = dy(t, s'*l + j), token-major (tokens, l, s): the cp.async loads of 16-bit types cannot gather at
-  // stride l, so the output gradient is un-permuted once here and read with unit stride by both GEMMs below.
+  const int64_t n_in = s.k * s.p, n_out = s.l * s.s;
+  // dO_j (t, s') = dy(t, s'*l + j), token-major (padded, l, s): the cp.async loads of 16-bit types cannot gather at
+  // stride l, so the output gradient is un-permuted once here and read with unit stride by the GEMMs below.
+  // The weight gradients reduce over tokens, which the feature-major operands hold contiguously: they run over
+  // padded tokens (zero rows) so that K is a multiple of the vector width.
   void* d_out = g.workspace;
-  void* d_inter = offset(g.workspace, s.tokens * s.l * s.s, p.dtype);
+  void* d_inter = offset(d_out, padded * n_out, p.dtype);
   SUBQ_RETURN_IF_ERROR(from_cuda(unpermute_blocks(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
+  SUBQ_RETURN_IF_ERROR(from_cuda(
+      cudaMemsetAsync(offset(d_out, s.tokens * n_out, p.dtype), 0, (padded - s.tokens) * n_out * esize, stream)));
 
   if (g.dw2) {  // dw2_j (s', m) = sum_t dO_j(t, s') u_j(t, m)
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.s, s.r, s.tokens, s.l,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.s, s.r, padded, s.l,
                               mat(d_out, 1, s.l * s.s, s.s),
                               mat(p.intermediate, 1, s.l * padded, padded),
                               mat(g.dw2, s.r, 1, s.s * s.r), stream));
@@ -156,9 +163,20 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
                               mat(g.dx, s.k * s.p, 1, s.p), stream));
   }
   if (g.dw1) {  // dw1_i (c, pp) = sum_t dT_i(t, c) x_i(t, pp)
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.q, s.p, s.tokens, s.k,
+    const void* x = p.x;
+    int64_t x_row_stride = p.x_row_stride;
+    if (padded != s.tokens) {
+      void* x_padded = offset(d_inter, monarch_intermediate_elements(s), p.dtype);
+      SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemcpy2DAsync(x_padded, n_in * esize, p.x, p.x_row_stride * esize,
+                                                       n_in * esize, s.tokens, cudaMemcpyDeviceToDevice, stream)));
+      SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(offset(x_padded, s.tokens * n_in, p.dtype), 0,
+                                                     (padded - s.tokens) * n_in * esize, stream)));
+      x = x_padded;
+      x_row_stride = n_in;
+    }
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.q, s.p, padded, s.k,
                               mat(d_inter, padded, 1, s.q * padded),
-                              mat(p.x, p.x_row_stride, 1, s.p),
+                              mat(x, x_row_stride, 1, s.p),
                               mat(g.dw1, s.p, 1, s.q * s.p), stream));
   }
   return Status::kSuccess;

@@ -50,7 +50,8 @@ struct MonarchShape {
 // unit stride, and the permutation P is folded into the second factor's addressing instead of a transpose pass.
 int64_t monarch_padded_tokens(int64_t tokens);
 int64_t monarch_intermediate_elements(const MonarchShape& shape);
-// Backward scratch: the permuted output gradient (tokens, l, s) and the gradient of the intermediate.
+// Backward scratch: the un-permuted output gradient (padded tokens, l, s), the gradient of the intermediate, and,
+// when tokens is not a multiple of 8, x copied to padded tokens (the weight gradients reduce over padded tokens).
 int64_t monarch_bwd_workspace_elements(const MonarchShape& shape);
 
 struct MonarchParams {

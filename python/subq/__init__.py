@@ -4,6 +4,8 @@ Ops live in :mod:`subq.ops` (registered as ``torch.ops.subq.*``), modules in :mo
 references in :mod:`subq.reference`.
 """
 
+import torch  # noqa: F401  (loads libtorch, which subq._C links against)
+
 try:
     from subq import _C
 except ImportError as err:  # pragma: no cover - only without a built extension
