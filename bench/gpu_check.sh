@@ -8,13 +8,16 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 STEPS=${SUBQ_GPU_STEPS:-build test sanitize bench}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
+# The GPU image sets CXX to /opt/gcc/bin/g++, whose libstdc++ gets linked into _C.so beside the system one that
+# torch loads: two copies crash on the first formatted error message. Build with the system compiler, as torch was.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 ARCH=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
 summary=()
 step() { summary+=("$1: $2"); echo "=== $1: $2"; }
 
 if [[ $STEPS == *build* ]]; then
   start=$SECONDS
-  SUBQ_CUDA_ARCHS=$ARCH MAX_JOBS=$(nproc) python3 -m pip install --no-build-isolation --no-deps -e . \
+  SUBQ_CUDA_ARCHS=$ARCH MAX_JOBS=$(nproc) python3 -m pip install -v --no-build-isolation --no-deps -e . \
     >"$OUT/build.log" 2>&1
   step build "exit $? for sm_$ARCH in $((SECONDS - start)) s"
 fi

@@ -6,7 +6,7 @@
 #include "torch/checks.h"
 
 #ifdef SUBQ_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "monarch/monarch.h"
@@ -137,7 +137,7 @@ at::Tensor blockdiag_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in) {
   at::Tensor y = at::empty({x.size(0), w.size(0) * w.size(1)}, x.options());
   BlockdiagParams p = blockdiag_params(x, w);
   p.y = y.data_ptr();
-  if (!ran(blockdiag_fwd(p, at::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) return cpu::blockdiag_fwd(x, w);
+  if (!ran(blockdiag_fwd(p, c10::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) return cpu::blockdiag_fwd(x, w);
   return y;
 }
 
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
   g.dy = dy.data_ptr();
   g.dx = mask[0] ? dx.data_ptr() : nullptr;
   g.dw = mask[1] ? dw.data_ptr() : nullptr;
-  if (!ran(blockdiag_bwd(blockdiag_params(x, w), g, at::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
+  if (!ran(blockdiag_bwd(blockdiag_params(x, w), g, c10::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
     return cpu::blockdiag_bwd(dy, x, w, mask);
   }
   return {dx, dw};
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, cons
   at::Tensor intermediate = at::empty({w1.size(0) * w1.size(1), monarch_padded_tokens(x.size(0))}, x.options());
   p.y = y.data_ptr();
   p.intermediate = intermediate.data_ptr();
-  if (!ran(monarch_fwd(p, at::cuda::getCurrentCUDAStream()), "monarch_fwd")) return cpu::monarch_fwd(x, w1, w2);
+  if (!ran(monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) return cpu::monarch_fwd(x, w1, w2);
   return {y, intermediate};
 }
 
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   g.dw1 = mask[1] ? dw1.data_ptr() : nullptr;
   g.dw2 = mask[2] ? dw2.data_ptr() : nullptr;
   g.workspace = workspace.data_ptr();
-  if (!ran(monarch_bwd(p, g, at::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
+  if (!ran(monarch_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
     return cpu::monarch_bwd(dy, x, intermediate, w1, w2, mask);
   }
   return {dx, dw1, dw2};
