@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import subq
 import torch
+
+import subq
 
 try:
     from triton.testing import do_bench

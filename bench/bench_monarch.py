@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import _harness as h
-import subq
 import torch
 import torch.nn.functional as F
+
+import _harness as h
+import subq
 from subq.reference import monarch_matmul_ref
 
 FULL = {"tokens": 16384, "n": [1024, 4096, 8192], "nblocks": [4, 16, 64]}

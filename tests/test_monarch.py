@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_within_budget, max_err
 
 import subq
+from conftest import DEVICES, assert_within_budget, max_err
 from subq.ops import blockdiag_matmul, monarch_matmul
 from subq.reference import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 
@@ -208,7 +208,8 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.subq.monarch_fwd.default, (x, w1, w2))
     dy = torch.randn_like(y)
     for mask in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(torch.ops.subq.monarch_bwd.default, (dy, x.detach(), inter, w1.detach(), w2.detach(), mask))
+        args = (dy, x.detach(), inter, w1.detach(), w2.detach(), mask)
+        torch.library.opcheck(torch.ops.subq.monarch_bwd.default, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)

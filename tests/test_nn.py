@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, max_err
 from torch import nn
 
+from conftest import DEVICES, max_err
 from subq.nn import BlockdiagLinear, MonarchLinear
 from subq.reference import blockdiag_matmul_ref, monarch_dense_matrix
 

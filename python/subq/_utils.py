@@ -11,7 +11,9 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+        raise ValueError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), got {t.dtype}"
+        )
     return t
 
 
