@@ -27,3 +27,24 @@ def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
         raise ValueError(f"{name}.dtype ({t.dtype}) must match {ref_name}.dtype ({ref.dtype})")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str = "x") -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_dtype_in(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], what: str) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name}.dtype must be {what} ({', '.join(str(d) for d in dtypes)}), got {t.dtype}")
+
+
+def check_shape(t: object, name: str, shape: tuple[int, ...], layout: str, dtypes: tuple[torch.dtype, ...],
+                ref: torch.Tensor) -> torch.Tensor:
+    """A tensor argument of a fixed shape whose dtype is one of ``dtypes``, on ``ref``'s device."""
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout or tuple(shape)} = {tuple(shape)}, got {tuple(t.shape)}")
+    check_dtype_in(t, name, tuple(dict.fromkeys(dtypes)), "x's dtype or float32")
+    check_device(t, ref, name)
+    return t

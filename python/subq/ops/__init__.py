@@ -2,5 +2,6 @@
 torch.compile, and autograd."""
 
 from subq.ops.monarch import blockdiag_matmul, monarch_matmul
+from subq.ops.ssd import ssd_chunk_scan
 
-__all__ = ["blockdiag_matmul", "monarch_matmul"]
+__all__ = ["blockdiag_matmul", "monarch_matmul", "ssd_chunk_scan"]

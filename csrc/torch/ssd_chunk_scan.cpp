@@ -1,0 +1,128 @@
+// Torch glue for the Mamba-2 SSD chunk scan: schemas, argument checks, and the implementations of
+// subq::ssd_chunk_scan_fwd/bwd. Both devices run the ATen composite (csrc/ssd/ssd_chunk_scan_cpu.cpp) for now.
+#include <cmath>
+
+#include <torch/library.h>
+
+#include "ssd/ssd_chunk_scan_cpu.h"
+#include "torch/checks.h"
+
+#ifdef SUBQ_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace subq::glue {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+cpu::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
+  TORCH_CHECK(chunk_size == 64 || chunk_size == 128 || chunk_size == 256,
+              "chunk_size must be 64, 128 or 256, got ", chunk_size);
+  TORCH_CHECK(dt_min >= 0 && dt_min <= dt_max, "dt_limit must be (lo, hi) with 0 <= lo <= hi, got (", dt_min,
+              ", ", dt_max, ")");
+  cpu::SsdOptions opt;
+  opt.chunk_size = chunk_size;
+  opt.dt_softplus = dt_softplus;
+  opt.dt_min = dt_min;
+  opt.dt_max = dt_max;
+  opt.has_dt_limit = !(dt_min == 0.0 && std::isinf(dt_max));
+  return opt;
+}
+
+void check_optional(const OptTensor& t, const Tensor& x, const char* name, at::IntArrayRef shape) {
+  if (!t) return;
+  check_floating(*t, name);
+  TORCH_CHECK(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
+  TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+}
+
+cpu::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+                            const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                            const OptTensor& initial_states, const OptTensor& seq_idx) {
+  check_dim(x, 4, "x");
+  check_floating(x, "x");
+  const int64_t b = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3);
+  check_dim(B, 4, "B");
+  check_same(B, x, "B", "x");
+  check_same(C, x, "C", "x");
+  const int64_t G = B.size(2), N = B.size(3);
+  TORCH_CHECK(B.size(0) == b && B.size(1) == L, "B must have shape (batch, seqlen, ngroups, dstate) = (", b, ", ",
+              L, ", G, N), got ", B.sizes());
+  TORCH_CHECK(G > 0 && H % G == 0, "B's ngroups (", G, ") must divide the number of heads of x (", H, ")");
+  TORCH_CHECK(C.sizes() == B.sizes(), "C must have B's shape ", B.sizes(), ", got ", C.sizes());
+  check_optional(dt, x, "dt", {b, L, H});
+  check_optional(A, x, "A", {H});
+  if (D) check_optional(D, x, "D", D->dim() == 1 ? at::IntArrayRef{H} : at::IntArrayRef{H, P});
+  check_optional(z, x, "z", x.sizes());
+  check_optional(dt_bias, x, "dt_bias", {H});
+  check_optional(initial_states, x, "initial_states", {b, H, P, N});
+  if (seq_idx) {
+    TORCH_CHECK(seq_idx->scalar_type() == at::kInt || seq_idx->scalar_type() == at::kLong,
+                "seq_idx must be int32 or int64, got ", seq_idx->scalar_type());
+    TORCH_CHECK(seq_idx->sizes() == at::IntArrayRef({b, L}), "seq_idx must have shape (", b, ", ", L, "), got ",
+                seq_idx->sizes());
+  }
+  return {x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Tensor& dt, const Tensor& A,
+                                                      const Tensor& B, const Tensor& C, const OptTensor& D,
+                                                      const OptTensor& z, const OptTensor& dt_bias,
+                                                      const OptTensor& initial_states, const OptTensor& seq_idx,
+                                                      const OptTensor& cu_seqlens, int64_t chunk_size,
+                                                      bool dt_softplus, double dt_min, double dt_max) {
+  auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
+  if (cu_seqlens) {
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 2, "cu_seqlens must be 1-D with at least 2 "
+                "entries (0, len_1, len_1+len_2, ...), got shape ", cu_seqlens->sizes());
+    TORCH_CHECK(x.size(0) == 1, "cu_seqlens needs the packed sequences in one batch row, got batch ", x.size(0));
+  }
+  auto opt = make_options(chunk_size, dt_softplus, dt_min, dt_max);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(x.device());
+#endif
+  return cpu::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
+}
+
+std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal_states, const Tensor& x,
+                                       const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+                                       const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                                       const OptTensor& initial_states, const OptTensor& seq_idx, int64_t chunk_size,
+                                       bool dt_softplus, double dt_min, double dt_max) {
+  auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  if (dfinal_states) {
+    TORCH_CHECK(dfinal_states->sizes() == at::IntArrayRef({x.size(0), x.size(2), x.size(3), B.size(3)}),
+                "dfinal_states must have shape (batch, nheads, headdim, dstate), got ", dfinal_states->sizes());
+  }
+  auto opt = make_options(chunk_size, dt_softplus, dt_min, dt_max);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(x.device());
+#endif
+  return cpu::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(subq, m) {
+  m.def("ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, int chunk_size, "
+        "bool dt_softplus, float dt_min, float dt_max) -> (Tensor, Tensor, Tensor)");
+  m.def("ssd_chunk_scan_bwd(Tensor dy, Tensor? dfinal_states, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, int chunk_size, "
+        "bool dt_softplus, float dt_min, float dt_max) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(subq, CPU, m) {
+  m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd);
+  m.impl("ssd_chunk_scan_bwd", &ssd_chunk_scan_bwd);
+}
+
+TORCH_LIBRARY_IMPL(subq, CUDA, m) {
+  m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd);
+  m.impl("ssd_chunk_scan_bwd", &ssd_chunk_scan_bwd);
+}
+
+}  // namespace subq::glue
