@@ -1,5 +1,6 @@
 #include "ssd/ssd_chunk_scan_cpu.h"
 
+#include <algorithm>
 #include <limits>
 
 namespace subq::cpu {
@@ -43,8 +44,7 @@ struct Chunked {
   Tensor seq;         // (b, c, Q) int64 sequence index; padded positions continue the last sequence
   Tensor prev_seq;    // (b, c): the sequence entering each chunk (the first position's, for chunk 0)
   Tensor cum;         // (b, c, Q, G, J): inclusive cumulative sum of dt*A within the chunk
-  Tensor decay;       // (b, c, G, J, t, s): exp(cum_t - cum_s) for s <= t in one sequence, else 0
-  Tensor CB;          // (b, c, G, t, s): C_t . B_s
+  Tensor same_seq;    // (b, c, t, s): s <= t and both in one sequence
   Tensor to_end;      // (b, c, Q, G, J): exp(cum_last - cum_s) where s is in the chunk's last sequence
   Tensor carry;       // (b, c, G, J): exp(cum_last) where the chunk continues the entering sequence
   Tensor from_start;  // (b, c, Q, G, J): exp(cum_t) where t is still in the entering sequence
@@ -90,15 +90,8 @@ Chunked scan_states(const SsdInputs& in, const SsdOptions& opt) {
   k.seq = seq;
   k.prev_seq = prev_seq;
 
-  // Segment sums are differences of fp32 cumulative sums; entries above the diagonal (positive when A < 0)
-  // are masked to -inf before the exp, so no exp of a positive number is ever taken.
   Tensor causal = at::ones({Q, Q}, in.x.options().dtype(at::kBool)).tril();
-  Tensor same_seq = causal.logical_and(seq.unsqueeze(3).eq(seq.unsqueeze(2)));  // (b, c, t, s)
-  Tensor cum_ts = k.cum.permute({0, 1, 3, 4, 2});                            // (b, c, G, J, Q)
-  Tensor segsum = cum_ts.unsqueeze(-1) - cum_ts.unsqueeze(-2);
-  k.decay = at::exp(segsum.masked_fill(same_seq.view({b, c, 1, 1, Q, Q}).logical_not(),
-                                       -std::numeric_limits<double>::infinity()));
-  k.CB = at::einsum("bctgn,bcsgn->bcgts", {k.C, k.B});
+  k.same_seq = causal.logical_and(seq.unsqueeze(3).eq(seq.unsqueeze(2)));
 
   Tensor cum_last = k.cum.select(2, Q - 1);                                  // (b, c, G, J)
   k.to_end = at::exp(cum_last.unsqueeze(2) - k.cum) * seq.eq(last_seq.unsqueeze(2)).view({b, c, Q, 1, 1});
@@ -119,11 +112,45 @@ Chunked scan_states(const SsdInputs& in, const SsdOptions& opt) {
   return k;
 }
 
+// The quadratic (intra-chunk) terms are computed a slice of chunks at a time, so their Q x Q temporaries stay
+// within a fixed budget however long the sequence is.
+constexpr int64_t kIntraBudgetBytes = int64_t(256) << 20;
+
+int64_t chunks_per_slice(const Chunked& k) {
+  const int64_t per_chunk = k.batch * k.nheads * k.Q * k.Q * at::elementSize(k.ct);
+  return std::max<int64_t>(1, kIntraBudgetBytes / std::max<int64_t>(per_chunk, 1));
+}
+
+struct IntraSlice {
+  int64_t begin = 0, size = 0;
+  Tensor decay;       // (b, n, G, J, t, s): exp(cum_t - cum_s) for s <= t in one sequence, else 0
+  Tensor CB;          // (b, n, G, t, s): C_t . B_s
+  Tensor at(const Tensor& t) const { return t.narrow(1, begin, size); }
+};
+
+IntraSlice intra_slice(const Chunked& k, int64_t begin, int64_t end) {
+  IntraSlice sl;
+  sl.begin = begin;
+  sl.size = end - begin;
+  // Segment sums are differences of fp32 cumulative sums; entries above the diagonal (positive when A < 0)
+  // are masked to -inf before the exp, so no exp of a positive number is ever taken.
+  Tensor cum_ts = sl.at(k.cum).permute({0, 1, 3, 4, 2});                     // (b, n, G, J, Q)
+  Tensor segsum = cum_ts.unsqueeze(-1) - cum_ts.unsqueeze(-2);
+  Tensor masked = sl.at(k.same_seq).unsqueeze(2).unsqueeze(2).logical_not();
+  sl.decay = at::exp(segsum.masked_fill_(masked, -std::numeric_limits<double>::infinity()));
+  sl.CB = at::einsum("bctgn,bcsgn->bcgts", {sl.at(k.C), sl.at(k.B)});
+  return sl;
+}
+
 // The SSM output before the skip and the gate, (b, L, H, P): intra-chunk quadratic form plus state to output.
 Tensor ssm_output(const Chunked& k) {
   Tensor xdt = k.x * k.dtp.unsqueeze(-1);
-  Tensor y = at::einsum("bcgjts,bcsgjp->bctgjp", {k.CB.unsqueeze(3) * k.decay, xdt});
-  y = y + at::einsum("bctgn,bcgjpn->bctgjp", {k.C, k.entering}) * k.from_start.unsqueeze(-1);
+  Tensor y = at::einsum("bctgn,bcgjpn->bctgjp", {k.C, k.entering}) * k.from_start.unsqueeze(-1);
+  const int64_t step = chunks_per_slice(k);
+  for (int64_t c0 = 0; c0 < k.nchunks; c0 += step) {
+    IntraSlice sl = intra_slice(k, c0, std::min(k.nchunks, c0 + step));
+    sl.at(y).add_(at::einsum("bcgjts,bcsgjp->bctgjp", {sl.CB.unsqueeze(3) * sl.decay, sl.at(xdt)}));
+  }
   return from_chunks(y.reshape({k.batch, k.nchunks, k.Q, k.nheads, k.headdim}), k.seqlen);
 }
 
@@ -246,17 +273,22 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const std::optional<Ten
   d_cum_last = d_cum_last + d_to_end.sum(2);
   dcum = dcum - d_to_end;
 
-  // 1. intra-chunk: y_t = sum_s CB_ts decay_ts dt_s x_s
-  Tensor scores = k.CB.unsqueeze(3) * k.decay;                               // (b, c, G, J, t, s)
-  Tensor g_dot_x = at::einsum("bctgjp,bcsgjp->bcgjts", {g, k.x});
-  dx = dx + at::einsum("bcgjts,bctgjp->bcsgjp", {scores, g}) * k.dtp.unsqueeze(-1);
-  ddtp = ddtp + (scores * g_dot_x).sum(4).permute({0, 1, 4, 2, 3});
-  Tensor d_scores = g_dot_x * k.dtp.permute({0, 1, 3, 4, 2}).unsqueeze(4);  // times dt_s
-  Tensor dCB = (d_scores * k.decay).sum(3);                                  // (b, c, G, t, s)
-  Tensor d_segsum = d_scores * scores;                                       // d decay * decay
-  dC = dC + at::einsum("bcgts,bcsgn->bctgn", {dCB, k.B});
-  dB = dB + at::einsum("bcgts,bctgn->bcsgn", {dCB, k.C});
-  dcum = dcum + d_segsum.sum(5).permute({0, 1, 4, 2, 3}) - d_segsum.sum(4).permute({0, 1, 4, 2, 3});
+  // 1. intra-chunk: y_t = sum_s CB_ts decay_ts dt_s x_s, a slice of chunks at a time
+  const int64_t step = chunks_per_slice(k);
+  for (int64_t c0 = 0; c0 < c; c0 += step) {
+    IntraSlice sl = intra_slice(k, c0, std::min(c, c0 + step));
+    Tensor g_s = sl.at(g), x_s = sl.at(k.x), dtp_s = sl.at(k.dtp);
+    Tensor scores = sl.CB.unsqueeze(3) * sl.decay;                           // (b, n, G, J, t, s)
+    Tensor g_dot_x = at::einsum("bctgjp,bcsgjp->bcgjts", {g_s, x_s});
+    sl.at(dx).add_(at::einsum("bcgjts,bctgjp->bcsgjp", {scores, g_s}) * dtp_s.unsqueeze(-1));
+    sl.at(ddtp).add_((scores * g_dot_x).sum(4).permute({0, 1, 4, 2, 3}));
+    Tensor d_scores = g_dot_x.mul_(dtp_s.permute({0, 1, 3, 4, 2}).unsqueeze(4));  // times dt_s
+    Tensor dCB = (d_scores * sl.decay).sum(3);                               // (b, n, G, t, s)
+    Tensor d_segsum = d_scores.mul_(scores);                                 // d decay * decay
+    sl.at(dC).add_(at::einsum("bcgts,bcsgn->bctgn", {dCB, sl.at(k.B)}));
+    sl.at(dB).add_(at::einsum("bcgts,bctgn->bcsgn", {dCB, sl.at(k.C)}));
+    sl.at(dcum).add_(d_segsum.sum(5).permute({0, 1, 4, 2, 3})).sub_(d_segsum.sum(4).permute({0, 1, 4, 2, 3}));
+  }
 
   // cum is an inclusive prefix sum of a = dt * A over the chunk: da_s = sum_{t >= s} dcum_t.
   dcum.select(2, Q - 1).add_(d_cum_last);
