@@ -36,9 +36,16 @@ if [[ $STEPS == *sanitize* ]]; then
 fi
 
 if [[ $STEPS == *bench* ]]; then
-  python3 bench/bench_monarch.py --out "$OUT/monarch_bench.json" >"$OUT/bench_monarch.log" 2>&1
-  step bench_monarch "exit $?"
-  tail -n 40 "$OUT/bench_monarch.log"
+  for script in bench/bench_*.py; do
+    name=$(basename "$script" .py)
+    python3 "$script" --out "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+    step "$name" "exit $?"
+    tail -n 30 "$OUT/$name.log"
+  done
+  if python3 -c "import subq.profile" 2>/dev/null; then
+    python3 -m subq.profile --out "$OUT/profile" >"$OUT/profile.log" 2>&1
+    step profile "exit $?"
+  fi
 fi
 
 printf '%s\n' "${summary[@]}"
