@@ -25,3 +25,25 @@ def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
         raise ValueError(f"{name}.dtype ({t.dtype}) must match {ref_name}.dtype ({ref.dtype})")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, layout: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)

@@ -4,3 +4,6 @@ torch.compile, and autograd."""
 from subq.ops.monarch import blockdiag_matmul, monarch_matmul
 
 __all__ = ["blockdiag_matmul", "monarch_matmul"]
+from subq.ops.rmsnorm_gated import rmsnorm_gated  # noqa: E402
+
+__all__ += ["rmsnorm_gated"]

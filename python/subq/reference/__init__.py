@@ -3,3 +3,6 @@
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 
 __all__ = ["blockdiag_matmul_ref", "monarch_dense_matrix", "monarch_matmul_ref"]
+from subq.reference.rmsnorm_gated import rmsnorm_gated_ref  # noqa: E402
+
+__all__ += ["rmsnorm_gated_ref"]
