@@ -7,3 +7,6 @@ __all__ = ["blockdiag_matmul", "monarch_matmul"]
 from subq.ops.rmsnorm_gated import rmsnorm_gated  # noqa: E402
 
 __all__ += ["rmsnorm_gated"]
+from subq.ops.ssd_step import ssd_step  # noqa: E402
+
+__all__ += ["ssd_step"]

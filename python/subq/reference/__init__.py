@@ -6,3 +6,6 @@ __all__ = ["blockdiag_matmul_ref", "monarch_dense_matrix", "monarch_matmul_ref"]
 from subq.reference.rmsnorm_gated import rmsnorm_gated_ref  # noqa: E402
 
 __all__ += ["rmsnorm_gated_ref"]
+from subq.reference.ssd_step import ssd_step_ref  # noqa: E402
+
+__all__ += ["ssd_step_ref"]
