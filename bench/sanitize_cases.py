@@ -6,6 +6,7 @@ Sizes are chosen to hit partial tiles, the token padding of the Monarch intermed
 import torch
 
 from subq.ops import blockdiag_matmul, monarch_matmul
+from subq.ops import rmsnorm_gated, ssd_step
 
 
 def run(dtype: torch.dtype, tf32: bool) -> None:
@@ -21,7 +22,34 @@ def run(dtype: torch.dtype, tf32: bool) -> None:
     torch.cuda.synchronize()
 
 
+def run_norm_step(dtype: torch.dtype) -> None:
+    """rmsnorm_gated: vector and scalar paths, warp and block units, both gate orders; ssd_step: a partial P tile,
+    a state row shorter than one team's vectors, fp32 and low-precision state, strided (scalar) state."""
+    for dim, group_size, offset in ((200, 40, 0), (2200, 1100, 0), (129, 43, 1)):
+        base = torch.randn(37, dim + offset, device="cuda", dtype=dtype)
+        x = base[:, offset:].requires_grad_()
+        z = torch.randn(37, dim, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(dim, device="cuda", requires_grad=True)
+        for before in (True, False):
+            y = rmsnorm_gated(x, w, z, group_size=group_size, norm_before_gate=before)
+            y.backward(torch.randn_like(y))
+    for state_dtype, n, contiguous in ((torch.float32, 16, True), (dtype, 40, True), (torch.float32, 24, False)):
+        batch, heads, head_dim, groups = 3, 4, 37, 2
+        state = torch.randn(batch, heads, head_dim, n, device="cuda", dtype=state_dtype)
+        if not contiguous:
+            state = state.transpose(2, 3).contiguous().transpose(2, 3)
+        x = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
+        ssd_step(state, x, torch.rand(batch, heads, device="cuda", dtype=dtype), -torch.rand(heads, device="cuda"),
+                 torch.randn(batch, groups, n, device="cuda", dtype=dtype),
+                 torch.randn(batch, groups, n, device="cuda", dtype=dtype),
+                 D=torch.randn(heads, head_dim, device="cuda"), z=torch.randn_like(x),
+                 dt_bias=torch.randn(heads, device="cuda"), dt_softplus=True)
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
         run(dtype, tf32)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        run_norm_step(dtype)
     print("sanitize cases ran")

@@ -39,7 +39,7 @@ def check_dtype_in(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], 
         raise ValueError(f"{name}.dtype must be {what} ({', '.join(str(d) for d in dtypes)}), got {t.dtype}")
 
 
-def check_shape(t: object, name: str, shape: tuple[int, ...], layout: str, dtypes: tuple[torch.dtype, ...],
+def check_param(t: object, name: str, shape: tuple[int, ...], layout: str, dtypes: tuple[torch.dtype, ...],
                 ref: torch.Tensor) -> torch.Tensor:
     """A tensor argument of a fixed shape whose dtype is one of ``dtypes``, on ``ref``'s device."""
     check_tensor(t, name)
@@ -48,3 +48,20 @@ def check_shape(t: object, name: str, shape: tuple[int, ...], layout: str, dtype
     check_dtype_in(t, name, tuple(dict.fromkeys(dtypes)), "x's dtype or float32")
     check_device(t, ref, name)
     return t
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, layout: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)

@@ -2,6 +2,14 @@
 torch.compile, and autograd."""
 
 from subq.ops.monarch import blockdiag_matmul, monarch_matmul
+from subq.ops.rmsnorm_gated import rmsnorm_gated
 from subq.ops.ssd import ssd_chunk_scan
+from subq.ops.ssd_step import ssd_step
 
-__all__ = ["blockdiag_matmul", "monarch_matmul", "ssd_chunk_scan"]
+__all__ = [
+    "blockdiag_matmul",
+    "monarch_matmul",
+    "rmsnorm_gated",
+    "ssd_chunk_scan",
+    "ssd_step",
+]

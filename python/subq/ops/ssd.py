@@ -10,7 +10,7 @@ import math
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_device, check_dtype_in, check_shape, check_tensor
+from subq._utils import check_device, check_dtype_in, check_param, check_tensor
 
 CHUNK_SIZES = (64, 128, 256)
 MAX_HEADDIM = 128
@@ -111,20 +111,20 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
     if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     params = (x.dtype, torch.float32)
-    check_shape(dt, "dt", (batch, seqlen, nheads), "(batch, seqlen, nheads)", params, x)
-    check_shape(A, "A", (nheads,), "(nheads,)", params, x)
+    check_param(dt, "dt", (batch, seqlen, nheads), "(batch, seqlen, nheads)", params, x)
+    check_param(A, "A", (nheads,), "(nheads,)", params, x)
     if D is not None:
         check_tensor(D, "D")
         if tuple(D.shape) not in ((nheads,), (nheads, headdim)):
             raise ValueError(f"D must have shape (nheads,) = ({nheads},) or (nheads, headdim) = "
                              f"({nheads}, {headdim}), got {tuple(D.shape)}")
-        check_shape(D, "D", tuple(D.shape), "", params, x)
+        check_param(D, "D", tuple(D.shape), "", params, x)
     if z is not None:
-        check_shape(z, "z", tuple(x.shape), "x's shape", (x.dtype,), x)
+        check_param(z, "z", tuple(x.shape), "x's shape", (x.dtype,), x)
     if dt_bias is not None:
-        check_shape(dt_bias, "dt_bias", (nheads,), "(nheads,)", params, x)
+        check_param(dt_bias, "dt_bias", (nheads,), "(nheads,)", params, x)
     if initial_states is not None:
-        check_shape(initial_states, "initial_states", (batch, nheads, headdim, dstate),
+        check_param(initial_states, "initial_states", (batch, nheads, headdim, dstate),
                     "(batch, nheads, headdim, dstate)", params, x)
     if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2):
         raise ValueError(f"dt_limit must be a pair (lo, hi), got {dt_limit!r}")

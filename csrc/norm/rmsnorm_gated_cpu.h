@@ -1,0 +1,26 @@
+// ATen composite gated RMSNorm: the CPU implementation, and the CUDA path for float64 (the kernels take float32,
+// float16 and bfloat16). Same math and saved statistic as rmsnorm_gated.h; statistics in float32, or in float64
+// for float64 inputs. Gradients not asked for in output_mask (or dz without z) come back as empty tensors.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace subq::cpu {
+
+// x (rows, dim), weight (dim,), z like x or none -> y (rows, dim) in x's dtype, rstd (rows, dim / group_size).
+std::tuple<at::Tensor, at::Tensor> rmsnorm_gated_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& z, double eps,
+                                                     int64_t group_size, bool norm_before_gate);
+
+// -> dx (like x), dweight (like weight), dz (like z).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                                 const at::Tensor& weight,
+                                                                 const std::optional<at::Tensor>& z,
+                                                                 const at::Tensor& rstd, int64_t group_size,
+                                                                 bool norm_before_gate, std::array<bool, 3> output_mask);
+
+}  // namespace subq::cpu
