@@ -5,8 +5,7 @@ Sizes are chosen to hit partial tiles, the token padding of the Monarch intermed
 
 import torch
 
-from subq.ops import blockdiag_matmul, monarch_matmul
-from subq.ops import rmsnorm_gated, ssd_step
+from subq.ops import blockdiag_matmul, monarch_matmul, rmsnorm_gated, ssd_step
 
 
 def run(dtype: torch.dtype, tf32: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import DEVICES, assert_within_budget, max_err
 from subq.ops import rmsnorm_gated
 from subq.reference import rmsnorm_gated_ref

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import DEVICES, assert_within_budget, max_err
 from subq.ops import ssd_step
 from subq.reference import ssd_step_ref
