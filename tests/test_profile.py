@@ -192,6 +192,7 @@ def test_cli_writes_csv_and_png(tiny_run):
         lines = list(csv.DictReader(f))
     assert len(lines) == sum(len(row["impls"]) for row in payload["rows"])
     assert all(float(line["ms"]) > 0 for line in lines)
+    pytest.importorskip("matplotlib")
     png = (tiny_run / "profile_cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -204,6 +205,18 @@ def test_cli_quick_default_grid_fwd_only(tmp_path, capsys):
     assert len(payload["rows"]) == sum(len(spec.sizes(True, {})) for spec in OPS.values())
     table = capsys.readouterr().out
     assert "TFLOP/s" in table and "%peak" in table and "speedup" in table
+
+
+def test_without_matplotlib_everything_but_the_plot_is_written(tmp_path, capsys, monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(cli.roofline, "plot", missing)
+    argv = ["--quick", "--device", "cpu", "--ops", "blockdiag_matmul", "--fwd", "--repeats", "1", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "subq-profile: no roofline plot: matplotlib is not installed (pip install matplotlib)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_cpu.csv", "profile_cpu.json"]
 
 
 def test_compare_prints_the_ratio_per_row(tiny_run, tmp_path, capsys):
