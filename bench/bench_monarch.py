@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import _harness as h
 import subq
+from subq.profile.ops.monarch import two_bmm
 from subq.reference import monarch_matmul_ref
 
 FULL = {"tokens": 16384, "n": [1024, 4096, 8192], "nblocks": [4, 16, 64]}
@@ -27,45 +28,6 @@ QUICK = {"tokens": 256, "n": [256], "nblocks": [4, 16]}
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("subq", "two_bmm", "dense")
 REFERENCE_TOL = 1e-4  # fp32 two-bmm vs the float64 reference
-
-
-class _TwoBmm(torch.autograd.Function):
-    """m2's BlockdiagButterflyMultiply (bert/src/mm/blockdiag_butterfly_multiply.py), forward and hand-written
-    backward: two torch.bmm whose out= tensors are transposed views, so each bmm writes straight into the layout
-    the next step reads. All three gradients are always wanted here, so no needs_input_grad branches."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        k, q, p = w1.shape
-        l, s, r = w2.shape  # noqa: E741  (the Monarch paper's and subq's names)
-        batch = x.shape[0]
-        out1 = torch.empty(batch, k, q, device=x.device, dtype=x.dtype).transpose(0, 1)
-        out1 = torch.bmm(x.reshape(batch, k, p).transpose(0, 1), w1.transpose(-1, -2), out=out1)  # (k, B, q)
-        out1 = out1.transpose(0, 1).reshape(batch, r, l).transpose(-1, -2).contiguous().transpose(0, 1)  # (l, B, r)
-        out2 = torch.empty(batch, l, s, device=x.device, dtype=x.dtype).transpose(0, 1)
-        out2 = torch.bmm(out1, w2.transpose(-1, -2), out=out2)  # (l, B, s)
-        ctx.save_for_backward(x, w1, w2, out1)
-        return out2.permute(1, 2, 0).reshape(batch, s * l)
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, w1, w2, out1 = ctx.saved_tensors
-        k, q, p = w1.shape
-        l, s, r = w2.shape  # noqa: E741
-        batch = x.shape[0]
-        dout2 = dout.reshape(batch, s, l).transpose(-1, -2).contiguous().transpose(0, 1)  # (l, B, s)
-        dw2 = torch.bmm(dout2.transpose(-1, -2), out1)
-        dout1 = torch.empty(batch, l, r, device=x.device, dtype=x.dtype).transpose(0, 1)
-        dout1 = torch.bmm(dout2, w2, out=dout1)  # (l, B, r)
-        dout1 = dout1.transpose(0, 1).transpose(-1, -2).contiguous().reshape(batch, k, q).transpose(0, 1)  # (k, B, q)
-        dx = torch.empty(batch, k, p, device=x.device, dtype=x.dtype)
-        dx = torch.bmm(dout1, w1, out=dx.transpose(0, 1)).transpose(0, 1).reshape(batch, k * p)
-        dw1 = torch.bmm(dout1.transpose(-1, -2), x.reshape(batch, k, p).transpose(0, 1))
-        return dx, dw1, dw2
-
-
-def two_bmm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    return _TwoBmm.apply(x, w1, w2)
 
 
 @dataclass

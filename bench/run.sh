@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up (see .ci/setup.sh), then the Monarch benchmark (JSON under bench/results/).
-# Extra arguments go to bench/bench_monarch.py, e.g. --quick.
+# The main job: set up (see .ci/setup.sh), then subq-profile over every op (table on the terminal; JSON, CSV and the
+# roofline PNG under bench/results/). Extra arguments go to subq-profile, e.g. --quick or --ops monarch_matmul.
+# bench/bench_monarch.py is still there for the Monarch side-by-side with correctness checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh
-${PYTHON:-python3} bench/bench_monarch.py "$@"
+${PYTHON:-python3} -m subq.profile "$@"   # the subq-profile console script

@@ -1,0 +1,7 @@
+"""``subq-profile``: FLOP and bandwidth utilization of every op and its baselines over a size grid, placed against
+the matmul and copy ceilings measured on the same device in the same run. ``python -m subq.profile --help``.
+
+One job per file: ``cli`` (arguments, errors), ``ops/`` (one file per op family: grids, inputs, callables, FLOP and
+byte formulas), ``ceilings`` (the measured peaks), ``timing`` (clocks, warm-up, median, input rotation), ``runner``
+(the sweep), ``report`` (table, JSON, CSV, ``--compare``), ``roofline`` (the PNG).
+"""

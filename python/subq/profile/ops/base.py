@@ -1,0 +1,106 @@
+"""What the profiler knows about one op: its size grids, how to make inputs, subq's callable and the baselines', and
+for each of them the FLOP formulas. Bytes are derived from the input shapes, so they cannot disagree with them.
+
+FLOPs count a multiply-add as 2. Two counts per callable:
+- ``matmul_flops``: the matrix-product FLOPs the algorithm actually executes (what the matmul peak is a ceiling of);
+- ``useful_flops``: the FLOPs of the math it computes, by its cheapest exact formulation.
+A forward+backward pass is 3x the forward unless a callable's formula says otherwise (each product of the forward
+has two products of the same size in the backward: one per operand).
+
+Minimum bytes moved, for every callable: forward reads its inputs once and writes its output once; forward+backward
+also reads the inputs and the output gradient again and writes one gradient per input: 3 x inputs + 2 x output.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from subq.profile.errors import ProfileError
+from subq.profile.timing import input_set_count
+
+Size = dict[str, int]
+Inputs = dict[str, torch.Tensor]  # "dy" is the output gradient, shaped like the output
+Formula = Callable[[Size, str], float]  # (size, pass) -> FLOPs
+PASSES = ("fwd", "fwd+bwd")
+META = torch.device("meta")
+
+
+def three_x(forward: Callable[[Size], float]) -> Formula:
+    """The FLOPs of a pass from the forward's, when the backward is two products per forward product."""
+    return lambda size, pass_name: forward(size) * (1 if pass_name == "fwd" else 3)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to compute an op: subq's (first in OpSpec.impls) or a baseline's."""
+
+    name: str
+    forward: Callable[[Inputs, Size], torch.Tensor]  # (one input set, its size) -> output
+    leaves: tuple[str, ...]  # the inputs it reads and, in fwd+bwd, differentiates
+    matmul_flops: Formula
+    useful_flops: Formula
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    summary: str
+    full: dict[str, list[int]]  # the grid: every combination of the axes' values
+    quick: dict[str, list[int]]
+    make_inputs: Callable[[Size, torch.dtype, torch.device], Inputs]
+    impls: tuple[Impl, ...]
+    check_against: str | None  # a baseline computing the same function: subq's output is compared with it
+    work_bytes: Callable[[Size, torch.dtype], int]  # peak memory beyond the input sets, an over-estimate
+    invalid: Callable[[Size], str | None] = lambda size: None
+    abbrev: dict[str, str] = field(default_factory=dict)  # axis -> short name for the size label
+
+    @property
+    def subq(self) -> Impl:
+        return self.impls[0]
+
+    @property
+    def baselines(self) -> tuple[Impl, ...]:
+        return self.impls[1:]
+
+    def impl(self, name: str) -> Impl:
+        return next(i for i in self.impls if i.name == name)
+
+    def sizes(self, quick: bool, overrides: dict[str, list[int]]) -> list[Size]:
+        """The grid with ``overrides`` replacing axes of the same name; raises on a combination the op rejects."""
+        axes = {axis: overrides.get(axis, values) for axis, values in (self.quick if quick else self.full).items()}
+        sizes = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+        for size in sizes:
+            reason = self.invalid(size)
+            if reason:
+                raise ProfileError(f"{self.name} at {self.label(size)}: {reason}")
+        return sizes
+
+    def label(self, size: Size) -> str:
+        return " ".join(f"{self.abbrev.get(k, k)}{v}" for k, v in size.items())
+
+    def _meta_inputs(self, size: Size, dtype: torch.dtype) -> Inputs:
+        return self.make_inputs(size, dtype, META)
+
+    def set_bytes(self, size: Size, dtype: torch.dtype) -> int:
+        """Bytes of one input set (shapes from meta tensors: nothing is allocated)."""
+        return sum(t.numel() * t.element_size() for t in self._meta_inputs(size, dtype).values())
+
+    def memory_bytes(self, size: Size, dtype: torch.dtype, device: torch.device) -> int:
+        """What a size needs at its peak: the rotated input sets plus the working memory of the heaviest pass."""
+        one = self.set_bytes(size, dtype)
+        return input_set_count(one, device) * one + self.work_bytes(size, dtype)
+
+    def min_bytes(self, impl: Impl, size: Size, dtype: torch.dtype, pass_name: str) -> int:
+        inputs = self._meta_inputs(size, dtype)
+        read = sum(inputs[n].numel() * inputs[n].element_size() for n in impl.leaves)
+        written = inputs["dy"].numel() * inputs["dy"].element_size()
+        return read + written if pass_name == "fwd" else 3 * read + 2 * written
+
+
+def leaf(*shape: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """A differentiable random input: standard normal times ``scale``, drawn in fp32 then cast."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()

@@ -1,0 +1,134 @@
+"""``ssd_chunk_scan``: Mamba-2's SSD layer by the chunk algorithm, against the plain PyTorch chunked reference in the
+same dtype and against causal attention (``F.scaled_dot_product_attention``) at the same (batch, seqlen, heads,
+headdim). The inputs are x, dt (fp32), A (fp32), B and C; no D, z or dt processing.
+
+Size: b ``batch``, L ``seqlen``, H ``nheads``, P ``headdim``, N ``dstate``, G ``ngroups``, Q ``chunk_size``;
+c = ceil(L / Q) chunks (the last one zero-padded, and the padding is computed).
+
+matmul FLOPs, the four steps of the chunk algorithm per chunk (forward):
+  1. intra-chunk C B^T        2 Q^2 N    per group (subq) or per head (reference: B and C repeated to heads)
+  2. intra-chunk scores . X   2 Q^2 P    per head
+  3. chunk states B^T X       2 Q N P    per head
+  4. state to output C h      2 Q N P    per head
+  (state passing between chunks is elementwise, c H P N, and not a matmul)
+  subq       fwd 2 b c (G Q^2 N + H Q^2 P + 2 H Q N P)
+             fwd+bwd 2 b c (4 G Q^2 N + 3 H Q^2 P + 8 H Q N P): its backward recomputes steps 1 and 3 and
+             step 4's C h, then takes two products per forward product (csrc/ssd/ssd_chunk_scan_cpu.cpp;
+             update this when the CUDA kernel lands)
+  reference  fwd 2 b c H (Q^2 N + Q^2 P + 2 Q N P), fwd+bwd 3x (autograd, nothing recomputed)
+useful FLOPs, the recurrence h_t = exp(dt A) h_{t-1} + (dt x_t) B_t^T, y_t = h_t C_t per (b, t, h): P for dt x,
+  3 P N for the update (two products, one sum per state entry), 2 P N for the output: b L H P (5 N + 1) forward.
+Attention (causal): useful = the lower triangle with its diagonal, Q K^T and P V: 2 b H P L (L + 1) forward;
+  matmul = half the L x L square, 2 b H L^2 P forward, as tile-skipping kernels (flash, memory-efficient, cuDNN)
+  execute it and as FlashAttention's benchmarks count it (the CPU math fallback executes the whole square);
+  fwd+bwd 3.5x the forward matmuls (the backward recomputes Q K^T: five products), 3x the useful ones.
+Minimum bytes: x, dt, A, B, C in and y out for the SSD (B, C are b L G N; dt, A fp32); q, k, v in and o out for
+attention; per ops/base.py for fwd+bwd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import subq
+from subq.ops.ssd import CHUNK_SIZES, MAX_DSTATE, MAX_HEADDIM
+from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, three_x
+from subq.reference import ssd_chunked_ref
+
+
+def _chunks(size: Size) -> int:
+    return math.ceil(size["seqlen"] / size["chunk_size"])
+
+
+def _subq_matmul_flops(size: Size, pass_name: str) -> float:
+    b, c, H, P, N, G, Q = (size["batch"], _chunks(size), size["nheads"], size["headdim"], size["dstate"],
+                           size["ngroups"], size["chunk_size"])
+    if pass_name == "fwd":
+        return 2 * b * c * (G * Q * Q * N + H * Q * Q * P + 2 * H * Q * N * P)
+    return 2 * b * c * (4 * G * Q * Q * N + 3 * H * Q * Q * P + 8 * H * Q * N * P)
+
+
+def _reference_matmul_flops(size: Size) -> float:
+    b, c, H, P, N, Q = (size["batch"], _chunks(size), size["nheads"], size["headdim"], size["dstate"],
+                        size["chunk_size"])
+    return 2 * b * c * H * (Q * Q * N + Q * Q * P + 2 * Q * N * P)
+
+
+def _recurrence_flops(size: Size) -> float:
+    return size["batch"] * size["seqlen"] * size["nheads"] * size["headdim"] * (5 * size["dstate"] + 1)
+
+
+def _attention_matmul_flops(size: Size, pass_name: str) -> float:
+    forward = 2 * size["batch"] * size["nheads"] * size["seqlen"] ** 2 * size["headdim"]
+    return forward if pass_name == "fwd" else 3.5 * forward
+
+
+def _attention_useful_flops(size: Size) -> float:
+    L = size["seqlen"]
+    return 2 * size["batch"] * size["nheads"] * size["headdim"] * L * (L + 1)
+
+
+def _invalid(size: Size) -> str | None:
+    if min(size.values()) < 1:
+        return "every size must be at least 1"
+    if size["chunk_size"] not in CHUNK_SIZES:
+        return f"chunk_size must be one of {CHUNK_SIZES}, got {size['chunk_size']}"
+    if size["headdim"] > MAX_HEADDIM:
+        return f"headdim must be at most {MAX_HEADDIM}, got {size['headdim']}"
+    if size["dstate"] > MAX_DSTATE:
+        return f"dstate must be at most {MAX_DSTATE}, got {size['dstate']}"
+    if size["nheads"] % size["ngroups"]:
+        return f"ngroups={size['ngroups']} must divide nheads={size['nheads']}"
+    return None
+
+
+def _inputs(size: Size, dtype: torch.dtype, device: torch.device) -> Inputs:
+    """Mamba-2's ranges: dt in [1e-3, 1e-1] (after softplus), A in [-16, -1]; B, C scaled so C.B is O(1)."""
+    b, L, H, P, N, G = (size[k] for k in ("batch", "seqlen", "nheads", "headdim", "dstate", "ngroups"))
+    dt = (torch.rand(b, L, H, device=device) * (0.1 - 1e-3) + 1e-3).requires_grad_()
+    A = (-1 - 15 * torch.rand(H, device=device)).requires_grad_()
+    return {
+        "x": leaf(b, L, H, P, dtype=dtype, device=device), "dt": dt, "A": A,
+        "B": leaf(b, L, G, N, dtype=dtype, device=device, scale=N**-0.5),
+        "C": leaf(b, L, G, N, dtype=dtype, device=device, scale=N**-0.5),
+        "q": leaf(b, H, L, P, dtype=dtype, device=device), "k": leaf(b, H, L, P, dtype=dtype, device=device),
+        "v": leaf(b, H, L, P, dtype=dtype, device=device),
+        "dy": torch.randn(b, L, H, P, device=device).to(dtype),
+    }
+
+
+def _work_bytes(size: Size, dtype: torch.dtype) -> int:
+    """fp32 (b, c, H, Q, Q) squares (segment sums, decays, scores, their gradients, the ones autograd keeps),
+    (b, L, H, P) activations and gradients, (b, c, H, P, N) chunk and entering states and their gradients."""
+    b, L, H, P, N, Q = (size[k] for k in ("batch", "seqlen", "nheads", "headdim", "dstate", "chunk_size"))
+    c = _chunks(size)
+    return 4 * (12 * b * c * H * Q * Q + 16 * b * c * Q * H * P + 6 * b * c * H * P * N)
+
+
+SSD = OpSpec(
+    name="ssd_chunk_scan",
+    summary="Mamba-2 SSD chunk scan; baselines: subq.reference.ssd_chunked_ref, causal SDPA",
+    full={"batch": [2], "seqlen": [1024, 4096, 16384], "nheads": [32], "headdim": [64], "dstate": [128],
+          "ngroups": [1], "chunk_size": [256]},
+    quick={"batch": [1], "seqlen": [256, 512], "nheads": [4], "headdim": [32], "dstate": [32], "ngroups": [1],
+           "chunk_size": [64]},
+    make_inputs=_inputs,
+    impls=(
+        Impl("subq", lambda i, s: subq.ops.ssd_chunk_scan(i["x"], i["dt"], i["A"], i["B"], i["C"],
+                                                          chunk_size=s["chunk_size"]),
+             ("x", "dt", "A", "B", "C"), _subq_matmul_flops, three_x(_recurrence_flops)),
+        Impl("ssd_chunked_ref", lambda i, s: ssd_chunked_ref(i["x"], i["dt"], i["A"], i["B"], i["C"],
+                                                             s["chunk_size"])[0],
+             ("x", "dt", "A", "B", "C"), three_x(_reference_matmul_flops), three_x(_recurrence_flops)),
+        Impl("sdpa_causal", lambda i, s: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=True),
+             ("q", "k", "v"), _attention_matmul_flops, three_x(_attention_useful_flops)),
+    ),
+    check_against="ssd_chunked_ref",
+    work_bytes=_work_bytes,
+    invalid=_invalid,
+    abbrev={"batch": "b", "seqlen": "L", "nheads": "H", "headdim": "P", "dstate": "N", "ngroups": "G",
+            "chunk_size": "Q"},
+)

@@ -1,0 +1,128 @@
+"""The sweep: for each op and size, make rotated input sets, check subq against a same-math baseline, then time
+subq and every baseline in each pass, and turn times into the row that the report, JSON and plot read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from subq.profile.ops import Impl, OpSpec
+from subq.profile.ops.base import Inputs, Size
+from subq.profile.progress import Progress
+from subq.profile.timing import gbs, input_set_count, median_ms, rotating, tflops
+
+
+@dataclass
+class Plan:
+    specs: list[OpSpec]
+    sizes: dict[str, list[Size]]  # op name -> its sizes
+    dtype: torch.dtype
+    device: torch.device
+    passes: tuple[str, ...]
+    repeats: int
+
+    def steps(self) -> int:
+        return sum(len(self.sizes[s.name]) * len(self.passes) * len(s.impls) for s in self.specs)
+
+
+def error_text(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
+def make_call(impl: Impl, inputs: Inputs, size: Size, pass_name: str) -> Callable[[], object]:
+    if pass_name == "fwd":
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return impl.forward(inputs, size)
+        return forward
+    leaves = tuple(inputs[name] for name in impl.leaves)
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        out = impl.forward(inputs, size)
+        return torch.autograd.grad(out, leaves, inputs["dy"].view(out.shape))
+    return forward_backward
+
+
+def time_impl(impl: Impl, sets: list[Inputs], size: Size, pass_name: str,
+              plan: Plan) -> tuple[float | None, str | None]:
+    """Median ms, or the error: one failing shape must not lose the rest of an unattended sweep."""
+    try:
+        calls = [make_call(impl, inputs, size, pass_name) for inputs in sets]
+        return median_ms(rotating(calls), plan.device, plan.repeats), None
+    except RuntimeError as err:  # kernel checks (TORCH_CHECK) and CUDA OOM both raise RuntimeError
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, error_text(err)
+
+
+def check(spec: OpSpec, inputs: Inputs, size: Size) -> dict | None:
+    """max |subq - baseline| / max |baseline| of the forward outputs on one input set, in the run's dtype: a large
+    value means the timings compare different computations. Informational; tests/ decide correctness."""
+    if spec.check_against is None:
+        return None
+    try:
+        with torch.no_grad():
+            got = spec.subq.forward(inputs, size).double()
+            want = spec.impl(spec.check_against).forward(inputs, size).double()
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item() if want.numel() else 0.0
+    except RuntimeError as err_:
+        return {"against": spec.check_against, "max_rel_err": None, "error": error_text(err_)}
+    return {"against": spec.check_against, "max_rel_err": err}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None else num / den
+
+
+def _pct(value: float | None, ceiling: float) -> float | None:
+    return None if value is None else 100 * value / ceiling
+
+
+def measure_size(spec: OpSpec, size: Size, plan: Plan, peak: dict, progress: Progress) -> list[dict]:
+    progress.begin(f"{spec.name} {spec.label(size)}")
+    count = input_set_count(spec.set_bytes(size, plan.dtype), plan.device)
+    sets = [spec.make_inputs(size, plan.dtype, plan.device) for _ in range(count)]
+    checked = check(spec, sets[0], size)
+    rows = []
+    for pass_name in plan.passes:
+        timed = {}
+        for impl in spec.impls:
+            progress.step(f"{spec.name} {spec.label(size)} {pass_name} {impl.name}")
+            timed[impl.name] = time_impl(impl, sets, size, pass_name, plan)
+        ms = {name: t[0] for name, t in timed.items()}
+        flops = {i.name: i.matmul_flops(size, pass_name) for i in spec.impls}
+        useful = {i.name: i.useful_flops(size, pass_name) for i in spec.impls}
+        nbytes = {i.name: spec.min_bytes(i, size, plan.dtype, pass_name) for i in spec.impls}
+        tf = {name: tflops(flops[name], ms[name]) for name in ms}
+        bw = {name: gbs(nbytes[name], ms[name]) for name in ms}
+        rows.append({
+            "op": spec.name, **size, "size_label": spec.label(size), "pass": pass_name, "input_sets": count,
+            "impls": [i.name for i in spec.impls],
+            "ms": ms, "tflops": tf,
+            "pct_peak": {name: _pct(v, peak["matmul_tflops"]) for name, v in tf.items()},
+            "useful_tflops": {name: tflops(useful[name], ms[name]) for name in ms},
+            "gbs": bw,
+            "pct_bandwidth": {name: _pct(v, peak["copy_gbs"]) for name, v in bw.items()},
+            "matmul_flops": flops, "useful_flops": useful, "min_bytes": nbytes,
+            "intensity": {name: flops[name] / nbytes[name] for name in ms},
+            "speedup_subq_vs": {i.name: _ratio(ms[i.name], ms[spec.subq.name]) for i in spec.baselines},
+            "errors": {name: t[1] for name, t in timed.items() if t[1] is not None},
+            "check_subq_vs": checked,
+        })
+    del sets
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(plan: Plan, peak: dict, progress: Progress) -> list[dict]:
+    rows = []
+    try:
+        for spec in plan.specs:
+            for size in plan.sizes[spec.name]:
+                rows += measure_size(spec, size, plan, peak, progress)
+    finally:
+        progress.close()
+    return rows
