@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ FULL = {"batch": 4, "heads": 32, "headdim": 64, "dstate": 128, "seqlen": [1024, 
                                                                           65536]}
 QUICK = {"batch": 1, "heads": 4, "headdim": 16, "dstate": 16, "seqlen": [256, 512]}
 CHUNK = 256
+FUSED_FLAG = "SUBQ_EXPERIMENTAL_SSD_KERNELS"
 PASSES = ("fwd", "fwd+bwd")
 
 try:
@@ -61,6 +63,13 @@ def implementations(args) -> dict[str, Callable]:
     def subq_fn(inp):
         return ssd_chunk_scan(**inp, chunk_size=CHUNK, dt_softplus=True)
 
+    def subq_fused(inp):  # the tensor-core forward, opt-in until verified on a GPU (its backward is the composite)
+        os.environ[FUSED_FLAG] = "1"
+        try:
+            return ssd_chunk_scan(**inp, chunk_size=CHUNK, dt_softplus=True)
+        finally:
+            del os.environ[FUSED_FLAG]
+
     def reference(inp):
         return ssd_chunked_ref(**inp, chunk_size=CHUNK, dt_softplus=True)[0]
 
@@ -68,8 +77,8 @@ def implementations(args) -> dict[str, Callable]:
         q = inp["x"].transpose(1, 2)
         return F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
-    impls = {"subq": subq_fn, "reference": reference, "reference_compiled": torch.compile(reference, dynamic=False),
-             "sdpa": sdpa}
+    impls = {"subq": subq_fn, "subq_fused": subq_fused, "reference": reference,
+             "reference_compiled": torch.compile(reference, dynamic=False), "sdpa": sdpa}
     if chunk_simple_gla is not None:
         def fla(inp):
             x = inp["x"]

@@ -287,3 +287,41 @@ def test_device_mismatch():
     args["B"] = args["B"].cuda()
     with pytest.raises(ValueError, match="B is on cuda"):
         ssd_chunk_scan(**args, chunk_size=64)
+
+
+# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_SSD_KERNELS=1 until verified on a GPU) ------------------------------
+
+FUSED_CASES = [
+    (2, 300, 4, 64, 1, 128, 256, {}),
+    (1, 1, 2, 32, 1, 16, 64, {}),
+    (2, 257, 6, 48, 3, 40, 128, {"D": "headdim", "z": True, "dt_bias": True, "dt_softplus": True,
+                                 "dt_limit": (0.01, 0.5), "initial_states": True}),
+    (1, 190, 4, 128, 2, 256, 64, {"seq_idx": (40, 64, 65, 128), "initial_states": True, "D": "head", "z": True}),
+    (3, 1000, 8, 64, 1, 64, 256, {"D": "head", "z": True, "dt_softplus": True}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-P{c[3]}-G{c[4]}-N{c[5]}-Q{c[6]}")
+def test_fused_cuda_forward(case, dtype, monkeypatch):
+    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SSD_KERNELS", "1")
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
+    opts = dict(opts)
+    tensor_opts = {k: opts.pop(k) for k in ("D", "z", "dt_bias", "initial_states") if k in opts}
+    args = make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, "cuda", dtype, param_dtype=torch.float32,
+                       **tensor_opts)
+    if "seq_idx" in opts:
+        opts["seq_idx"] = packed_seq_idx(batch, seqlen, opts["seq_idx"], "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, final = ssd_chunk_scan(**args, **opts, chunk_size=chunk, return_final_states=True)
+        torch.cuda.synchronize()
+    assert any("chunk_scan_kernel" in e.name for e in prof.events()), "the fused kernels did not run"
+    args64 = {k: v.double() for k, v in args.items()}
+    y_ref, final_ref = ssd_chunked_ref(**args64, **opts, chunk_size=chunk)
+    y_plain, final_plain = ssd_chunked_ref(**args, **opts, chunk_size=chunk)
+    assert_within_budget(y, y_ref, y_plain, f"y {dtype}")
+    assert_within_budget(final, final_ref, final_plain, f"final_states {dtype}")
+    monkeypatch.delenv("SUBQ_EXPERIMENTAL_SSD_KERNELS")
+    y_composite = ssd_chunk_scan(**args, **opts, chunk_size=chunk)
+    assert max_err(y, y_composite) <= 2 * max_err(y_plain, y_ref) + 1e-3

@@ -1,6 +1,10 @@
 // Torch glue for the Mamba-2 SSD chunk scan: schemas, argument checks, and the implementations of
-// subq::ssd_chunk_scan_fwd/bwd. Both devices run the ATen composite (csrc/ssd/ssd_chunk_scan_cpu.cpp) for now.
+// subq::ssd_chunk_scan_fwd/bwd. The ATen composite (csrc/ssd/ssd_chunk_scan_cpu.cpp) serves the CPU, the backward
+// and every case the CUDA kernels do not take; the fused CUDA forward (csrc/ssd/ssd_chunk_scan.h) runs for 16-bit
+// inputs when SUBQ_EXPERIMENTAL_SSD_KERNELS=1, until it has been verified on a GPU.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include <torch/library.h>
 
@@ -9,6 +13,9 @@
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ssd/ssd_chunk_scan.h"
 #endif
 
 namespace subq::glue {
@@ -86,6 +93,69 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
   return cpu::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
 }
 
+#ifdef SUBQ_WITH_CUDA
+bool fused_forward_enabled() {
+  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_SSD_KERNELS");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+// The tensor-core forward: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
+std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const cpu::SsdOptions& opt) {
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const Tensor x = in.x.contiguous(), B = in.B.contiguous(), C = in.C.contiguous();
+  const Tensor dt = f32(in.dt), A = f32(in.A);
+  const Tensor D = in.D ? f32(*in.D) : Tensor(), dt_bias = in.dt_bias ? f32(*in.dt_bias) : Tensor();
+  const Tensor z = in.z ? in.z->contiguous() : Tensor();
+  const Tensor init = in.initial_states ? f32(*in.initial_states) : Tensor();
+  const Tensor seq = in.seq_idx ? in.seq_idx->to(at::kInt).contiguous() : Tensor();
+
+  SsdForwardParams p;
+  p.dtype = x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.shape = {x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), opt.chunk_size};
+  p.dt_softplus = opt.dt_softplus;
+  p.has_dt_limit = opt.has_dt_limit;
+  p.dt_lo = static_cast<float>(opt.dt_min);
+  p.dt_hi = static_cast<float>(opt.dt_max);
+  p.x = x.data_ptr();
+  p.dt = dt.data_ptr<float>();
+  p.A = A.data_ptr<float>();
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
+  p.D_per_channel = D.defined() && D.dim() == 2;
+  p.z = z.defined() ? z.data_ptr() : nullptr;
+  p.dt_bias = dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr;
+  p.initial_states = init.defined() ? init.data_ptr<float>() : nullptr;
+  p.seq_idx = seq.defined() ? seq.data_ptr<int32_t>() : nullptr;
+  Tensor y = at::empty_like(x);
+  Tensor final_states = at::empty({x.size(0), x.size(2), x.size(3), B.size(3)}, x.options().dtype(at::kFloat));
+  Tensor workspace = at::empty({static_cast<int64_t>(ssd_forward_workspace_bytes(p.shape))},
+                               x.options().dtype(at::kByte));
+  p.y = y.data_ptr();
+  p.final_states = final_states.data_ptr<float>();
+  p.workspace = workspace.data_ptr();
+  const Status status = run_ssd_forward(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == Status::kSuccess, "subq ssd_chunk_scan CUDA forward failed: ", status_string(status));
+  return {y, final_states, at::empty({0, x.size(2), x.size(3), B.size(3)}, final_states.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd_cuda(const Tensor& x, const Tensor& dt, const Tensor& A,
+                                                           const Tensor& B, const Tensor& C, const OptTensor& D,
+                                                           const OptTensor& z, const OptTensor& dt_bias,
+                                                           const OptTensor& initial_states, const OptTensor& seq_idx,
+                                                           const OptTensor& cu_seqlens, int64_t chunk_size,
+                                                           bool dt_softplus, double dt_min, double dt_max) {
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (fused_forward_enabled() && half && !cu_seqlens && x.numel() > 0) {
+    auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
+    return fused_forward(in, make_options(chunk_size, dt_softplus, dt_min, dt_max));
+  }
+  return ssd_chunk_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                            dt_softplus, dt_min, dt_max);
+}
+#endif
+
 std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal_states, const Tensor& x,
                                        const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
                                        const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
@@ -121,7 +191,11 @@ TORCH_LIBRARY_IMPL(subq, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(subq, CUDA, m) {
+#ifdef SUBQ_WITH_CUDA
+  m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd_cuda);
+#else
   m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd);
+#endif
   m.impl("ssd_chunk_scan_bwd", &ssd_chunk_scan_bwd);
 }
 
