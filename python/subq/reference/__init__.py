@@ -1,5 +1,12 @@
 """Plain PyTorch references: short, obviously right, meant to run in float64. Tests compare every op to these."""
 
+from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 
-__all__ = ["blockdiag_matmul_ref", "monarch_dense_matrix", "monarch_matmul_ref"]
+__all__ = [
+    "blockdiag_matmul_ref",
+    "causal_conv1d_ref",
+    "causal_conv1d_update_ref",
+    "monarch_dense_matrix",
+    "monarch_matmul_ref",
+]
