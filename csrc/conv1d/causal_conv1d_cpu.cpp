@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
     dp = dp * s * (1 + pre * (1 - s));
   }
   const std::array<int64_t, 2> kBatchAndTime{0, 2};  // weight and bias gradients reduce over these
-  const at::Tensor none = x.new_empty({0});
-  at::Tensor dx = none, dweight = none, dbias = none, dinitial = none;
+  // Distinct empty tensors: outputs must not alias one another.
+  at::Tensor dx = x.new_empty({0}), dweight = x.new_empty({0}), dbias = x.new_empty({0}), dinitial = x.new_empty({0});
   if (output_mask[1]) {
     std::vector<at::Tensor> columns;
     for (int64_t k = 0; k < width; ++k) {

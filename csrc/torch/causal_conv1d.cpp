@@ -205,15 +205,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const at::Tensor weight32 = as_float(weight);
   const OptTensor bias32 = bias_as_float(bias);
   const CausalConv1dParams p = conv_params(x, weight32, bias32, seq_idx, initial_states, silu);
-  const at::Tensor none = x.new_empty({0});
+  const auto none = [&] { return x.new_empty({0}); };  // one per output: outputs must not alias
   const bool want_dbias = mask[2] && present(bias), want_dinit = mask[3] && present(initial_states);
-  at::Tensor dx = mask[0] ? at::empty_like(x) : none;
-  at::Tensor dweight32 = mask[1] ? at::empty({p.dim, p.width}, weight32.options()) : none;
-  at::Tensor dbias32 = want_dbias ? at::empty({p.dim}, weight32.options()) : none;
-  at::Tensor dinit = want_dinit ? at::empty({p.batch, p.dim, p.width - 1}, x.options()) : none;
+  at::Tensor dx = mask[0] ? at::empty_like(x) : none();
+  at::Tensor dweight32 = mask[1] ? at::empty({p.dim, p.width}, weight32.options()) : none();
+  at::Tensor dbias32 = want_dbias ? at::empty({p.dim}, weight32.options()) : none();
+  at::Tensor dinit = want_dinit ? at::empty({p.batch, p.dim, p.width - 1}, x.options()) : none();
   at::Tensor workspace = mask[1] || want_dbias
                              ? at::empty({causal_conv1d_bwd_workspace_elements(p)}, weight32.options())
-                             : none;
+                             : none();
   CausalConv1dGrads g;
   g.dy = dy.data_ptr();
   g.dy_strides = strides(dy);
@@ -233,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   if (workspace.numel() > 0) g.workspace = workspace.data_ptr<float>();
   check_status(run_causal_conv1d_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "causal_conv1d_bwd");
-  at::Tensor dweight = mask[1] ? dweight32.to(weight.scalar_type()) : none;
-  at::Tensor dbias = want_dbias ? dbias32.to(bias->scalar_type()) : none;
+  at::Tensor dweight = mask[1] ? dweight32.to(weight.scalar_type()) : none();
+  at::Tensor dbias = want_dbias ? dbias32.to(bias->scalar_type()) : none();
   return {dx, dweight, dbias, dinit};
 }
 

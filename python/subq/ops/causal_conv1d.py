@@ -165,11 +165,10 @@ def _fwd_fake(x, weight, bias, seq_idx, initial_states, return_final_states, sil
 
 @torch.library.register_fake("subq::causal_conv1d_bwd")
 def _bwd_fake(x, weight, bias, seq_idx, initial_states, dy, dfinal_states, silu, output_mask):
-    none = x.new_empty(0)
-    dx = torch.empty_like(x) if output_mask[0] else none
-    dweight = weight.new_empty(weight.shape) if output_mask[1] else none
-    dbias = bias.new_empty(bias.shape) if output_mask[2] and bias is not None else none
-    dinit = x.new_empty(initial_states.shape) if output_mask[3] and initial_states is not None else none
+    dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    dweight = weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if output_mask[2] and bias is not None else x.new_empty(0)
+    dinit = x.new_empty(initial_states.shape) if output_mask[3] and initial_states is not None else x.new_empty(0)
     return dx, dweight, dbias, dinit
 
 

@@ -26,7 +26,9 @@ def causal_conv1d_ref(
     weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     head = initial_states if initial_states is not None else x.new_zeros(batch, dim, width - 1)
     xs = torch.cat([head.to(x.dtype), x], dim=-1)  # (B, D, W-1+L): tap k of output t reads column t + k
-    if seq_idx is None:
+    if seqlen == 0:  # F.conv1d and unfold reject an input shorter than the kernel
+        y = xs[..., :0] * weight.sum() + (0 if bias is None else bias[:, None])
+    elif seq_idx is None:
         y = F.conv1d(xs, weight.unsqueeze(1), bias, groups=dim)
     else:
         taps = xs.unfold(-1, width, 1)  # (B, D, L, W)
