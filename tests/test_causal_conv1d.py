@@ -446,3 +446,26 @@ def test_cuda_large_matches_reference_and_is_deterministic(dtype):
     plain_grads = torch.autograd.grad(plain, inputs, dy)
     for name, g, p, r in zip(("dx", "dweight", "dbias"), first, plain_grads, ref_grads, strict=True):
         assert_within_budget(g, r, p, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("seqlen", [0, *SEQLENS])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_cuda_kernels_match_reference_float32(width, seqlen, variant, layout):
+    """The float64 sweep above runs the ATen composite on CUDA; this one runs the float32 kernels over it."""
+    batch, dim = 1 + seqlen % 3, 37
+    x, weight, kwargs = make_case(batch, dim, seqlen, width, variant, layout, torch.float32, device="cuda")
+    inputs = leaves(x, weight, kwargs)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    kwargs64 = dict(kwargs, bias=inputs64[2] if kwargs["bias"] is not None else None)
+    kwargs64["initial_states"] = inputs64[-1] if kwargs["initial_states"] is not None else None
+    got = outputs(causal_conv1d, x, weight, kwargs)
+    want = outputs(causal_conv1d_ref, inputs64[0], inputs64[1], kwargs64)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and max_err(g, w) < 1e-5 * max(1.0, w.abs().max().item())
+    cotangents = [torch.randn_like(w) for w in want]
+    for name, g, w in zip("x weight bias init".split(), grads(got, inputs, cotangents),
+                          grads(want, inputs64, cotangents), strict=False):
+        assert max_err(g, w) < 1e-4 * max(1.0, w.abs().max().item()), name
