@@ -1,5 +1,6 @@
 """Plain PyTorch references: short, obviously right, meant to run in float64. Tests compare every op to these."""
 
+from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 from subq.reference.rmsnorm_gated import rmsnorm_gated_ref
 from subq.reference.ssd import ssd_chunked_ref, ssd_ref
@@ -7,6 +8,8 @@ from subq.reference.ssd_step import ssd_step_ref
 
 __all__ = [
     "blockdiag_matmul_ref",
+    "causal_conv1d_ref",
+    "causal_conv1d_update_ref",
     "monarch_dense_matrix",
     "monarch_matmul_ref",
     "rmsnorm_gated_ref",
