@@ -47,9 +47,19 @@ struct Chunked {
   at::ScalarType ct = at::kFloat;
   Tensor q_quad, k_quad, q_lin, k_lin, v;  // (b, G, C, S|E)
   Tensor relu_scores;  // (b, G, C, C): relu(quad_scale q.k + bias), zero where masked; the kernel is its square
-  Tensor kv;           // (b, G, S, E): k_lin^T v of each chunk
-  Tensor lin_state;    // (b, G or 1, S, E): the state chunk g reads (exclusive prefix of kv, or the total)
+  Tensor lin_state;    // the k_lin^T v state chunk g reads: (b, G, S, E) exclusive prefix over chunks (causal),
+                       // (b, 1, S, E) the total (bidirectional)
 };
+
+// (b, G, C, X) -> (b, G * C, X)
+Tensor unchunked(const Tensor& t) { return t.reshape({t.size(0), t.size(1) * t.size(2), t.size(3)}); }
+
+// x_g @ state_g for chunked rows x (b, G, C, X) and a per-chunk (b, G, X, Y) or shared (b, 1, X, Y) state. A shared
+// state takes one (b, G*C, X) x (X, Y) matmul per batch row instead of broadcasting it to every chunk.
+Tensor times_state(const Tensor& x, const Tensor& state) {
+  if (state.size(1) > 1) return at::matmul(x, state);
+  return at::matmul(unchunked(x), state.squeeze(1)).view({x.size(0), x.size(1), x.size(2), state.size(-1)});
+}
 
 Chunked chunk_scores(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
   Chunked k;
@@ -78,12 +88,12 @@ Chunked chunk_scores(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
   k.relu_scores = at::relu(scores).mul_(mask);
 
   // Padded positions have k_lin = v = 0, so they add nothing to any state.
-  k.kv = at::matmul(k.k_lin.transpose(-1, -2), k.v);
   if (opt.causal) {
-    k.lin_state = at::zeros_like(k.kv);
-    if (G > 1) k.lin_state.narrow(1, 1, G - 1).copy_(at::cumsum(k.kv.narrow(1, 0, G - 1), 1));
+    Tensor kv = at::matmul(k.k_lin.transpose(-1, -2), k.v);  // (b, G, S, E): each chunk's own k_lin^T v
+    k.lin_state = at::zeros_like(kv);
+    if (G > 1) k.lin_state.narrow(1, 1, G - 1).copy_(at::cumsum(kv.narrow(1, 0, G - 1), 1));
   } else {
-    k.lin_state = k.kv.sum(1, /*keepdim=*/true);
+    k.lin_state = at::matmul(unchunked(k.k_lin).transpose(1, 2), unchunked(k.v)).unsqueeze(1);
   }
   return k;
 }
@@ -91,7 +101,7 @@ Chunked chunk_scores(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
 // quad + lin, before the gate: (b, G, C, E).
 Tensor ungated_output(const Chunked& k, const FlashChunkOptions& opt) {
   Tensor quad = at::matmul(k.relu_scores.square(), k.v);
-  return quad.add_(at::matmul(k.q_lin, k.lin_state), opt.lin_scale);
+  return quad.add_(times_state(k.q_lin, k.lin_state), opt.lin_scale);
 }
 
 // ---- gau_attention ----------------------------------------------------------------------------------------------
@@ -151,17 +161,18 @@ std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const FlashChu
   }
 
   // Linear part: lin_g = lin_scale q_lin,g lin_state_g.
-  Tensor dq_lin = at::matmul(g, k.lin_state.transpose(-1, -2)).mul_(opt.lin_scale);
-  Tensor d_lin_state = at::matmul(k.q_lin.transpose(-1, -2), g).mul_(opt.lin_scale);  // (b, G, S, E)
-  Tensor dkv;  // chunk h's kv reaches every chunk (bidirectional) or the chunks after h (causal)
+  Tensor dq_lin = times_state(g, k.lin_state.transpose(-1, -2)).mul_(opt.lin_scale);
+  Tensor dkv;  // the gradient of each chunk's k_lin^T v: (b, G, S, E) causal, (b, 1, S, E) shared bidirectional
   if (opt.causal) {
+    // chunk h's k_lin^T v reaches the chunks after h: a reverse exclusive prefix sum of the states' gradients
+    Tensor d_lin_state = at::matmul(k.q_lin.transpose(-1, -2), g).mul_(opt.lin_scale);  // (b, G, S, E)
     dkv = at::zeros_like(d_lin_state);
     if (G > 1) dkv.narrow(1, 0, G - 1).copy_(d_lin_state.narrow(1, 1, G - 1).flip(1).cumsum(1).flip(1));
   } else {
-    dkv = d_lin_state.sum(1, /*keepdim=*/true).expand_as(d_lin_state);
+    dkv = at::matmul(unchunked(k.q_lin).transpose(1, 2), unchunked(g)).mul_(opt.lin_scale).unsqueeze(1);
   }
-  Tensor dk_lin = at::matmul(k.v, dkv.transpose(-1, -2));
-  Tensor dv = at::matmul(k.k_lin, dkv);
+  Tensor dk_lin = times_state(k.v, dkv.transpose(-1, -2));
+  Tensor dv = times_state(k.k_lin, dkv);
 
   // Quadratic part: quad_g = relu(s)² v_g with s = quad_scale q.k + bias; d relu(s)² / ds = 2 relu(s).
   dv.add_(at::matmul(k.relu_scores.square().transpose(-1, -2), g));
