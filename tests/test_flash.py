@@ -214,6 +214,16 @@ def test_decode_equals_forward(dtype, gate, bias, device):
     assert_close64(torch.stack(steps, 1), full, "decode", tol)
 
 
+def test_nan_propagates():
+    """The documented policy: causal, a NaN at t reaches every output from the start of t's chunk on and nothing in
+    earlier chunks; bidirectional, every output."""
+    args = make_inputs(1, 200, 4, 5, 64, gate=True, bias=True)
+    args["v"][0, 70, 0] = float("nan")
+    out = flash_chunk_attention(**args, chunk_size=64, causal=True)
+    assert out[0, 64:, 0].isnan().all() and not out[0, :64].isnan().any()
+    assert flash_chunk_attention(**args, chunk_size=64)[0, :, 0].isnan().all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batch_and_length_edges(device):
     for batch, seqlen in ((0, 10), (2, 0)):

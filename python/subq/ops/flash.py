@@ -51,6 +51,10 @@ def flash_chunk_attention(
     ``chunk_size`` is 64, 128, 256 or 512. Dtypes: float16, bfloat16, float32 or float64, all alike; ``rel_bias``
     in that dtype or float32. Accumulation in float32 (float64 for float64); the output in v's dtype. Memory is
     linear in L. Differentiable in every tensor input.
+
+    NaN/Inf policy: a NaN or Inf input at position t makes the outputs NaN from the start of t's chunk on when
+    causal (a chunk's matmuls mix its positions; the linear state carries it to later chunks), and everywhere when
+    bidirectional; earlier chunks of a causal call are untouched.
     """
     _check_features((q_quad, k_quad, q_lin, k_lin), ("q_quad", "k_quad", "q_lin", "k_lin"), v, u)
     _check_chunk_size(chunk_size)
