@@ -1,0 +1,274 @@
+#include "flash/flash_attention_cpu.h"
+
+#include <algorithm>
+
+namespace subq::cpu {
+namespace {
+
+using at::Tensor;
+
+// Keys per tile of gau_attention: the scores of one tile are (b, L, kKeyTile) in the compute dtype, so this bounds
+// the extra memory at L x 256 per batch row while keeping each matmul large enough to run near peak on a CPU.
+constexpr int64_t kKeyTile = 256;
+
+at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor empty_grad(const Tensor& like) { return like.new_empty({0}); }
+
+Tensor grad_as(const std::optional<Tensor>& input, const Tensor& grad, const Tensor& like) {
+  return input ? grad.to(input->scalar_type()) : empty_grad(like);
+}
+
+// (b, L, D) -> (b, G, C, D) in the compute dtype, zero-padded to whole chunks.
+Tensor to_chunks(const Tensor& t, int64_t nchunks, int64_t C, at::ScalarType ct) {
+  const int64_t b = t.size(0), L = t.size(1), D = t.size(2);
+  Tensor padded = at::zeros({b, nchunks * C, D}, t.options().dtype(ct));
+  padded.narrow(1, 0, L).copy_(t);
+  return padded.view({b, nchunks, C, D});
+}
+
+// (b, G, C, D) -> (b, L, D)
+Tensor from_chunks(const Tensor& t, int64_t seqlen) {
+  return t.reshape({t.size(0), t.size(1) * t.size(2), t.size(3)}).narrow(1, 0, seqlen);
+}
+
+// The (rows, cols) index into a relative-position bias for queries q0.. and keys k0..: (k0 + j) - (q0 + i) + center.
+Tensor bias_index(int64_t q0, int64_t rows, int64_t k0, int64_t cols, int64_t center, const at::TensorOptions& o) {
+  Tensor i = at::arange(q0, q0 + rows, o.dtype(at::kLong)).view({rows, 1});
+  Tensor j = at::arange(k0, k0 + cols, o.dtype(at::kLong)).view({1, cols});
+  return j - i + center;
+}
+
+// ---- flash_chunk_attention ---------------------------------------------------------------------------------------
+
+// Everything the forward computes that the backward reuses, chunked and in the compute dtype.
+struct Chunked {
+  int64_t batch = 0, seqlen = 0, nchunks = 0, C = 0;
+  at::ScalarType ct = at::kFloat;
+  Tensor q_quad, k_quad, q_lin, k_lin, v;  // (b, G, C, S|E)
+  Tensor relu_scores;  // (b, G, C, C): relu(quad_scale q.k + bias), zero where masked; the kernel is its square
+  Tensor lin_state;    // the k_lin^T v state chunk g reads: (b, G, S, E) exclusive prefix over chunks (causal),
+                       // (b, 1, S, E) the total (bidirectional)
+};
+
+// (b, G, C, X) -> (b, G * C, X)
+Tensor unchunked(const Tensor& t) { return t.reshape({t.size(0), t.size(1) * t.size(2), t.size(3)}); }
+
+// x_g @ state_g for chunked rows x (b, G, C, X) and a per-chunk (b, G, X, Y) or shared (b, 1, X, Y) state. A shared
+// state takes one (b, G*C, X) x (X, Y) matmul per batch row instead of broadcasting it to every chunk.
+Tensor times_state(const Tensor& x, const Tensor& state) {
+  if (state.size(1) > 1) return at::matmul(x, state);
+  return at::matmul(unchunked(x), state.squeeze(1)).view({x.size(0), x.size(1), x.size(2), state.size(-1)});
+}
+
+Chunked chunk_scores(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
+  Chunked k;
+  k.batch = in.v.size(0);
+  k.seqlen = in.v.size(1);
+  k.C = opt.chunk_size;
+  k.nchunks = (k.seqlen + k.C - 1) / k.C;
+  k.ct = compute_type(in.v);
+  const int64_t G = k.nchunks, C = k.C;
+  k.q_quad = to_chunks(in.q_quad, G, C, k.ct);
+  k.k_quad = to_chunks(in.k_quad, G, C, k.ct);
+  k.q_lin = to_chunks(in.q_lin, G, C, k.ct);
+  k.k_lin = to_chunks(in.k_lin, G, C, k.ct);
+  k.v = to_chunks(in.v, G, C, k.ct);
+
+  Tensor scores = at::matmul(k.q_quad, k.k_quad.transpose(-1, -2)).mul_(opt.quad_scale);
+  const auto opts = in.v.options();
+  if (in.rel_bias) {
+    Tensor index = bias_index(0, C, 0, C, C - 1, opts);
+    scores.add_(in.rel_bias->to(k.ct).index_select(0, index.flatten()).view({C, C}));
+  }
+  // Keys past L are masked explicitly: a padded key has q.k = 0 but relu(0 + bias)² need not be 0.
+  Tensor key_pos = at::arange(G * C, opts.dtype(at::kLong)).view({G, 1, C});
+  Tensor mask = key_pos.lt(k.seqlen);
+  if (opt.causal) mask = mask.logical_and(at::ones({C, C}, opts.dtype(at::kBool)).tril());
+  k.relu_scores = at::relu(scores).mul_(mask);
+
+  // Padded positions have k_lin = v = 0, so they add nothing to any state.
+  if (opt.causal) {
+    Tensor kv = at::matmul(k.k_lin.transpose(-1, -2), k.v);  // (b, G, S, E): each chunk's own k_lin^T v
+    k.lin_state = at::zeros_like(kv);
+    if (G > 1) k.lin_state.narrow(1, 1, G - 1).copy_(at::cumsum(kv.narrow(1, 0, G - 1), 1));
+  } else {
+    k.lin_state = at::matmul(unchunked(k.k_lin).transpose(1, 2), unchunked(k.v)).unsqueeze(1);
+  }
+  return k;
+}
+
+// quad + lin, before the gate: (b, G, C, E).
+Tensor ungated_output(const Chunked& k, const FlashChunkOptions& opt) {
+  Tensor quad = at::matmul(k.relu_scores.square(), k.v);
+  return quad.add_(times_state(k.q_lin, k.lin_state), opt.lin_scale);
+}
+
+// ---- gau_attention ----------------------------------------------------------------------------------------------
+
+// One key tile [k0, k0 + kt): the queries that can see it (all, or from k0 on when causal) and their relu'd scores.
+struct KeyTile {
+  int64_t q0 = 0, rows = 0, k0 = 0, cols = 0;
+  Tensor index;        // (rows, cols) into rel_bias; undefined without a bias
+  Tensor relu_scores;  // (b, rows, cols), zero where masked
+};
+
+KeyTile key_tile(const Tensor& q, const Tensor& k, const std::optional<Tensor>& bias, int64_t k0,
+                 const GauOptions& opt) {
+  const int64_t L = q.size(1);
+  KeyTile t;
+  t.k0 = k0;
+  t.cols = std::min(kKeyTile, L - k0);
+  t.q0 = opt.causal ? k0 : 0;
+  t.rows = L - t.q0;
+  Tensor scores = at::matmul(q.narrow(1, t.q0, t.rows), k.narrow(1, k0, t.cols).transpose(1, 2)).mul_(opt.scale);
+  if (bias) {
+    t.index = bias_index(t.q0, t.rows, k0, t.cols, L - 1, q.options());
+    scores.add_(bias->index_select(0, t.index.flatten()).view({t.rows, t.cols}));
+  }
+  t.relu_scores = at::relu(scores);
+  if (opt.causal) {
+    // Only the tile's first cols query rows can precede one of its keys: the diagonal square.
+    t.relu_scores.narrow(1, 0, t.cols).mul_(at::ones({t.cols, t.cols}, q.options().dtype(at::kBool)).tril());
+  }
+  return t;
+}
+
+}  // namespace
+
+Tensor flash_chunk_attention_fwd(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
+  if (in.v.numel() == 0) return at::zeros_like(in.v);
+  Chunked k = chunk_scores(in, opt);
+  Tensor out = from_chunks(ungated_output(k, opt), k.seqlen);
+  if (in.u) out = out * in.u->to(k.ct);
+  return out.to(in.v.scalar_type());
+}
+
+std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const FlashChunkInputs& in,
+                                              const FlashChunkOptions& opt) {
+  if (in.v.numel() == 0 || in.q_quad.numel() == 0) {
+    return {at::zeros_like(in.q_quad), at::zeros_like(in.k_quad), at::zeros_like(in.q_lin),
+            at::zeros_like(in.k_lin), at::zeros_like(in.v), in.u ? at::zeros_like(*in.u) : empty_grad(in.v),
+            in.rel_bias ? at::zeros_like(*in.rel_bias) : empty_grad(in.v)};
+  }
+  Chunked k = chunk_scores(in, opt);
+  const int64_t G = k.nchunks, C = k.C, L = k.seqlen;
+  Tensor g = to_chunks(dout, G, C, k.ct);  // padded rows get zero gradient, so nothing flows from them
+  Tensor du;
+  if (in.u) {
+    du = g * ungated_output(k, opt);
+    g = g * to_chunks(*in.u, G, C, k.ct);
+  }
+
+  // Linear part: lin_g = lin_scale q_lin,g lin_state_g.
+  Tensor dq_lin = times_state(g, k.lin_state.transpose(-1, -2)).mul_(opt.lin_scale);
+  Tensor dkv;  // the gradient of each chunk's k_lin^T v: (b, G, S, E) causal, (b, 1, S, E) shared bidirectional
+  if (opt.causal) {
+    // chunk h's k_lin^T v reaches the chunks after h: a reverse exclusive prefix sum of the states' gradients
+    Tensor d_lin_state = at::matmul(k.q_lin.transpose(-1, -2), g).mul_(opt.lin_scale);  // (b, G, S, E)
+    dkv = at::zeros_like(d_lin_state);
+    if (G > 1) dkv.narrow(1, 0, G - 1).copy_(d_lin_state.narrow(1, 1, G - 1).flip(1).cumsum(1).flip(1));
+  } else {
+    dkv = at::matmul(unchunked(k.q_lin).transpose(1, 2), unchunked(g)).mul_(opt.lin_scale).unsqueeze(1);
+  }
+  Tensor dk_lin = times_state(k.v, dkv.transpose(-1, -2));
+  Tensor dv = times_state(k.k_lin, dkv);
+
+  // Quadratic part: quad_g = relu(s)² v_g with s = quad_scale q.k + bias; d relu(s)² / ds = 2 relu(s).
+  dv.add_(at::matmul(k.relu_scores.square().transpose(-1, -2), g));
+  Tensor ds = at::matmul(g, k.v.transpose(-1, -2)).mul_(k.relu_scores).mul_(2.0);  // (b, G, C, C)
+  Tensor dq_quad = at::matmul(ds, k.k_quad).mul_(opt.quad_scale);
+  Tensor dk_quad = at::matmul(ds.transpose(-1, -2), k.q_quad).mul_(opt.quad_scale);
+  Tensor drel_bias;
+  if (in.rel_bias) {
+    Tensor index = bias_index(0, C, 0, C, C - 1, in.v.options());
+    drel_bias = at::zeros({2 * C - 1}, ds.options()).index_add_(0, index.flatten(), ds.sum(at::IntArrayRef{0, 1}).flatten());
+  }
+
+  return {from_chunks(dq_quad, L).to(in.q_quad.scalar_type()),
+          from_chunks(dk_quad, L).to(in.k_quad.scalar_type()),
+          from_chunks(dq_lin, L).to(in.q_lin.scalar_type()),
+          from_chunks(dk_lin, L).to(in.k_lin.scalar_type()),
+          from_chunks(dv, L).to(in.v.scalar_type()),
+          in.u ? grad_as(in.u, from_chunks(du, L), dv) : empty_grad(dv),
+          in.rel_bias ? grad_as(in.rel_bias, drel_bias, dv) : empty_grad(dv)};
+}
+
+Tensor gau_attention_fwd(const GauInputs& in, const GauOptions& opt) {
+  if (in.v.numel() == 0) return at::zeros_like(in.v);
+  const auto ct = compute_type(in.v);
+  const int64_t L = in.v.size(1);
+  Tensor q = in.q.to(ct), k = in.k.to(ct), v = in.v.to(ct);
+  std::optional<Tensor> bias;
+  if (in.rel_bias) bias = in.rel_bias->to(ct);
+  Tensor out = at::zeros(v.sizes(), v.options());
+  for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
+    KeyTile t = key_tile(q, k, bias, k0, opt);
+    out.narrow(1, t.q0, t.rows).add_(at::matmul(t.relu_scores.square(), v.narrow(1, k0, t.cols)));
+  }
+  if (in.u) out.mul_(in.u->to(ct));
+  return out.to(in.v.scalar_type());
+}
+
+std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const GauInputs& in, const GauOptions& opt) {
+  if (in.v.numel() == 0 || in.q.numel() == 0) {
+    return {at::zeros_like(in.q), at::zeros_like(in.k), at::zeros_like(in.v),
+            in.u ? at::zeros_like(*in.u) : empty_grad(in.v),
+            in.rel_bias ? at::zeros_like(*in.rel_bias) : empty_grad(in.v)};
+  }
+  const auto ct = compute_type(in.v);
+  const int64_t L = in.v.size(1);
+  Tensor q = in.q.to(ct), k = in.k.to(ct), v = in.v.to(ct);
+  std::optional<Tensor> bias;
+  if (in.rel_bias) bias = in.rel_bias->to(ct);
+  Tensor g = dout.to(ct);
+  Tensor ungated;  // the output before the gate, rebuilt tile by tile for du
+  if (in.u) {
+    g = g * in.u->to(ct);
+    ungated = at::zeros(v.sizes(), v.options());
+  }
+  Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor drel_bias = bias ? at::zeros({2 * L - 1}, q.options()) : Tensor();
+  for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
+    KeyTile t = key_tile(q, k, bias, k0, opt);
+    Tensor v_t = v.narrow(1, k0, t.cols), g_t = g.narrow(1, t.q0, t.rows);
+    Tensor kernel = t.relu_scores.square();
+    if (in.u) ungated.narrow(1, t.q0, t.rows).add_(at::matmul(kernel, v_t));
+    dv.narrow(1, k0, t.cols).copy_(at::matmul(kernel.transpose(1, 2), g_t));
+    Tensor ds = at::matmul(g_t, v_t.transpose(1, 2)).mul_(t.relu_scores).mul_(2.0);  // (b, rows, cols)
+    dq.narrow(1, t.q0, t.rows).add_(at::matmul(ds, k.narrow(1, k0, t.cols)), opt.scale);
+    dk.narrow(1, k0, t.cols).copy_(at::matmul(ds.transpose(1, 2), q.narrow(1, t.q0, t.rows)).mul_(opt.scale));
+    if (bias) drel_bias.index_add_(0, t.index.flatten(), ds.sum(0).flatten());
+  }
+  return {dq.to(in.q.scalar_type()), dk.to(in.k.scalar_type()), dv.to(in.v.scalar_type()),
+          in.u ? grad_as(in.u, dout.to(ct) * ungated, dv) : empty_grad(dv),
+          in.rel_bias ? grad_as(in.rel_bias, drel_bias, dv) : empty_grad(dv)};
+}
+
+Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin, const Tensor& k_lin,
+                  const Tensor& v, const std::optional<Tensor>& u, const std::optional<Tensor>& rel_bias,
+                  FlashDecodeState& state, double quad_scale, double lin_scale) {
+  const auto ct = state.lin_state.scalar_type();
+  const int64_t C = state.k_quad_cache.size(1), i = state.position % C;
+  // A new chunk begins: the finished chunk's keys and values join the linear state (causal: strictly earlier).
+  if (i == 0 && state.position > 0) {
+    state.lin_state.add_(state.chunk_kv);
+    state.chunk_kv.zero_();
+  }
+  Tensor kq = k_quad.to(ct), vv = v.to(ct);
+  state.k_quad_cache.select(1, i).copy_(kq);
+  state.v_cache.select(1, i).copy_(vv);
+  state.chunk_kv.add_(k_lin.to(ct).unsqueeze(2) * vv.unsqueeze(1));
+
+  Tensor keys = state.k_quad_cache.narrow(1, 0, i + 1);                            // (b, i+1, S)
+  Tensor scores = at::matmul(keys, q_quad.to(ct).unsqueeze(2)).squeeze(2).mul_(quad_scale);  // (b, i+1)
+  if (rel_bias) scores.add_(rel_bias->to(ct).narrow(0, C - 1 - i, i + 1));   // offsets j - i = -i .. 0
+  Tensor kernel = at::relu(scores).square_();
+  Tensor out = at::matmul(kernel.unsqueeze(1), state.v_cache.narrow(1, 0, i + 1)).squeeze(1);
+  out.add_(at::matmul(q_lin.to(ct).unsqueeze(1), state.lin_state).squeeze(1), lin_scale);
+  if (u) out.mul_(u->to(ct));
+  return out.to(v.scalar_type());
+}
+
+}  // namespace subq::cpu

@@ -1,0 +1,198 @@
+// Torch glue for FLASH: schemas, argument checks, and the implementations of subq::flash_chunk_attention_fwd/bwd,
+// subq::gau_attention_fwd/bwd and subq::flash_step. Both devices run the ATen composites
+// (csrc/flash/flash_attention_cpu.cpp) for now.
+#include <algorithm>
+#include <array>
+#include <utility>
+
+#include <torch/library.h>
+
+#include "flash/flash_attention_cpu.h"
+#include "torch/checks.h"
+
+#ifdef SUBQ_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace subq::glue {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+void check_features(const Tensor& t, const Tensor& v, const Tensor& ref, const char* name, const char* ref_name) {
+  check_dim(t, 3, name);
+  check_same(t, v, name, "v");
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ",
+              t.sizes());
+}
+
+void check_values(const Tensor& v, const Tensor& q, const OptTensor& u) {
+  check_dim(v, 3, "v");
+  check_floating(v, "v");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v must have shape (batch, seqlen, E) = (",
+              q.size(0), ", ", q.size(1), ", E), got ", v.sizes());
+  if (u) {
+    check_same(*u, v, "u", "v");
+    TORCH_CHECK(u->sizes() == v.sizes(), "u must have v's shape ", v.sizes(), ", got ", u->sizes());
+  }
+}
+
+void check_rel_bias(const OptTensor& rel_bias, const Tensor& v, int64_t length, const char* what) {
+  if (!rel_bias) return;
+  check_floating(*rel_bias, "rel_bias");
+  TORCH_CHECK(rel_bias->scalar_type() == v.scalar_type() || rel_bias->scalar_type() == at::kFloat,
+              "rel_bias.dtype must be v's dtype or float32, got ", rel_bias->scalar_type());
+  TORCH_CHECK(rel_bias->device() == v.device(), "rel_bias is on ", rel_bias->device(), " but v is on ", v.device());
+  TORCH_CHECK(rel_bias->dim() == 1 && rel_bias->size(0) == length, "rel_bias must have shape (", length, ",) (",
+              what, "), got ", rel_bias->sizes());
+}
+
+cpu::FlashChunkInputs check_chunk_inputs(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
+                                         const Tensor& k_lin, const Tensor& v, const OptTensor& u,
+                                         const OptTensor& rel_bias, int64_t chunk_size) {
+  TORCH_CHECK(chunk_size == 64 || chunk_size == 128 || chunk_size == 256 || chunk_size == 512,
+              "chunk_size must be 64, 128, 256 or 512, got ", chunk_size);
+  check_dim(q_quad, 3, "q_quad");
+  check_values(v, q_quad, u);
+  check_features(q_quad, v, q_quad, "q_quad", "q_quad");
+  check_features(k_quad, v, q_quad, "k_quad", "q_quad");
+  check_features(q_lin, v, q_quad, "q_lin", "q_quad");
+  check_features(k_lin, v, q_quad, "k_lin", "q_quad");
+  check_rel_bias(rel_bias, v, 2 * chunk_size - 1, "2 * chunk_size - 1");
+  return {q_quad, k_quad, q_lin, k_lin, v, u, rel_bias};
+}
+
+cpu::FlashChunkOptions chunk_options(int64_t chunk_size, bool causal, double quad_scale, double lin_scale) {
+  return {chunk_size, causal, quad_scale, lin_scale};
+}
+
+cpu::GauInputs check_gau_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& u,
+                                const OptTensor& rel_bias) {
+  check_dim(q, 3, "q");
+  check_values(v, q, u);
+  check_features(q, v, q, "q", "q");
+  check_features(k, v, q, "k", "q");
+  check_rel_bias(rel_bias, v, std::max<int64_t>(2 * q.size(1) - 1, 0), "2 * seqlen - 1");
+  return {q, k, v, u, rel_bias};
+}
+
+Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
+                                 const Tensor& k_lin, const Tensor& v, const OptTensor& u, const OptTensor& rel_bias,
+                                 int64_t chunk_size, bool causal, double quad_scale, double lin_scale) {
+  auto in = check_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(v.device());
+#endif
+  return cpu::flash_chunk_attention_fwd(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+}
+
+std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const Tensor& q_quad, const Tensor& k_quad,
+                                              const Tensor& q_lin, const Tensor& k_lin, const Tensor& v,
+                                              const OptTensor& u, const OptTensor& rel_bias, int64_t chunk_size,
+                                              bool causal, double quad_scale, double lin_scale) {
+  auto in = check_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size);
+  TORCH_CHECK(dout.sizes() == v.sizes(), "dout must have v's shape ", v.sizes(), ", got ", dout.sizes());
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(v.device());
+#endif
+  return cpu::flash_chunk_attention_bwd(dout, in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+}
+
+Tensor gau_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& u,
+                         const OptTensor& rel_bias, bool causal, double scale) {
+  auto in = check_gau_inputs(q, k, v, u, rel_bias);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(v.device());
+#endif
+  return cpu::gau_attention_fwd(in, {causal, scale});
+}
+
+std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const OptTensor& u, const OptTensor& rel_bias, bool causal, double scale) {
+  auto in = check_gau_inputs(q, k, v, u, rel_bias);
+  TORCH_CHECK(dout.sizes() == v.sizes(), "dout must have v's shape ", v.sizes(), ", got ", dout.sizes());
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(v.device());
+#endif
+  return cpu::gau_attention_bwd(dout, in, {causal, scale});
+}
+
+void check_state(const Tensor& t, const Tensor& v, const char* name, at::IntArrayRef shape) {
+  const auto ct = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.scalar_type() == ct, name, ".dtype must be ", ct, " (the compute dtype of v), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == v.device(), name, " is on ", t.device(), " but v is on ", v.device());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin, const Tensor& k_lin,
+                  const Tensor& v, const OptTensor& u, const OptTensor& rel_bias, const Tensor& lin_state,
+                  const Tensor& chunk_kv, const Tensor& k_quad_cache, const Tensor& v_cache, int64_t position, double quad_scale, double lin_scale) {
+  check_dim(q_quad, 2, "q_quad");
+  check_dim(v, 2, "v");
+  check_floating(v, "v");
+  const int64_t b = q_quad.size(0), S = q_quad.size(1), E = v.size(1), C = k_quad_cache.size(1);
+  TORCH_CHECK(v.size(0) == b, "v must have shape (batch, E) with batch ", b, ", got ", v.sizes());
+  const std::array<std::pair<const Tensor*, const char*>, 4> features{
+      {{&q_quad, "q_quad"}, {&k_quad, "k_quad"}, {&q_lin, "q_lin"}, {&k_lin, "k_lin"}}};
+  for (const auto& [t, name] : features) {
+    check_same(*t, v, name, "v");
+    TORCH_CHECK(t->sizes() == q_quad.sizes(), name, " must have q_quad's shape ", q_quad.sizes(), ", got ",
+                t->sizes());
+  }
+  if (u) {
+    check_same(*u, v, "u", "v");
+    TORCH_CHECK(u->sizes() == v.sizes(), "u must have v's shape ", v.sizes(), ", got ", u->sizes());
+  }
+  check_dim(k_quad_cache, 3, "k_quad_cache");
+  TORCH_CHECK(C == 64 || C == 128 || C == 256 || C == 512, "k_quad_cache.shape[1] (the chunk size) must be 64, "
+              "128, 256 or 512, got ", C);
+  check_state(lin_state, v, "lin_state", {b, S, E});
+  check_state(chunk_kv, v, "chunk_kv", {b, S, E});
+  check_state(k_quad_cache, v, "k_quad_cache", {b, C, S});
+  check_state(v_cache, v, "v_cache", {b, C, E});
+  check_rel_bias(rel_bias, v, 2 * C - 1, "2 * chunk_size - 1");
+  TORCH_CHECK(position >= 0, "position must be >= 0, got ", position);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(v.device());
+#endif
+  cpu::FlashDecodeState state{lin_state, chunk_kv, k_quad_cache, v_cache, position};
+  return cpu::flash_step(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, state, quad_scale, lin_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(subq, m) {
+  m.def("flash_chunk_attention_fwd(Tensor q_quad, Tensor k_quad, Tensor q_lin, Tensor k_lin, Tensor v, Tensor? u, "
+        "Tensor? rel_bias, int chunk_size, bool causal, float quad_scale, float lin_scale) -> Tensor");
+  m.def("flash_chunk_attention_bwd(Tensor dout, Tensor q_quad, Tensor k_quad, Tensor q_lin, Tensor k_lin, "
+        "Tensor v, Tensor? u, Tensor? rel_bias, int chunk_size, bool causal, float quad_scale, float lin_scale) "
+        "-> Tensor[]");
+  m.def("gau_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? u, Tensor? rel_bias, bool causal, float scale) "
+        "-> Tensor");
+  m.def("gau_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? u, Tensor? rel_bias, bool causal, "
+        "float scale) -> Tensor[]");
+  m.def("flash_step(Tensor q_quad, Tensor k_quad, Tensor q_lin, Tensor k_lin, Tensor v, Tensor? u, "
+        "Tensor? rel_bias, Tensor(a!) lin_state, Tensor(b!) chunk_kv, Tensor(c!) k_quad_cache, Tensor(d!) v_cache, "
+        "int position, float quad_scale, float lin_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(subq, CPU, m) {
+  m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd);
+  m.impl("flash_chunk_attention_bwd", &flash_chunk_attention_bwd);
+  m.impl("gau_attention_fwd", &gau_attention_fwd);
+  m.impl("gau_attention_bwd", &gau_attention_bwd);
+  m.impl("flash_step", &flash_step);
+}
+
+TORCH_LIBRARY_IMPL(subq, CUDA, m) {
+  m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd);
+  m.impl("flash_chunk_attention_bwd", &flash_chunk_attention_bwd);
+  m.impl("gau_attention_fwd", &gau_attention_fwd);
+  m.impl("gau_attention_bwd", &gau_attention_bwd);
+  m.impl("flash_step", &flash_step);
+}
+
+}  // namespace subq::glue

@@ -1,0 +1,193 @@
+"""The gated attention unit (GAU) and the FLASH layer of Hua et al. 2022, "Transformer Quality in Linear Time".
+
+One layer, for x of shape (B, L, d) and e = expansion * d::
+
+    h       = norm(x)                                   # LayerNorm or ScaleNorm (pre-norm)
+    U, V, Z = split(silu(h W_in + b_in), [e, e, s])     # one projection to [U | V | Z]
+    q, k    = Z ⊙ γ_q + β_q,  Z ⊙ γ_k + β_k             # cheap per-dim scale and offset heads (FLASH: four)
+    q, k    = RoPE(q), RoPE(k)
+    out     = x + (U ⊙ attention(q, k, V)) W_out + b_out
+
+GAU's attention is relu² over the whole sequence (:func:`subq.ops.gau_attention`); FLASH's is mixed-chunk
+attention (:func:`subq.ops.flash_chunk_attention`), which is linear in L and decodes token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
+
+NORMS = ("layernorm", "scalenorm")
+
+
+class ScaleNorm(nn.Module):
+    """``g · x / max(‖x‖₂, eps)`` over the last dim, with one learned scalar g (initialised to sqrt(dim))
+    (Nguyen & Salazar 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.full((), dim**0.5, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True).clamp(min=self.eps) * self.scale
+
+
+def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoPE on the last dim of ``x (..., L, S)`` in the rotate-half layout: features i and i + S//2 form a pair
+    rotated by ``positions[l] · base^(-i / (S//2))``; an odd last feature is left as is. Then
+    ``rope(q, m) · rope(k, n)`` depends on m - n only. Angles in float32 (float64 for float64 inputs)."""
+    half = x.shape[-1] // 2
+    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=angle_dtype) / max(half, 1))
+    angles = positions.to(angle_dtype)[:, None] * inv_freq                 # (L, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class ScaleOffset(nn.Module):
+    """``heads`` cheap transforms of one shared Z: ``Z ⊙ γ_h + β_h`` (γ ~ N(0, 0.02²), β = 0, as the paper)."""
+
+    def __init__(self, dim: int, heads: int, device=None, dtype=None):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(heads, dim, device=device, dtype=dtype))
+        self.beta = nn.Parameter(torch.zeros(heads, dim, device=device, dtype=dtype))
+        nn.init.normal_(self.gamma, std=0.02)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(z * g + b for g, b in zip(self.gamma, self.beta, strict=True))
+
+
+class _GatedUnit(nn.Module):
+    """The shared body of GAU and FLASH: norm, the [U | V | Z] projection, the scale/offset heads, the output."""
+
+    def __init__(self, d_model: int, expansion: int, s: int, heads: int, norm: str, rope: bool, device, dtype):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("expansion", expansion), ("s", s)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.e, self.s, self.rope = d_model, expansion * d_model, s, rope
+        self.norm = nn.LayerNorm(d_model, **factory) if norm == "layernorm" else ScaleNorm(d_model, **factory)
+        self.proj_in = nn.Linear(d_model, 2 * self.e + s, **factory)
+        self.heads = ScaleOffset(s, heads, **factory)
+        self.proj_out = nn.Linear(self.e, d_model, **factory)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (batch, seqlen, d_model={self.d_model}), got {shape}")
+
+    def _features(self, x: torch.Tensor, positions: torch.Tensor):
+        """(U, V, heads...) of the normalised input; RoPE on every head."""
+        u, v, z = F.silu(self.proj_in(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
+        heads = self.heads(z)
+        if self.rope:
+            heads = tuple(rotary_embedding(h, positions) for h in heads)
+        return u, v, heads
+
+
+class GAU(_GatedUnit):
+    """The gated attention unit with FLASH-Quad attention: ``x + (U ⊙ relu(scale·qkᵀ + B)² V) W_out``.
+
+    ``scale`` defaults to 1/L (the paper's). ``max_len`` adds a learned relative-position bias over offsets
+    -(max_len-1)..max_len-1 (zero-initialised; sequences may then be at most max_len long). Quadratic in L in
+    time, linear in memory (:func:`subq.ops.gau_attention`).
+    """
+
+    def __init__(self, d_model: int, expansion: int = 2, s: int = 128, causal: bool = False,
+                 norm: str = "layernorm", rope: bool = True, max_len: int | None = None,
+                 scale: float | None = None, device=None, dtype=None):
+        super().__init__(d_model, expansion, s, 2, norm, rope, device, dtype)
+        self.causal, self.scale, self.max_len = causal, scale, max_len
+        self.rel_bias = None
+        if max_len is not None:
+            self.rel_bias = nn.Parameter(torch.zeros(2 * max_len - 1, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        seqlen = x.shape[1]
+        bias = None
+        if self.rel_bias is not None:
+            if seqlen > self.max_len:
+                raise ValueError(f"seqlen ({seqlen}) exceeds max_len ({self.max_len}) of the relative bias")
+            bias = self.rel_bias[self.max_len - seqlen: self.max_len + seqlen - 1]  # offsets -(L-1)..L-1
+        u, v, (q, k) = self._features(x, torch.arange(seqlen, device=x.device))
+        out = gau_attention(q, k, v, u=u, rel_bias=bias, causal=self.causal, scale=self.scale)
+        return x + self.proj_out(out)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, e={self.e}, s={self.s}, causal={self.causal}, max_len={self.max_len}"
+
+
+@dataclass
+class FlashInferenceCache:
+    """Decoding state of one causal FLASH layer: the attention state and the linear scale it was built for."""
+
+    state: FlashDecodeState
+    lin_scale: float
+
+
+class FLASH(_GatedUnit):
+    """The FLASH layer: the gated unit with four scale/offset heads (quad and lin, queries and keys) and mixed-chunk
+    attention (:func:`subq.ops.flash_chunk_attention`), linear in L.
+
+    ``rel_pos_bias`` adds a learned bias over the offsets within a chunk, ``(2C-1,)``, zero-initialised.
+    ``lin_scale`` defaults to 1/L of the forward's input; decoding (causal only) uses ``lin_scale`` or, when that
+    is None, 1/max_seqlen of :meth:`allocate_inference_cache`, so token-by-token :meth:`step` equals the forward
+    on max_seqlen tokens (and, being causal, on every prefix of them).
+    """
+
+    def __init__(self, d_model: int, chunk_size: int = 256, expansion: int = 2, s: int = 128, causal: bool = False,
+                 norm: str = "layernorm", rope: bool = True, rel_pos_bias: bool = True,
+                 lin_scale: float | None = None, device=None, dtype=None):
+        if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
+            raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+        super().__init__(d_model, expansion, s, 4, norm, rope, device, dtype)
+        self.chunk_size, self.causal, self.lin_scale = chunk_size, causal, lin_scale
+        self.rel_bias = None
+        if rel_pos_bias:
+            self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, torch.arange(x.shape[1], device=x.device))
+        out = flash_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias,
+                                    chunk_size=self.chunk_size, causal=self.causal, lin_scale=self.lin_scale)
+        return x + self.proj_out(out)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+                                 ) -> FlashInferenceCache:
+        if not self.causal:
+            raise ValueError("decoding needs a causal FLASH layer (causal=True)")
+        if max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be positive, got {max_seqlen}")
+        dtype = dtype or self.proj_in.weight.dtype
+        state = FlashDecodeState.allocate(batch_size, self.chunk_size, self.s, self.e,
+                                          device=self.proj_in.weight.device, dtype=dtype)
+        return FlashInferenceCache(state, self.lin_scale if self.lin_scale is not None else 1.0 / max_seqlen)
+
+    def step(self, x: torch.Tensor, cache: FlashInferenceCache) -> torch.Tensor:
+        """The output for one token ``x (B, 1, d)`` at position ``cache.state.position``; advances the cache."""
+        if not isinstance(cache, FlashInferenceCache):
+            raise TypeError(f"cache must come from allocate_inference_cache, got {type(cache).__name__}")
+        self._check_input(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"step takes one token, x of shape (batch, 1, d_model), got {tuple(x.shape)}")
+        position = torch.tensor([cache.state.position], device=x.device)
+        u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, position)
+        out = flash_step(cache.state, q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias,
+                         lin_scale=cache.lin_scale)
+        return x + self.proj_out(out)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, e={self.e}, s={self.s}, chunk_size={self.chunk_size}, "
+                f"causal={self.causal}")
