@@ -86,15 +86,16 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& 
   }
   Tensor dD = in.D ? (g * v).sum(at::IntArrayRef{0, 2}).to(in.D->scalar_type()) : Tensor();
 
-  // Adjoint of the convolution: the correlation with the same filter, conj(K) in the frequency domain.
+  // Adjoint of the convolution: the correlation with the same filter, conj(K) in the frequency domain. conj_physical,
+  // not the lazy conj view: under torch.compile's AOT tracing the view's conj bit was dropped (wrong gradients).
   Tensor G = at::fft_rfft(g, M, -1);
-  Tensor dv = circular_conv(G, K.conj(), M, L);
+  Tensor dv = circular_conv(G, at::conj_physical(K), M, L);
   if (in.D) dv = dv + g * Dw;
 
   // Filter gradient: dc[j] = sum_{b,t} g[b,t] v[b,(t-j) mod M], read back at the filter's taps.
   Tensor dk, dk_rev;
   if (in.k) {
-    Tensor dc = at::fft_irfft((G * V.conj()).sum(0), M, -1);              // (H, M)
+    Tensor dc = at::fft_irfft((G * at::conj_physical(V)).sum(0), M, -1);  // (H, M)
     const int64_t Lk = in.k->size(1);
     dk = dc.narrow(1, 0, Lk).to(in.k->scalar_type());
     if (in.k_rev) {
