@@ -78,7 +78,7 @@ def test_sequence_mixer_autocast_and_compile():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y16 = m(x)
     assert y16.dtype == torch.bfloat16
-    assert ((y16.float() - y32).norm() / y32.norm()).item() < 3e-2
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 1e-2
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), y32, rtol=1e-4, atol=1e-4)
 
