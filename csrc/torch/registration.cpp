@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "monarch_conv/monarch_conv.h"
+
 TORCH_LIBRARY(subq, m) {
   m.def("blockdiag_fwd(Tensor x, Tensor w) -> Tensor");
   m.def("blockdiag_bwd(Tensor dy, Tensor x, Tensor w, bool[2] output_mask) -> (Tensor, Tensor)");
@@ -22,4 +24,6 @@ PYBIND11_MODULE(_C, m) {
   }, "True when the CUTLASS CUDA kernels were compiled into this build.");
   m.def("cuda_archs", [] { return std::string(SUBQ_CUDA_ARCHS_STRING); },
         "The SUBQ_CUDA_ARCHS this build compiled for ('' for a CPU-only build).");
+  m.def("monarch_conv_fft_size", &subq::monarch_conv::fft_size, "The FFT size subq.ops.monarch_conv uses for a "
+        "sequence length: the smallest 2^a 3^b 5^c 7^d >= 2 * seqlen.");
 }

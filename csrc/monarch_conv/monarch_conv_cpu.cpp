@@ -1,0 +1,118 @@
+#include "monarch_conv/monarch_conv_cpu.h"
+
+#include <algorithm>
+
+#include "monarch_conv/monarch_conv.h"
+
+namespace subq::cpu {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The combined length-M filter c of monarch_conv_cpu.h, in k's compute dtype.
+Tensor combined_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen, int64_t M,
+                       at::ScalarType ct) {
+  const int64_t H = k.size(0), Lk = k.size(1);
+  Tensor c = at::zeros({H, M}, k.options().dtype(ct));
+  c.narrow(1, 0, Lk).copy_(k);
+  if (k_rev) {
+    const int64_t n = std::min(Lk, seqlen - 1);
+    c.narrow(1, M - n, n).copy_(k_rev->narrow(1, 0, n).flip(1));
+  }
+  return c;
+}
+
+// The filter's spectrum at the compute dtype of u (a float32 filter with float64 u is promoted).
+Tensor spectrum(const MonarchConvInputs& in, int64_t M, at::ScalarType ct) {
+  if (in.filter_spectrum) return *in.filter_spectrum;
+  const int64_t L = in.u.size(2);
+  std::optional<Tensor> k_rev = in.k_rev ? std::optional<Tensor>(in.k_rev->to(ct)) : std::nullopt;
+  return at::fft_rfft(combined_filter(in.k->to(ct), k_rev, L, M, ct), M, -1);
+}
+
+// The first L outputs of the length-M circular convolution with the spectrum K of v (B, H, L).
+Tensor circular_conv(const Tensor& V, const Tensor& K, int64_t M, int64_t L) {
+  return at::fft_irfft(V * K, M, -1).narrow(-1, 0, L);
+}
+
+Tensor empty_grad(const Tensor& like) { return like.new_empty({0}); }
+
+}  // namespace
+
+Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen) {
+  const int64_t M = monarch_conv::fft_size(seqlen);
+  const auto ct = compute_type(k);
+  return at::fft_rfft(combined_filter(k.to(ct), k_rev, seqlen, M, ct), M, -1);
+}
+
+Tensor monarch_conv_fwd(const MonarchConvInputs& in) {
+  const int64_t B = in.u.size(0), H = in.u.size(1), L = in.u.size(2);
+  if (B == 0) return at::empty_like(in.u);
+  const int64_t M = monarch_conv::fft_size(L);
+  const auto ct = compute_type(in.u);
+  Tensor v = in.u.to(ct);
+  if (in.pregate) v = v * in.pregate->to(ct);
+  Tensor y = circular_conv(at::fft_rfft(v, M, -1), spectrum(in, M, ct), M, L);
+  if (in.D) y = y + v * in.D->to(ct).view({H, 1});
+  if (in.postgate) y = y * in.postgate->to(ct);
+  return y.to(in.u.scalar_type());
+}
+
+std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& in) {
+  const int64_t B = in.u.size(0), H = in.u.size(1), L = in.u.size(2);
+  auto zeros_or_empty = [&](const std::optional<Tensor>& t) { return t ? at::zeros_like(*t) : empty_grad(in.u); };
+  if (B == 0) {
+    return {at::zeros_like(in.u), zeros_or_empty(in.k), zeros_or_empty(in.k_rev), zeros_or_empty(in.pregate),
+            zeros_or_empty(in.postgate), zeros_or_empty(in.D)};
+  }
+  const int64_t M = monarch_conv::fft_size(L);
+  const auto ct = compute_type(in.u);
+  Tensor u = in.u.to(ct);
+  Tensor v = in.pregate ? u * in.pregate->to(ct) : u;
+  Tensor K = spectrum(in, M, ct);
+  Tensor V = at::fft_rfft(v, M, -1);
+  Tensor Dw = in.D ? in.D->to(ct).view({H, 1}) : Tensor();
+
+  // Through the postgate: g is the gradient of the pre-gate output z = conv(v) + D v.
+  Tensor g = dy.to(ct);
+  Tensor dpostgate;
+  if (in.postgate) {
+    Tensor z = circular_conv(V, K, M, L);
+    if (in.D) z = z + v * Dw;
+    dpostgate = (g * z).to(in.postgate->scalar_type());
+    g = g * in.postgate->to(ct);
+  }
+  Tensor dD = in.D ? (g * v).sum(at::IntArrayRef{0, 2}).to(in.D->scalar_type()) : Tensor();
+
+  // Adjoint of the convolution: the correlation with the same filter, conj(K) in the frequency domain. conj_physical,
+  // not the lazy conj view: under torch.compile's AOT tracing the view's conj bit was dropped (wrong gradients).
+  Tensor G = at::fft_rfft(g, M, -1);
+  Tensor dv = circular_conv(G, at::conj_physical(K), M, L);
+  if (in.D) dv = dv + g * Dw;
+
+  // Filter gradient: dc[j] = sum_{b,t} g[b,t] v[b,(t-j) mod M], read back at the filter's taps.
+  Tensor dk, dk_rev;
+  if (in.k) {
+    Tensor dc = at::fft_irfft((G * at::conj_physical(V)).sum(0), M, -1);  // (H, M)
+    const int64_t Lk = in.k->size(1);
+    dk = dc.narrow(1, 0, Lk).to(in.k->scalar_type());
+    if (in.k_rev) {
+      const int64_t n = std::min(Lk, L - 1);
+      dk_rev = at::zeros({H, Lk}, dc.options());
+      dk_rev.narrow(1, 0, n).copy_(dc.narrow(1, M - n, n).flip(1));
+      dk_rev = dk_rev.to(in.k_rev->scalar_type());
+    }
+  }
+
+  Tensor du = in.pregate ? dv * in.pregate->to(ct) : dv;
+  Tensor dpregate = in.pregate ? (dv * u).to(in.pregate->scalar_type()) : Tensor();
+  std::vector<Tensor> out = {du.to(in.u.scalar_type()), dk, dk_rev, dpregate, dpostgate, dD};
+  for (auto& t : out) {
+    if (!t.defined()) t = empty_grad(in.u);
+  }
+  return out;
+}
+
+}  // namespace subq::cpu
