@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import DEVICES, assert_within_budget, max_err
 from subq.ops import causal_conv1d, causal_conv1d_update
 from subq.reference import causal_conv1d_ref, causal_conv1d_update_ref

@@ -2,6 +2,7 @@
 
 from subq.nn.flash import FLASH, GAU, FlashInferenceCache, ScaleNorm, ScaleOffset, rotary_embedding
 from subq.nn.m2 import HyenaFilter, M2DimensionMixer, M2SequenceMixer
+from subq.nn.mamba2 import Mamba2, Mamba2Cache, RMSNormGated
 from subq.nn.monarch_linear import BlockdiagLinear, MonarchLinear
 
 __all__ = [
@@ -12,7 +13,10 @@ __all__ = [
     "HyenaFilter",
     "M2DimensionMixer",
     "M2SequenceMixer",
+    "Mamba2",
+    "Mamba2Cache",
     "MonarchLinear",
+    "RMSNormGated",
     "ScaleNorm",
     "ScaleOffset",
     "rotary_embedding",

@@ -1,0 +1,132 @@
+"""Mamba-2 language model (Dao and Gu, 2024), optionally with a few causal attention layers (the paper's hybrids).
+
+Pre-norm residual blocks, each an RMSNorm then a mixer (Mamba-2, or attention at ``attn_layer_idx``), a final
+RMSNorm and a tied LM head. Generation keeps a recurrent state per Mamba-2 layer and a KV cache per attention
+layer, so each new token costs O(1) in the sequence length for the SSM layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from subq.models._common import load_pretrained, preset, sample_next, save_pretrained
+from subq.models.attention import CausalSelfAttention
+from subq.nn.mamba2 import Mamba2, RMSNormGated
+
+
+@dataclass
+class Mamba2Config:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50280
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    attn_layer_idx: tuple[int, ...] = field(default_factory=tuple)
+    attn_num_heads: int = 12
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+# The released Mamba-2 sizes (vocabulary padded to a multiple of 16), and a tiny one for tests.
+PRESETS = {
+    "130m": dict(d_model=768, n_layer=24),
+    "370m": dict(d_model=1024, n_layer=48, attn_num_heads=16),
+    "780m": dict(d_model=1536, n_layer=48, attn_num_heads=24),
+    "1.3b": dict(d_model=2048, n_layer=48, attn_num_heads=32),
+    "2.7b": dict(d_model=2560, n_layer=64, attn_num_heads=40),
+    "tiny": dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64, attn_num_heads=4),
+}
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNormGated(config.d_model, eps=config.norm_eps)
+        if layer_idx in config.attn_layer_idx:
+            self.mixer = CausalSelfAttention(config.d_model, config.attn_num_heads)
+        else:
+            self.mixer = Mamba2(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                                headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size,
+                                layer_idx=layer_idx)
+
+    @property
+    def is_attention(self) -> bool:
+        return isinstance(self.mixer, CausalSelfAttention)
+
+    def forward(self, x, seq_idx=None, cache=None):
+        h = self.norm(x)
+        if self.is_attention:
+            return x + self.mixer(h, cache=cache)
+        return x + self.mixer(h, seq_idx=seq_idx, cache=cache)
+
+    def step(self, x, cache):
+        h = self.norm(x)
+        if self.is_attention:
+            return x + self.mixer(h[:, None], cache=cache)[:, 0]
+        return x + self.mixer.step(h, cache)
+
+
+class Mamba2LM(nn.Module):
+    config_class = Mamba2Config
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNormGated(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Mamba2LM:
+        return cls(preset(Mamba2Config, PRESETS, name, **overrides))
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches=None) -> torch.Tensor:
+        """Logits (batch, seqlen, vocab). ``seq_idx`` packs sequences (Mamba-2 layers only); ``caches`` (from
+        ``allocate_inference_cache``) makes this a prefill that leaves every layer's state for ``step``."""
+        if seq_idx is not None and any(layer.is_attention for layer in self.layers):
+            raise ValueError("seq_idx (packed sequences) is not supported by the attention layers of this hybrid")
+        x = self.embedding(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, seq_idx=seq_idx, cache=None if caches is None else caches[i])
+        return self.lm_head(self.norm_f(x))
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> list:
+        return [layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) if layer.is_attention
+                else layer.mixer.allocate_inference_cache(batch_size, dtype=dtype) for layer in self.layers]
+
+    def step(self, input_ids: torch.Tensor, caches: list) -> torch.Tensor:
+        """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; updates ``caches``."""
+        x = self.embedding(input_ids)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer.step(x, cache)
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill the prompt ``(batch, prompt_len)`` once, then extend it token by token from the cached states."""
+        caches = self.allocate_inference_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits = self(input_ids, caches=caches)[:, -1]
+        tokens = [input_ids]
+        for _ in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, generator)
+            tokens.append(next_ids[:, None])
+            logits = self.step(next_ids, caches)
+        return torch.cat(tokens, dim=1)
+
+    def save_pretrained(self, path):
+        return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> Mamba2LM:
+        return load_pretrained(cls, path, device)
