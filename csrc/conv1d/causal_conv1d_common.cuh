@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/convert.cuh"
 #include "conv1d/causal_conv1d.h"
 
 namespace subq::conv1d {
@@ -21,19 +22,6 @@ namespace subq::conv1d {
 constexpr int kTileChannels = 32;
 constexpr int kTileTime = 64;
 constexpr int kThreads = 256;
-
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__half v) { return __half2float(v); }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ inline T from_float(float v);
-template <>
-__device__ inline float from_float<float>(float v) { return v; }
-template <>
-__device__ inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __host__ __device__ inline int64_t at(const Strides3& s, int64_t b, int64_t d, int64_t t) {
   return b * s.batch + d * s.dim + t * s.time;

@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/convert.cuh"
+
 #include <type_traits>
 
 namespace subq {
@@ -20,26 +22,6 @@ constexpr int64_t kWarpGroupMax = 1024;
 // and there are still enough warps (or blocks) to fill the GPU.
 constexpr int64_t kWarpUnitsTarget = 2048;
 constexpr int64_t kBlockUnitsTarget = 512;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* ptr, float (&out)[VEC]) {

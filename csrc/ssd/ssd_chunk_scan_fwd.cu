@@ -4,6 +4,8 @@
 // the last chunk, P and N need not be tile multiples.
 #include "ssd/ssd_chunk_scan.h"
 
+#include "common/convert.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -18,15 +20,6 @@ constexpr int kThreads = 128;  // 4 warps, 2 x 2 of 32 x 32
 constexpr int kStep = 32;      // K elements staged per shared-memory round
 constexpr int kPad = 8;        // row padding of 16-bit tiles: fewer bank conflicts, rows stay 32-byte aligned
 constexpr int kOutPad = 4;     // row padding of the float32 output tile
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 struct Dims {
   int64_t b, L, H, P, G, N, Q, nc, Lp, heads_per_group;

@@ -7,32 +7,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/convert.cuh"
+
 #include <type_traits>
 
 namespace subq {
 namespace {
 
 constexpr int kThreads = 128;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // dt' = clamp(softplus?(dt + dt_bias)). The clamp is written with comparisons so that a NaN dt stays NaN, as in
 // torch.clamp; softplus switches to the identity above 20 like torch.nn.functional.softplus.
