@@ -31,7 +31,7 @@ from subq.profile.timing import (
 __all__ = [
     "DEFAULT_L2_BYTES", "DTYPES", "MAX_INPUT_SETS", "REP_MS", "WARMUP_MS", "copy_bandwidth_gbs", "default_device",
     "default_out", "device_name", "do_bench", "environment", "fmt", "input_set_count", "matmul_peak_tflops",
-    "median_ms", "rotating", "slug", "synchronize", "tflops", "write_json",
+    "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json",
 ]
 
 
@@ -52,3 +52,14 @@ def copy_bandwidth_gbs(device: torch.device, repeats: int, nbytes: int = 2**30) 
 def fmt(value: float | None, spec: str) -> str:
     """Table cell text (pad it at the call site); '-' where a measurement failed."""
     return "-" if value is None else format(value, spec)
+
+
+def timed_or_error(call, device: torch.device, repeats: int) -> tuple[float | None, str | None]:
+    """Median ms of ``call``, or the first line of its error: one failing size (a kernel check, an out-of-memory)
+    must not lose the rest of an unattended sweep."""
+    try:
+        return median_ms(call, device, repeats), None
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, str(err).splitlines()[0][:200]

@@ -90,12 +90,7 @@ def make_call(fn, inp, pass_name, name):
 
 
 def time_impl(fn, inp, pass_name, name, device, repeats):
-    try:
-        return h.median_ms(make_call(fn, inp, pass_name, name), device, repeats), None
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None, str(err).splitlines()[0][:200]
+    return h.timed_or_error(make_call(fn, inp, pass_name, name), device, repeats)
 
 
 def check(args, device) -> dict:
