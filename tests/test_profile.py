@@ -73,6 +73,19 @@ def test_ssd_matmul_flops_match_the_executed_products(size, pass_name):
     assert counted_flops(make_call(ref, inputs, size, pass_name)) == ref.matmul_flops(size, pass_name)
 
 
+@pytest.mark.parametrize("pass_name", PASSES)
+def test_flash_reference_matmul_flops_match_the_executed_products(pass_name):
+    size = {"batch": 2, "seqlen": 100, "qk_dim": 8, "value_dim": 16, "chunk_size": 64}  # padded last chunk
+    spec = OPS["flash_chunk_attention"]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    ref = spec.impl("flash_chunked_ref")
+    assert counted_flops(make_call(ref, inputs, size, pass_name)) == ref.matmul_flops(size, pass_name)
+
+
+# monarch_conv (FFT estimate), causal_conv1d and rmsnorm_gated (elementwise counts) execute no matrix product that
+# a counter could check exactly: their formulas are documented estimates, not tested against a count.
+
+
 @pytest.mark.parametrize("size", SSD_SIZES, ids=["groups", "padded"])
 def test_attention_matmul_flops_are_half_the_math_backends_square(size):
     spec = OPS["ssd_chunk_scan"]
@@ -175,8 +188,8 @@ def test_cli_writes_json_in_the_bench_results_schema(tiny_run):
     assert {"ms", "tflops", "pct_peak", "speedup_subq_vs", "errors", "pass"} <= bench["rows"][0].keys()
     assert payload["peak"]["matmul_tflops"] > 0 and payload["peak"]["copy_gbs"] > 0
     assert payload["env"]["timer"] == "perf_counter"
-    # quick grids with the overrides: blockdiag 1 size, monarch 1 (nblocks=4), ssd 1 (seqlen=64); two passes each
-    assert len(payload["rows"]) == 3 * 2
+    # quick grids with the overrides: one size per op (seqlen=64; monarch nblocks=4); two passes each
+    assert len(payload["rows"]) == len(OPS) * 2
     for row in payload["rows"]:
         assert ROW_KEYS <= row.keys()
         assert row["errors"] == {}
@@ -205,6 +218,29 @@ def test_cli_quick_default_grid_fwd_only(tmp_path, capsys):
     assert len(payload["rows"]) == sum(len(spec.sizes(True, {})) for spec in OPS.values())
     table = capsys.readouterr().out
     assert "TFLOP/s" in table and "%peak" in table and "speedup" in table
+
+
+NEW_OPS = ["monarch_conv", "flash_chunk_attention", "causal_conv1d", "rmsnorm_gated"]
+
+
+def test_list_names_every_op(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in NEW_OPS)
+
+
+def test_quick_run_of_the_new_ops_writes_rows(tmp_path):
+    argv = ["--quick", "--device", "cpu", "--ops", *NEW_OPS, "--seqlen", "256", "--repeats", "1", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "profile_cpu.json").read_text())["rows"]
+    for name in NEW_OPS:
+        mine = [row for row in rows if row["op"] == name]
+        assert {row["pass"] for row in mine} == set(PASSES), name
+        for row in mine:
+            assert row["errors"] == {}, name
+            assert all(row["ms"][impl] > 0 for impl in row["impls"]), name
+            assert row["check_subq_vs"]["max_rel_err"] < 1e-3, name
+            assert row["min_bytes"]["subq"] > 0 and row["useful_flops"]["subq"] > 0, name
 
 
 def test_without_matplotlib_everything_but_the_plot_is_written(tmp_path, capsys, monkeypatch):

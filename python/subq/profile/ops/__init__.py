@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 from subq.profile.ops.base import PASSES, Impl, OpSpec
+from subq.profile.ops.conv_norm import CAUSAL_CONV1D, RMSNORM_GATED
+from subq.profile.ops.flash import FLASH
 from subq.profile.ops.monarch import BLOCKDIAG, MONARCH
+from subq.profile.ops.monarch_conv import MONARCH_CONV
 from subq.profile.ops.ssd import SSD
 
 _SPECS = (
     BLOCKDIAG,
     MONARCH,
     SSD,
+    MONARCH_CONV,
+    FLASH,
+    CAUSAL_CONV1D,
+    RMSNORM_GATED,
 )
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
 
