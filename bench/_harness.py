@@ -31,7 +31,7 @@ from subq.profile.timing import (
 __all__ = [
     "DEFAULT_L2_BYTES", "DTYPES", "MAX_INPUT_SETS", "REP_MS", "WARMUP_MS", "copy_bandwidth_gbs", "default_device",
     "default_out", "device_name", "do_bench", "environment", "fmt", "input_set_count", "matmul_peak_tflops",
-    "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json",
+    "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json", "comparison",
 ]
 
 
@@ -63,3 +63,17 @@ def timed_or_error(call, device: torch.device, repeats: int) -> tuple[float | No
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None, str(err).splitlines()[0][:200]
+
+
+def comparison(timed: dict[str, tuple[float | None, str | None]], flops: dict[str, float], peak: float) -> dict:
+    """The per-row fields every side-by-side bench reports from its ``timed_or_error`` results: ms, TFLOP/s,
+    % of the measured peak, speedup of subq over each other implementation, and the errors."""
+    ms = {name: t[0] for name, t in timed.items()}
+    tf = {name: tflops(flops[name], ms[name]) for name in timed}
+    return {
+        "ms": ms, "tflops": tf,
+        "pct_peak": {k: None if v is None else 100 * v / peak for k, v in tf.items()},
+        "speedup_subq_vs": {k: None if ms[k] is None or ms["subq"] is None else ms[k] / ms["subq"]
+                            for k in timed if k != "subq"},
+        "errors": {k: t[1] for k, t in timed.items() if t[1] is not None},
+    }

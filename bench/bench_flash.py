@@ -131,21 +131,14 @@ def main() -> None:
             for pass_name in PASSES:
                 timed = {name: time_impl(fn, inp, pass_name, name, device, args.repeats)
                          for name, fn in impls.items()}
-                ms = {name: t[0] for name, t in timed.items()}
                 scale = {"fwd": (1, 1), "fwd+bwd": (3, 3.5)}[pass_name]
                 flops = {name: scale[0] * flash_flops(args, seqlen) for name in impls}
                 for name in impls:
                     if name.startswith("sdpa"):
                         flops[name] = scale[1] * sdpa_flops(args, seqlen, causal)
-                tf = {name: h.tflops(flops[name], ms[name]) for name in impls}
-                row = {
-                    "mode": mode, "seqlen": seqlen, "batch": args.tokens // seqlen, "pass": pass_name, "ms": ms,
-                    "flops": flops, "tflops": tf,
-                    "pct_peak": {k: None if v is None else 100 * v / peak for k, v in tf.items()},
-                    "speedup_subq_vs": {k: None if ms[k] is None or ms["subq"] is None else ms[k] / ms["subq"]
-                                        for k in impls if k != "subq"},
-                    "errors": {k: t[1] for k, t in timed.items() if t[1] is not None},
-                }
+                row = {"mode": mode, "seqlen": seqlen, "batch": args.tokens // seqlen, "pass": pass_name,
+                       "flops": flops, **h.comparison(timed, flops, peak)}
+                ms, tf = row["ms"], row["tflops"]
                 rows.append(row)
                 cells = " ".join(f"{h.fmt(ms[name], '.3f'):>12}" for name in impls)
                 speed = " ".join(f"{k}={h.fmt(v, '.2f')}x" for k, v in row["speedup_subq_vs"].items())

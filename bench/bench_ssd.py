@@ -139,18 +139,13 @@ def main() -> None:
         for pass_name in PASSES:
             scale = 1 if pass_name == "fwd" else 3
             timed = {name: time_impl(fn, inp, pass_name, device, args.repeats) for name, fn in impls.items()}
-            ms = {name: t[0] for name, t in timed.items()}
             flops = {name: scale * ssd_flops(args, seqlen) for name in impls}
             flops["sdpa"] = (1 if pass_name == "fwd" else 3.5) * sdpa_flops(args, seqlen)
-            tf = {name: h.tflops(flops[name], ms[name]) for name in impls}
             row = {
                 "seqlen": seqlen, "batch": args.batch, "heads": args.heads, "headdim": args.headdim,
-                "dstate": args.dstate, "chunk_size": CHUNK, "pass": pass_name, "ms": ms, "tflops": tf,
-                "pct_peak": {k: None if v is None else 100 * v / peak for k, v in tf.items()},
-                "speedup_subq_vs": {k: None if ms[k] is None or ms["subq"] is None else ms[k] / ms["subq"]
-                                    for k in impls if k != "subq"},
-                "errors": {k: t[1] for k, t in timed.items() if t[1] is not None},
+                "dstate": args.dstate, "chunk_size": CHUNK, "pass": pass_name, **h.comparison(timed, flops, peak),
             }
+            ms, tf = row["ms"], row["tflops"]
             rows.append(row)
             cells = " ".join(f"{h.fmt(ms[name], '.3f'):>12}" for name in impls)
             speed = " ".join(f"{k}={h.fmt(v, '.2f')}x" for k, v in row["speedup_subq_vs"].items())

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from subq.reference.ssd import process_dt
+
 
 def ssd_step_ref(
     state: torch.Tensor,
@@ -28,12 +30,7 @@ def ssd_step_ref(
     y *= silu(z). As in Mamba-2, dt_limit == (0, inf) (the default) means no clamping.
     """
     heads, groups = x.shape[1], B.shape[1]
-    if dt_bias is not None:
-        dt = dt + dt_bias
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     dA = torch.exp(dt * A)                                              # (Bt, H)
     B_h = B.repeat_interleave(heads // groups, dim=1)                   # (Bt, H, N): head h reads group h // (H/G)
     C_h = C.repeat_interleave(heads // groups, dim=1)
