@@ -2,6 +2,7 @@
 
 from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.flash import flash_chunked_ref, flash_quadratic_ref, gau_attention_ref, rel_bias_matrix
+from subq.reference.grouped_matmul import grouped_matmul_ref
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 from subq.reference.monarch_conv import monarch_conv_fft_ref, monarch_conv_ref
 from subq.reference.rmsnorm_gated import rmsnorm_gated_ref
@@ -15,6 +16,7 @@ __all__ = [
     "flash_chunked_ref",
     "flash_quadratic_ref",
     "gau_attention_ref",
+    "grouped_matmul_ref",
     "monarch_conv_fft_ref",
     "monarch_conv_ref",
     "monarch_dense_matrix",
