@@ -129,3 +129,39 @@ def test_mixer_rejects_bad_input():
         m(torch.randn(2, 10, 9))
     with pytest.raises(ValueError, match="seqlen must be in 1..max_seq_len=32"):
         m(torch.randn(1, 33, 8))
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("width", [2, 4])
+def test_sequence_mixer_decoding_equals_forward(residual, width):
+    """Causal decoding from M2InferenceCache: a prefill in two chunks, then single tokens (both input layouts),
+    reproduce the full forward in float64. The taps the cache holds are the prefix of every shorter filter."""
+    m = M2SequenceMixer(8, 64, bidirectional=False, residual_long_conv=residual, short_conv_width=width, dtype=F64)
+    x = torch.randn(3, 45, 8, dtype=F64)
+    full = m(x)
+    cache = m.allocate_inference_cache(3, 50)
+    assert max_err(m.filter(45), cache.taps[:, :45]) < 1e-13
+    outputs = [m(x[:, :17], cache=cache), m(x[:, 17:30], cache=cache)]
+    outputs += [m.step(x[:, t], cache)[:, None] for t in range(30, 38)]
+    outputs += [m.step(x[:, t:t + 1], cache) for t in range(38, 45)]
+    assert cache.length == 45
+    assert max_err(torch.cat(outputs, dim=1), full) < 1e-12 * max(1.0, full.abs().max().item())
+
+
+def test_sequence_mixer_decoding_rejects_bad_use():
+    with pytest.raises(ValueError, match="bidirectional=False"):
+        M2SequenceMixer(8, 32, bidirectional=True).allocate_inference_cache(1, 16)
+    with pytest.raises(ValueError, match="short_conv_width in 2..4"):
+        M2SequenceMixer(8, 32, bidirectional=False, short_conv_width=5).allocate_inference_cache(1, 16)
+    m = M2SequenceMixer(8, 32, bidirectional=False)
+    with pytest.raises(ValueError, match="max_seqlen must be in 1..max_seq_len=32"):
+        m.allocate_inference_cache(1, 33)
+    cache = m.allocate_inference_cache(2, 4)
+    with pytest.raises(ValueError, match="the cache holds 2 sequences"):
+        m(torch.randn(1, 3, 8), cache=cache)
+    with pytest.raises(ValueError, match="the cache holds 4 positions; 5 needed"):
+        m(torch.randn(2, 5, 8), cache=cache)
+    with pytest.raises(ValueError, match="step takes one token"):
+        m.step(torch.randn(2, 2, 8), cache)
+    with pytest.raises(TypeError, match="allocate_inference_cache"):
+        m(torch.randn(2, 1, 8), cache=object())

@@ -7,12 +7,14 @@ the MLP's matrices are subq.nn.BlockdiagLinear.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from subq.nn.monarch_linear import BlockdiagLinear
+from subq.ops.causal_conv1d import causal_conv1d_update
 from subq.ops.monarch_conv import monarch_conv, monarch_conv_filter
 
 
@@ -122,6 +124,23 @@ class HyenaFilter(nn.Module):
         return f"channels={self.channels}, max_seq_len={self.max_seq_len}, bidirectional={self.bidirectional}"
 
 
+@dataclass
+class M2InferenceCache:
+    """Decoding state of one causal M2 sequence mixer: what the next token's output depends on.
+
+    A long convolution has no finite recurrent state, so the cache keeps its whole input history; each new output
+    is the causal sum of that history against the filter taps (O(t) per token, exact). The taps are computed once
+    at allocation: a HyenaFilter tap depends on its position only, not on the length asked for.
+    """
+
+    short_conv_state: torch.Tensor          # (batch, 3 * d_model, width - 1): the latest in_proj outputs
+    conv_inputs: torch.Tensor               # (batch, d_model, max_seqlen): x1 * v, the gated long conv's input
+    taps: torch.Tensor                      # (d_model, max_seqlen)
+    residual_inputs: torch.Tensor | None    # (batch, d_model, max_seqlen): x, the residual long conv's input
+    residual_taps: torch.Tensor | None      # (d_model, max_seqlen)
+    length: int = 0                         # positions filled
+
+
 class M2SequenceMixer(nn.Module):
     """The Monarch Mixer sequence mixer: gated long convolution with an implicit filter, (B, L, d) -> (B, L, d).
 
@@ -136,6 +155,10 @@ class M2SequenceMixer(nn.Module):
     (M2-GPT) is causal end to end: the long convolutions and the short convolution (left-padded, as in HazyResearch's
     M2, which keeps the short conv causal in both modes) only look back. Filters are computed in the parameters'
     dtype (float32) and passed with activations of any supported dtype.
+
+    Causal decoding (M2-GPT): ``forward(x, cache=...)`` with a cache from :meth:`allocate_inference_cache`
+    continues from the cached positions (a prefill, in one or more chunks) and :meth:`step` adds one token; both
+    give the outputs the full forward gives those positions.
     """
 
     def __init__(self, d_model: int, max_seq_len: int, *, bidirectional: bool = True, residual_long_conv: bool = True,
@@ -161,9 +184,11 @@ class M2SequenceMixer(nn.Module):
         return monarch_conv(u, k.to(_param_dtype(u)), k_rev=None if k_rev is None else k_rev.to(_param_dtype(u)),
                             D=D.to(_param_dtype(u)), **gates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: M2InferenceCache | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"input must be (batch, seqlen, d_model={self.d_model}), got shape {tuple(x.shape)}")
+        if cache is not None:
+            return self._forward_cached(x, cache)
         seqlen = x.shape[1]
         streams = self.in_proj(x).transpose(1, 2)                          # (B, 3d, L)
         # padding = width - 1 on both sides, keep the first L: output t sees inputs t-width+1..t only (causal).
@@ -174,9 +199,84 @@ class M2SequenceMixer(nn.Module):
             y = y + self._long_conv(self.residual_filter, x.transpose(1, 2), self.residual_D)
         return self.out_proj(y.transpose(1, 2))
 
+    # ---- causal decoding ----------------------------------------------------------------------------------------
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: torch.dtype | None = None) -> M2InferenceCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_seqlen`` positions (causal mixers only).
+
+        The short conv state is in ``dtype`` (default: the parameters'); histories and taps in float32 (float64
+        for float64 parameters), the long convolution's accumulation dtype.
+        """
+        if self.bidirectional:
+            raise ValueError("decoding needs a causal M2SequenceMixer (bidirectional=False): a bidirectional "
+                             "output depends on later tokens")
+        if not 1 <= max_seqlen <= self.max_seq_len:
+            raise ValueError(f"max_seqlen must be in 1..max_seq_len={self.max_seq_len}, got {max_seqlen}")
+        width = self.short_conv.kernel_size[0]
+        if not 2 <= width <= 4:  # the widths subq.ops.causal_conv1d_update steps
+            raise ValueError(f"decoding needs short_conv_width in 2..4, this mixer has {width}")
+        weight = self.in_proj.weight
+        dtype = dtype or weight.dtype
+        state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        history = (batch_size, self.d_model, max_seqlen)
+        with torch.no_grad():
+            taps = self.filter(max_seqlen).to(state_dtype)
+            residual_taps = self.residual_filter(max_seqlen).to(state_dtype) if self.residual_long_conv else None
+        return M2InferenceCache(
+            short_conv_state=torch.zeros(batch_size, 3 * self.d_model, width - 1, device=weight.device, dtype=dtype),
+            conv_inputs=torch.zeros(history, device=weight.device, dtype=state_dtype),
+            taps=taps,
+            residual_inputs=(torch.zeros(history, device=weight.device, dtype=state_dtype)
+                             if self.residual_long_conv else None),
+            residual_taps=residual_taps,
+        )
+
+    def step(self, x: torch.Tensor, cache: M2InferenceCache) -> torch.Tensor:
+        """The output for one token, ``x (batch, d_model)`` or ``(batch, 1, d_model)``; advances ``cache``."""
+        if x.dim() == 2:
+            return self(x[:, None], cache=cache)[:, 0]
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"step takes one token, x of shape (batch, d_model) or (batch, 1, d_model), got "
+                             f"{tuple(x.shape)}")
+        return self(x, cache=cache)
+
+    def _forward_cached(self, x: torch.Tensor, cache: M2InferenceCache) -> torch.Tensor:
+        if not isinstance(cache, M2InferenceCache):
+            raise TypeError(f"cache must come from allocate_inference_cache, got {type(cache).__name__}")
+        batch, capacity = cache.conv_inputs.shape[0], cache.conv_inputs.shape[2]
+        if x.shape[0] != batch:
+            raise ValueError(f"the cache holds {batch} sequences, x has {x.shape[0]}")
+        start, end = cache.length, cache.length + x.shape[1]
+        if end > capacity:
+            raise ValueError(f"the cache holds {capacity} positions; {end} needed")
+        state = cache.short_conv_state
+        streams = causal_conv1d_update(self.in_proj(x).transpose(1, 2).to(state.dtype), state,
+                                       self.short_conv.weight.squeeze(1), self.short_conv.bias)
+        x1, x2, v = streams.split(self.d_model, dim=1)
+        y = x2 * _history_conv(cache.conv_inputs, cache.taps, x1 * v, self.D, start)
+        if self.residual_long_conv:
+            y = y + _history_conv(cache.residual_inputs, cache.residual_taps, x.transpose(1, 2), self.residual_D,
+                                  start)
+        cache.length = end
+        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, max_seq_len={self.max_seq_len}, bidirectional={self.bidirectional}, "
                 f"residual_long_conv={self.residual_long_conv}")
+
+
+def _history_conv(history: torch.Tensor, taps: torch.Tensor, u: torch.Tensor, D: torch.Tensor,
+                  start: int) -> torch.Tensor:
+    """Record ``u (B, d, T)`` at positions start..start+T-1 of ``history`` and return the causal long convolution
+    plus skip there: ``sum_{s <= t} taps[t - s] history[s] + D * u[t]``."""
+    end = start + u.shape[-1]
+    history[..., start:end] = u
+    if u.shape[-1] == 1:  # one token: a dot product with the reversed taps, cheaper than transforming the history
+        conv = (history[..., :end] * taps[:, :end].flip(-1)).sum(-1, keepdim=True)
+    else:
+        conv = monarch_conv(history[..., :end], taps[:, :end])[..., start:]
+    return conv + D[:, None].to(conv.dtype) * history[..., start:end]
 
 
 def _param_dtype(u: torch.Tensor) -> torch.dtype:
