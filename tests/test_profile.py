@@ -16,11 +16,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from subq.ops import FlashDecodeState
 from subq.profile import cli
 from subq.profile.ops import OPS
 from subq.profile.ops.base import PASSES
-from subq.profile.runner import make_call
-from subq.reference import ssd_ref
+from subq.profile.ops.flash_step import flash_step_plain
+from subq.profile.runner import make_call, own_state
+from subq.reference import flash_chunked_ref, ssd_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 MATMUL_EVENTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
@@ -29,6 +31,9 @@ SSD_SIZES = [
     {"batch": 2, "seqlen": 128, "nheads": 4, "headdim": 8, "dstate": 16, "ngroups": 2, "chunk_size": 64},
     {"batch": 1, "seqlen": 100, "nheads": 3, "headdim": 5, "dstate": 7, "ngroups": 1, "chunk_size": 64},  # padded
 ]
+GAU_SIZES = [{"batch": 2, "seqlen": 300, "qk_dim": 8, "value_dim": 16, "causal": c} for c in (0, 1)]  # 2 key tiles
+FLASH_STEP_SIZES = [{"batch": 2, "qk_dim": 8, "value_dim": 16, "chunk_size": 64, "position": t}
+                    for t in (0, 64, 100)]  # the first token, a chunk's first (folds the state), one mid-chunk
 
 
 def profiled_matmul_flops(fn) -> int:
@@ -82,8 +87,30 @@ def test_flash_reference_matmul_flops_match_the_executed_products(pass_name):
     assert counted_flops(make_call(ref, inputs, size, pass_name)) == ref.matmul_flops(size, pass_name)
 
 
-# monarch_conv (FFT estimate), causal_conv1d and rmsnorm_gated (elementwise counts) execute no matrix product that
-# a counter could check exactly: their formulas are documented estimates, not tested against a count.
+@pytest.mark.parametrize("size", GAU_SIZES, ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("pass_name", PASSES)
+def test_gau_matmul_flops_match_the_executed_products(size, pass_name):
+    spec = OPS["gau_attention"]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    for name in ("subq", "gau_attention_ref"):
+        impl = spec.impl(name)
+        assert profiled_matmul_flops(make_call(impl, inputs, size, pass_name)) == impl.matmul_flops(size, pass_name)
+    ref = spec.impl("gau_attention_ref")
+    assert counted_flops(make_call(ref, inputs, size, pass_name)) == ref.matmul_flops(size, pass_name)
+
+
+@pytest.mark.parametrize("size", FLASH_STEP_SIZES, ids=["first", "fold", "mid"])
+def test_flash_step_matmul_flops_match_the_executed_products(size):
+    spec = OPS["flash_step"]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    for impl in spec.impls:
+        assert profiled_matmul_flops(make_call(impl, inputs, size, "fwd")) == impl.matmul_flops(size, "fwd"), impl.name
+    plain = spec.impl("flash_step_plain")
+    assert counted_flops(make_call(plain, inputs, size, "fwd")) == plain.matmul_flops(size, "fwd")
+
+
+# monarch_conv (FFT estimate), causal_conv1d, rmsnorm_gated and ssd_step (elementwise counts) execute no matrix
+# product that a counter could check exactly: their formulas are documented estimates, not tested against a count.
 
 
 @pytest.mark.parametrize("size", SSD_SIZES, ids=["groups", "padded"])
@@ -95,6 +122,17 @@ def test_attention_matmul_flops_are_half_the_math_backends_square(size):
         square = counted_flops(make_call(impl, inputs, size, "fwd"))
     assert impl.matmul_flops(size, "fwd") * 2 == square
     assert impl.matmul_flops(size, "fwd+bwd") == 3.5 * impl.matmul_flops(size, "fwd")
+
+
+@pytest.mark.parametrize("size", GAU_SIZES, ids=["bidirectional", "causal"])
+def test_gau_attention_baseline_is_sdpa_at_the_same_width(size):
+    spec = OPS["gau_attention"]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    impl = spec.impl("sdpa")
+    assert inputs["sdpa_q"].shape[1] * inputs["sdpa_q"].shape[-1] == size["value_dim"]  # E / S heads of S
+    with sdpa_kernel(SDPBackend.MATH):
+        square = counted_flops(make_call(impl, inputs, size, "fwd"))
+    assert impl.matmul_flops(size, "fwd") * (2 if size["causal"] else 1) == square
 
 
 # ---- useful FLOPs: the math, counted one scalar operation at a time -----------------------------------------------
@@ -144,6 +182,41 @@ def test_attention_useful_flops_count_the_causal_pairs():
     assert impl.useful_flops(size, "fwd") == size["batch"] * size["nheads"] * pairs * per_pair
 
 
+def test_ssd_step_useful_flops_count_one_token_of_the_recurrence():
+    size = {"batch": 1, "nheads": 2, "headdim": 3, "dstate": 4, "ngroups": 1}
+    spec = OPS["ssd_step"]
+    inputs = spec.make_inputs(size, torch.float64, torch.device("cpu"))
+    token = [inputs[n][:, None] for n in ("x", "dt")] + [inputs["A"]] + [inputs[n][:, None] for n in ("B", "C")]
+    _, flops = counted_recurrence(*token)
+    assert flops == 2 * 3 * (5 * 4 + 1)
+    for impl in spec.impls:
+        assert impl.useful_flops(size, "fwd") == impl.matmul_flops(size, "fwd") == flops, impl.name
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_gau_useful_flops_count_the_attended_pairs(causal):
+    size = {"batch": 2, "seqlen": 9, "qk_dim": 3, "value_dim": 5, "causal": causal}
+    mask = torch.ones(9, 9)
+    pairs = int((mask.tril() if causal else mask).sum())
+    spec = OPS["gau_attention"]
+    for name in ("subq", "gau_attention_ref"):  # one head: q . k over S, p v over E
+        assert spec.impl(name).useful_flops(size, "fwd") == 2 * pairs * (2 * 3 + 2 * 5), name
+    # softmax attention at the same width: E / S heads, each q . k over S and p v over S
+    assert spec.impl("sdpa").useful_flops(size, "fwd") == 2 * pairs * (2 * 5 + 2 * 5)
+
+
+def test_flash_step_useful_flops_sum_to_the_forward():
+    """Over positions 0..L-1 the steps' useful FLOPs are flash_chunk_attention's, up to the last chunk's state (the
+    forward never builds it; the steps do)."""
+    b, S, E, C, L = 2, 3, 5, 64, 150
+    step = OPS["flash_step"].subq
+    total = sum(step.useful_flops({"batch": b, "qk_dim": S, "value_dim": E, "chunk_size": C, "position": t}, "fwd")
+                for t in range(L))
+    forward = OPS["flash_chunk_attention"].subq.useful_flops(
+        {"batch": b, "seqlen": L, "qk_dim": S, "value_dim": E, "chunk_size": C}, "fwd")
+    assert total == forward + 2 * b * S * E * (L - 2 * C)
+
+
 @pytest.mark.parametrize("op", ["blockdiag_matmul", "monarch_matmul"])
 def test_monarch_useful_flops_count_the_factor_nonzeros(op):
     size = MONARCH_SIZES[0]
@@ -165,10 +238,78 @@ def test_min_bytes_are_the_inputs_and_output_once():
     assert spec.min_bytes(spec.subq, size, torch.bfloat16, "fwd+bwd") == 3 * inputs + 2 * output
 
 
+def test_ssd_step_min_bytes_read_and_write_the_state():
+    size = {"batch": 2, "nheads": 4, "headdim": 3, "dstate": 5, "ngroups": 2}
+    state = 2 * 4 * 3 * 5 * 4  # fp32, whatever the dtype
+    token = 2 * 4 * 3 * 2 + 2 * 4 * 2 + 4 * 4 + 2 * (2 * 2 * 5 * 2)  # x, dt (bf16), A (fp32), B, C (bf16)
+    spec = OPS["ssd_step"]
+    for impl in spec.impls:
+        assert spec.min_bytes(impl, size, torch.bfloat16, "fwd") == 2 * state + token + 2 * 4 * 3 * 2, impl.name
+
+
+@pytest.mark.parametrize("position, state_matrices, cache_rows", [(0, 3, 1), (64, 4, 1), (100, 3, 37)],
+                         ids=["first", "fold", "mid"])
+def test_flash_step_min_bytes_follow_the_position(position, state_matrices, cache_rows):
+    """chunk_kv read and written, lin_state read (and written when a chunk's first token folds the finished chunk
+    in), the cache rows of the chunk so far: all fp32; the token's five inputs and the output in the dtype."""
+    size = {"batch": 2, "qk_dim": 8, "value_dim": 16, "chunk_size": 64, "position": position}
+    state = 4 * 2 * (state_matrices * 8 * 16 + cache_rows * (8 + 16))
+    token = 2 * 2 * (4 * 8 + 16 + 16)
+    spec = OPS["flash_step"]
+    for impl in spec.impls:
+        assert spec.min_bytes(impl, size, torch.bfloat16, "fwd") == state + token, impl.name
+
+
+# ---- the new entries' callables: all run at the quick sizes; those computing subq's function agree with it --------
+
+SAME_FUNCTION = {"ssd_step": ("ssd_step_ref", "mamba_einsum"), "gau_attention": ("gau_attention_ref",),
+                 "flash_step": ("flash_step_plain",)}
+
+
+@pytest.mark.parametrize("op", list(SAME_FUNCTION))
+def test_every_callable_runs_at_the_quick_sizes_and_agrees_with_subq(op):
+    spec = OPS[op]
+    for size in spec.sizes(quick=True, overrides={}):
+        inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            outputs = {impl.name: impl.forward(own_state(spec, inputs), size) for impl in spec.impls}
+        for name, out in outputs.items():
+            assert out.numel() == inputs["dy"].numel() and torch.isfinite(out).all(), (name, size)  # SDPA: heads
+        for name in SAME_FUNCTION[op]:
+            torch.testing.assert_close(outputs[name], outputs["subq"], msg=f"{name} at {size}")
+
+
+@pytest.mark.parametrize("op", ["ssd_step", "flash_step"])
+def test_decode_baselines_update_the_state_as_subq_does(op):
+    spec = OPS[op]
+    size = spec.sizes(quick=True, overrides={})[0]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    states = {impl.name: own_state(spec, inputs) for impl in spec.impls}
+    with torch.no_grad():
+        for impl in spec.impls:
+            impl.forward(states[impl.name], size)
+    for impl in spec.baselines:
+        for name in spec.state:
+            torch.testing.assert_close(states[impl.name][name], states["subq"][name], msg=f"{impl.name} {name}")
+    assert any(not torch.equal(states["subq"][n], inputs[n]) for n in spec.state)  # the step did update it
+
+
+def test_flash_step_plain_decodes_causal_flash_attention():
+    """The baseline is the op's contract: L steps from an empty state give causal flash_chunk_attention."""
+    b, L, S, E, C = 2, 100, 4, 6, 64
+    q_quad, k_quad, q_lin, k_lin = (torch.randn(b, L, S, dtype=torch.float64) for _ in range(4))
+    v = torch.randn(b, L, E, dtype=torch.float64)
+    state = FlashDecodeState.allocate(b, C, S, E, dtype=torch.float64)
+    steps = torch.stack([flash_step_plain(state, q_quad[:, t], k_quad[:, t], q_lin[:, t], k_lin[:, t], v[:, t],
+                                          lin_scale=0.1) for t in range(L)], dim=1)
+    want = flash_chunked_ref(q_quad, k_quad, q_lin, k_lin, v, chunk_size=C, causal=True, lin_scale=0.1)
+    torch.testing.assert_close(steps, want)
+
+
 # ---- the CLI end to end on the CPU ---------------------------------------------------------------------------------
 
 TINY = ["--quick", "--device", "cpu", "--seqlen", "64", "--grid", "n=64", "nblocks=4", "headdim=16", "dstate=16",
-        "--repeats", "2", "--no-progress"]
+        "causal=1", "position=127", "--repeats", "2", "--no-progress"]
 ROW_KEYS = {"op", "size_label", "pass", "input_sets", "impls", "ms", "tflops", "pct_peak", "useful_tflops", "gbs",
             "pct_bandwidth", "matmul_flops", "useful_flops", "min_bytes", "intensity", "speedup_subq_vs", "errors",
             "check_subq_vs"}
@@ -188,14 +329,15 @@ def test_cli_writes_json_in_the_bench_results_schema(tiny_run):
     assert {"ms", "tflops", "pct_peak", "speedup_subq_vs", "errors", "pass"} <= bench["rows"][0].keys()
     assert payload["peak"]["matmul_tflops"] > 0 and payload["peak"]["copy_gbs"] > 0
     assert payload["env"]["timer"] == "perf_counter"
-    # quick grids with the overrides: one size per op (seqlen=64; monarch nblocks=4); two passes each
-    assert len(payload["rows"]) == len(OPS) * 2
+    # quick grids with the overrides: one size per op (seqlen=64; monarch nblocks=4; one causal, one position);
+    # two passes each, one for a decode step
+    assert len(payload["rows"]) == sum(len(spec.passes) for spec in OPS.values())
     for row in payload["rows"]:
         assert ROW_KEYS <= row.keys()
         assert row["errors"] == {}
         assert all(row["ms"][impl] > 0 for impl in row["impls"])
         assert row["speedup_subq_vs"].keys() == set(row["impls"][1:])
-        assert row["seqlen"] == 64
+        assert row.get("seqlen", 64) == 64
     assert {row["op"] for row in payload["rows"]} == set(OPS)
 
 
@@ -220,7 +362,8 @@ def test_cli_quick_default_grid_fwd_only(tmp_path, capsys):
     assert "TFLOP/s" in table and "%peak" in table and "speedup" in table
 
 
-NEW_OPS = ["monarch_conv", "flash_chunk_attention", "causal_conv1d", "rmsnorm_gated"]
+NEW_OPS = ["monarch_conv", "flash_chunk_attention", "causal_conv1d", "rmsnorm_gated", "ssd_step", "gau_attention",
+           "flash_step"]
 
 
 def test_list_names_every_op(capsys):
@@ -235,7 +378,7 @@ def test_quick_run_of_the_new_ops_writes_rows(tmp_path):
     rows = json.loads((tmp_path / "profile_cpu.json").read_text())["rows"]
     for name in NEW_OPS:
         mine = [row for row in rows if row["op"] == name]
-        assert {row["pass"] for row in mine} == set(PASSES), name
+        assert {row["pass"] for row in mine} == set(OPS[name].passes), name
         for row in mine:
             assert row["errors"] == {}, name
             assert all(row["ms"][impl] > 0 for impl in row["impls"]), name
@@ -294,6 +437,10 @@ def assert_one_line_error(capsys, argv, needle):
     (["--device", "cpu", "--grid", "n"], "AXIS=V"),
     (["--device", "cpu", "--ops", "monarch_matmul", "--grid", "dstate=16"], "no selected op has that axis"),
     (["--device", "cpu", "--ops", "ssd_chunk_scan", "--grid", "chunk_size=32"], "chunk_size"),
+    (["--device", "cpu", "--ops", "ssd_step", "--bwd"], "ssd_step has no backward"),
+    (["--device", "cpu", "--ops", "gau_attention", "--grid", "causal=2"], "causal must be 0 or 1"),
+    (["--device", "cpu", "--ops", "gau_attention", "--grid", "qk_dim=100"], "must divide value_dim"),
+    (["--device", "cpu", "--ops", "flash_step", "--grid", "position=-1"], "position must be at least 0"),
     (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "cannot read"),
 ])
 def test_bad_arguments(capsys, argv, needle):

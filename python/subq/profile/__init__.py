@@ -1,7 +1,8 @@
 """``subq-profile``: FLOP and bandwidth utilization of every op and its baselines over a size grid, placed against
 the matmul and copy ceilings measured on the same device in the same run. ``python -m subq.profile --help``.
 
-One job per file: ``cli`` (arguments, errors), ``ops/`` (one file per op family: grids, inputs, callables, FLOP and
-byte formulas), ``ceilings`` (the measured peaks), ``timing`` (clocks, warm-up, median, input rotation), ``runner``
-(the sweep), ``report`` (table, JSON, CSV, ``--compare``), ``roofline`` (the PNG).
+One job per file: ``cli`` (arguments, errors), ``ops/`` (one file per op or op family: grids, inputs, callables,
+FLOP and byte formulas; the baselines and size axes several share have their own), ``ceilings`` (the measured
+peaks), ``timing`` (clocks, warm-up, median, input rotation), ``runner`` (the sweep), ``report`` (table, JSON, CSV,
+``--compare``), ``roofline`` (the PNG).
 """

@@ -98,7 +98,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
     unknown = [name for name in names if name not in OPS]
     if unknown:
         raise ProfileError(f"unknown op {unknown[0]!r}; known ops: {', '.join(OPS)}")
+    passes = tuple(p for p, wanted in zip(PASSES, (args.fwd, args.bwd), strict=True) if wanted) or PASSES
     specs = [OPS[name] for name in dict.fromkeys(names)]
+    passless = [spec.name for spec in specs if not set(spec.passes) & set(passes)]
+    if passless and args.ops:
+        raise ProfileError(f"{passless[0]} has no backward (a decode step): drop --bwd or the op")
+    specs = [spec for spec in specs if spec.name not in passless]  # the default "every op" skips them silently
     device = resolve_device(args.device or default_device())
     dtype_name = args.dtype or default_dtype(device)
     dtype = check_dtype(dtype_name, device)
@@ -121,7 +126,6 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 raise ProfileError(f"{spec.name} at {spec.label(size)} ({dtype_name}) needs about {_gib(need)}, "
                                    f"{device} has {_gib(free)} free: choose smaller sizes (--seqlen, --batch, --grid)")
 
-    passes = tuple(p for p, wanted in zip(PASSES, (args.fwd, args.bwd), strict=True) if wanted) or PASSES
     repeats = args.repeats or (50 if device.type == "cuda" else 5)
     if repeats < 1:
         raise ProfileError(f"--repeats must be at least 1, got {repeats}")
@@ -132,7 +136,7 @@ def list_ops() -> str:
     lines = []
     for spec in OPS.values():
         lines.append(f"{spec.name}: {spec.summary}")
-        lines.append(f"  callables: {', '.join(i.name for i in spec.impls)}")
+        lines.append(f"  callables: {', '.join(i.name for i in spec.impls)}; passes: {', '.join(spec.passes)}")
         lines.append(f"  grid:  {' '.join(f'{k}={v}' for k, v in spec.full.items())}")
         lines.append(f"  quick: {' '.join(f'{k}={v}' for k, v in spec.quick.items())}")
     return "\n".join(lines)

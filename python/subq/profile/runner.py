@@ -23,8 +23,11 @@ class Plan:
     passes: tuple[str, ...]
     repeats: int
 
+    def passes_of(self, spec: OpSpec) -> tuple[str, ...]:
+        return tuple(p for p in self.passes if p in spec.passes)
+
     def steps(self) -> int:
-        return sum(len(self.sizes[s.name]) * len(self.passes) * len(s.impls) for s in self.specs)
+        return sum(len(self.sizes[s.name]) * len(self.passes_of(s)) * len(s.impls) for s in self.specs)
 
 
 def error_text(err: Exception) -> str:
@@ -57,6 +60,11 @@ def time_impl(impl: Impl, sets: list[Inputs], size: Size, pass_name: str,
         return None, error_text(err)
 
 
+def own_state(spec: OpSpec, inputs: Inputs) -> Inputs:
+    """The input set with a copy of a decode step's state: one callable's in-place update must not feed the next."""
+    return inputs | {name: inputs[name].clone() for name in spec.state}
+
+
 def check(spec: OpSpec, inputs: Inputs, size: Size) -> dict | None:
     """max |subq - baseline| / max |baseline| of the forward outputs on one input set, in the run's dtype: a large
     value means the timings compare different computations. Informational; tests/ decide correctness."""
@@ -64,8 +72,8 @@ def check(spec: OpSpec, inputs: Inputs, size: Size) -> dict | None:
         return None
     try:
         with torch.no_grad():
-            got = spec.subq.forward(inputs, size).double()
-            want = spec.impl(spec.check_against).forward(inputs, size).double()
+            got = spec.subq.forward(own_state(spec, inputs), size).double()
+            want = spec.impl(spec.check_against).forward(own_state(spec, inputs), size).double()
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item() if want.numel() else 0.0
     except RuntimeError as err_:
         return {"against": spec.check_against, "max_rel_err": None, "error": error_text(err_)}
@@ -86,7 +94,7 @@ def measure_size(spec: OpSpec, size: Size, plan: Plan, peak: dict, progress: Pro
     sets = [spec.make_inputs(size, plan.dtype, plan.device) for _ in range(count)]
     checked = check(spec, sets[0], size)
     rows = []
-    for pass_name in plan.passes:
+    for pass_name in plan.passes_of(spec):
         timed = {}
         for impl in spec.impls:
             progress.step(f"{spec.name} {spec.label(size)} {pass_name} {impl.name}")

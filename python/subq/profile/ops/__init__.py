@@ -6,16 +6,22 @@ from __future__ import annotations
 from subq.profile.ops.base import PASSES, Impl, OpSpec
 from subq.profile.ops.conv_norm import CAUSAL_CONV1D, RMSNORM_GATED
 from subq.profile.ops.flash import FLASH
+from subq.profile.ops.flash_step import FLASH_STEP
+from subq.profile.ops.gau import GAU
 from subq.profile.ops.monarch import BLOCKDIAG, MONARCH
 from subq.profile.ops.monarch_conv import MONARCH_CONV
 from subq.profile.ops.ssd import SSD
+from subq.profile.ops.ssd_step import SSD_STEP
 
 _SPECS = (
     BLOCKDIAG,
     MONARCH,
     SSD,
+    SSD_STEP,
     MONARCH_CONV,
     FLASH,
+    GAU,
+    FLASH_STEP,
     CAUSAL_CONV1D,
     RMSNORM_GATED,
 )

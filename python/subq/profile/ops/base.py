@@ -9,11 +9,14 @@ has two products of the same size in the backward: one per operand).
 
 Minimum bytes moved, for every callable: forward reads its inputs once and writes its output once; forward+backward
 also reads the inputs and the output gradient again and writes one gradient per input: 3 x inputs + 2 x output.
+A decode step (forward only) also moves the part of its state it must read and write: ``state_bytes``, on top of
+its token's inputs (its leaves) and output.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,10 +26,11 @@ from subq.profile.errors import ProfileError
 from subq.profile.timing import input_set_count
 
 Size = dict[str, int]
-Inputs = dict[str, torch.Tensor]  # "dy" is the output gradient, shaped like the output
+Inputs = dict[str, torch.Tensor]  # "dy" is the output gradient, shaped like the output (a decode step: its size)
 Formula = Callable[[Size, str], float]  # (size, pass) -> FLOPs
 PASSES = ("fwd", "fwd+bwd")
 META = torch.device("meta")
+STATE_DTYPE = torch.float32  # a decode state accumulates over the whole generation: kept in fp32 whatever the dtype
 
 
 def three_x(forward: Callable[[Size], float]) -> Formula:
@@ -57,6 +61,9 @@ class OpSpec:
     work_bytes: Callable[[Size, torch.dtype], int]  # peak memory beyond the input sets, an over-estimate
     invalid: Callable[[Size], str | None] = lambda size: None
     abbrev: dict[str, str] = field(default_factory=dict)  # axis -> short name for the size label
+    passes: tuple[str, ...] = PASSES  # a decode step has no backward: ("fwd",)
+    state: tuple[str, ...] = ()  # inputs a decode step updates in place
+    state_bytes: Callable[[Size], int] = lambda size: 0  # what a call must read and write of ``state``
 
     @property
     def subq(self) -> Impl:
@@ -98,9 +105,19 @@ class OpSpec:
         inputs = self._meta_inputs(size, dtype)
         read = sum(inputs[n].numel() * inputs[n].element_size() for n in impl.leaves)
         written = inputs["dy"].numel() * inputs["dy"].element_size()
-        return read + written if pass_name == "fwd" else 3 * read + 2 * written
+        return read + written + self.state_bytes(size) if pass_name == "fwd" else 3 * read + 2 * written
+
+
+def chunks(size: Size) -> int:
+    """How many chunks of ``chunk_size`` cover ``seqlen`` (the last one zero-padded)."""
+    return math.ceil(size["seqlen"] / size["chunk_size"])
+
+
+def normal(*shape: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """A random input: standard normal times ``scale``, drawn in fp32 then cast."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
 def leaf(*shape: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
-    """A differentiable random input: standard normal times ``scale``, drawn in fp32 then cast."""
-    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+    """A differentiable random input (``normal``)."""
+    return normal(*shape, dtype=dtype, device=device, scale=scale).requires_grad_()

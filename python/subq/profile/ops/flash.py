@@ -1,10 +1,10 @@
 """``flash_chunk_attention``: FLASH's mixed-chunk attention (causal, single head, no gate u or relative bias),
 against the plain PyTorch chunk algorithm in the same dtype (``subq.reference.flash_chunked_ref``) and against causal
-softmax attention (``F.scaled_dot_product_attention``) at the same width: E / S heads of size S, so the output has
-FLASH's (batch, seqlen, E) elements.
+softmax attention (ops/attention.py) at the same width: E / S heads of size S, so the output has FLASH's
+(batch, seqlen, E) elements.
 
-Size: b ``batch``, L ``seqlen``, S ``qk_dim`` (q_quad, k_quad, q_lin, k_lin), E ``value_dim`` (v and the output),
-C ``chunk_size``; G = ceil(L / C) chunks (the last one zero-padded, and the padding is computed).
+Size (ops/flash_sizes.py): b ``batch``, L ``seqlen``, S ``qk_dim`` (q_quad, k_quad, q_lin, k_lin), E ``value_dim``
+(v and the output), C ``chunk_size``; G = ceil(L / C) chunks (the last one zero-padded, and the padding is computed).
 
 matmul FLOPs per chunk (forward), both the subq composite and the reference:
   1. chunk square scores   Q_quad K_quadᵀ       2 C^2 S
@@ -17,65 +17,33 @@ matmul FLOPs per chunk (forward), both the subq composite and the reference:
 useful FLOPs: the lower triangle of each chunk square with its diagonal, n (n + 1) / 2 pairs for a chunk of n real
   positions, each 2 S (q . k) + 2 E (p v); plus the linear part, 2 S E per position for its output and 2 S E per
   position of every chunk but the last for the states: 3x the forward for fwd+bwd.
-Attention (causal): as ops/ssd.py, with H P = E: useful 2 b E L (L + 1), matmul 2 b E L^2 forward (half the
-  square), 3.5x fwd+bwd matmuls, 3x useful.
-Minimum bytes: q_quad, k_quad, q_lin, k_lin, v in and the output out; q, k, v in and o out for attention; per
-ops/base.py for fwd+bwd.
+Attention at width E, causal: per ops/attention.py.
+Minimum bytes: q_quad, k_quad, q_lin, k_lin, v in and the output out; per ops/base.py for fwd+bwd.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 import subq
-from subq.ops.flash import CHUNK_SIZES, MAX_QK_DIM, MAX_VALUE_DIM
-from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, three_x
+from subq.profile.ops.attention import sdpa, sdpa_inputs
+from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, chunks, leaf, three_x
+from subq.profile.ops.flash_sizes import ABBREV, invalid_with_sdpa
 from subq.reference import flash_chunked_ref
 
 _QK = ("q_quad", "k_quad", "q_lin", "k_lin")
 
 
-def _chunks(size: Size) -> int:
-    return math.ceil(size["seqlen"] / size["chunk_size"])
-
-
 def _chunk_flops(size: Size) -> float:
-    b, G, S, E, C = size["batch"], _chunks(size), size["qk_dim"], size["value_dim"], size["chunk_size"]
+    b, G, S, E, C = size["batch"], chunks(size), size["qk_dim"], size["value_dim"], size["chunk_size"]
     return 2 * b * G * (C * C * S + C * C * E + 2 * C * S * E)
 
 
 def _useful_flops(size: Size) -> float:
     b, L, S, E, C = size["batch"], size["seqlen"], size["qk_dim"], size["value_dim"], size["chunk_size"]
-    last = L - (_chunks(size) - 1) * C
-    pairs = (_chunks(size) - 1) * C * (C + 1) // 2 + last * (last + 1) // 2
+    last = L - (chunks(size) - 1) * C
+    pairs = (chunks(size) - 1) * C * (C + 1) // 2 + last * (last + 1) // 2
     return b * (pairs * (2 * S + 2 * E) + 2 * S * E * L + 2 * S * E * (L - last))
-
-
-def _attention_matmul_flops(size: Size, pass_name: str) -> float:
-    forward = 2 * size["batch"] * size["value_dim"] * size["seqlen"] ** 2
-    return forward if pass_name == "fwd" else 3.5 * forward
-
-
-def _attention_useful_flops(size: Size) -> float:
-    L = size["seqlen"]
-    return 2 * size["batch"] * size["value_dim"] * L * (L + 1)
-
-
-def _invalid(size: Size) -> str | None:
-    if min(size.values()) < 1:
-        return "every size must be at least 1"
-    if size["chunk_size"] not in CHUNK_SIZES:
-        return f"chunk_size must be one of {CHUNK_SIZES}, got {size['chunk_size']}"
-    if size["qk_dim"] > MAX_QK_DIM:
-        return f"qk_dim must be at most {MAX_QK_DIM}, got {size['qk_dim']}"
-    if size["value_dim"] > MAX_VALUE_DIM:
-        return f"value_dim must be at most {MAX_VALUE_DIM}, got {size['value_dim']}"
-    if size["value_dim"] % size["qk_dim"]:
-        return f"qk_dim={size['qk_dim']} must divide value_dim={size['value_dim']} (the attention baseline's heads)"
-    return None
 
 
 def _inputs(size: Size, dtype: torch.dtype, device: torch.device) -> Inputs:
@@ -83,9 +51,7 @@ def _inputs(size: Size, dtype: torch.dtype, device: torch.device) -> Inputs:
     b, L, S, E = size["batch"], size["seqlen"], size["qk_dim"], size["value_dim"]
     inputs = {name: leaf(b, L, S, dtype=dtype, device=device) for name in _QK}
     inputs["v"] = leaf(b, L, E, dtype=dtype, device=device)
-    heads = E // S
-    for name in ("q", "k", "v_heads"):
-        inputs[name] = leaf(b, heads, L, S, dtype=dtype, device=device)
+    inputs |= sdpa_inputs(b, E // S, L, S, dtype, device)
     inputs["dy"] = torch.randn(b, L, E, device=device).to(dtype)
     return inputs
 
@@ -94,7 +60,7 @@ def _work_bytes(size: Size, dtype: torch.dtype) -> int:
     """fp32 (b, G, C, C) squares (scores, relu², masked, their gradients), (b, G, S, E) states and prefix sums and
     their gradients, (b, L, E) partial outputs and gradients; a generous count of each."""
     b, S, E, C = size["batch"], size["qk_dim"], size["value_dim"], size["chunk_size"]
-    G = _chunks(size)
+    G = chunks(size)
     return 4 * (10 * b * G * C * C + 8 * b * G * S * E + 8 * b * G * C * (E + S))
 
 
@@ -113,11 +79,10 @@ FLASH = OpSpec(
              three_x(_chunk_flops), three_x(_useful_flops)),
         Impl("flash_chunked_ref", lambda i, s: _flash(i, s, flash_chunked_ref), (*_QK, "v"),
              three_x(_chunk_flops), three_x(_useful_flops)),
-        Impl("sdpa_causal", lambda i, s: F.scaled_dot_product_attention(i["q"], i["k"], i["v_heads"], is_causal=True),
-             ("q", "k", "v_heads"), _attention_matmul_flops, three_x(_attention_useful_flops)),
+        sdpa("sdpa_causal", width=lambda s: s["value_dim"], causal=lambda s: True),
     ),
     check_against="flash_chunked_ref",
     work_bytes=_work_bytes,
-    invalid=_invalid,
-    abbrev={"batch": "b", "seqlen": "L", "qk_dim": "S", "value_dim": "E", "chunk_size": "C"},
+    invalid=invalid_with_sdpa,
+    abbrev=ABBREV,
 )

@@ -1,6 +1,6 @@
 """``ssd_chunk_scan``: Mamba-2's SSD layer by the chunk algorithm, against the plain PyTorch chunked reference in the
-same dtype and against causal attention (``F.scaled_dot_product_attention``) at the same (batch, seqlen, heads,
-headdim). The inputs are x, dt (fp32), A (fp32), B and C; no D, z or dt processing.
+same dtype and against causal attention (ops/attention.py) at the same (batch, seqlen, heads, headdim). The inputs
+are x, dt (fp32), A (fp32), B and C; no D, z or dt processing.
 
 Size: b ``batch``, L ``seqlen``, H ``nheads``, P ``headdim``, N ``dstate``, G ``ngroups``, Q ``chunk_size``;
 c = ceil(L / Q) chunks (the last one zero-padded, and the padding is computed).
@@ -18,33 +18,23 @@ matmul FLOPs, the four steps of the chunk algorithm per chunk (forward):
   reference  fwd 2 b c H (Q^2 N + Q^2 P + 2 Q N P), fwd+bwd 3x (autograd, nothing recomputed)
 useful FLOPs, the recurrence h_t = exp(dt A) h_{t-1} + (dt x_t) B_t^T, y_t = h_t C_t per (b, t, h): P for dt x,
   3 P N for the update (two products, one sum per state entry), 2 P N for the output: b L H P (5 N + 1) forward.
-Attention (causal): useful = the lower triangle with its diagonal, Q K^T and P V: 2 b H P L (L + 1) forward;
-  matmul = half the L x L square, 2 b H L^2 P forward, as tile-skipping kernels (flash, memory-efficient, cuDNN)
-  execute it and as FlashAttention's benchmarks count it (the CPU math fallback executes the whole square);
-  fwd+bwd 3.5x the forward matmuls (the backward recomputes Q K^T: five products), 3x the useful ones.
-Minimum bytes: x, dt, A, B, C in and y out for the SSD (B, C are b L G N; dt, A fp32); q, k, v in and o out for
-attention; per ops/base.py for fwd+bwd.
+Attention at width H P, causal: per ops/attention.py.
+Minimum bytes: x, dt, A, B, C in and y out for the SSD (B, C are b L G N; dt, A fp32); per ops/base.py for fwd+bwd.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 import subq
 from subq.ops.ssd import CHUNK_SIZES, MAX_DSTATE, MAX_HEADDIM
-from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, three_x
+from subq.profile.ops.attention import sdpa, sdpa_inputs
+from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, chunks, leaf, three_x
 from subq.reference import ssd_chunked_ref
 
 
-def _chunks(size: Size) -> int:
-    return math.ceil(size["seqlen"] / size["chunk_size"])
-
-
 def _subq_matmul_flops(size: Size, pass_name: str) -> float:
-    b, c, H, P, N, G, Q = (size["batch"], _chunks(size), size["nheads"], size["headdim"], size["dstate"],
+    b, c, H, P, N, G, Q = (size["batch"], chunks(size), size["nheads"], size["headdim"], size["dstate"],
                            size["ngroups"], size["chunk_size"])
     if pass_name == "fwd":
         return 2 * b * c * (G * Q * Q * N + H * Q * Q * P + 2 * H * Q * N * P)
@@ -52,23 +42,25 @@ def _subq_matmul_flops(size: Size, pass_name: str) -> float:
 
 
 def _reference_matmul_flops(size: Size) -> float:
-    b, c, H, P, N, Q = (size["batch"], _chunks(size), size["nheads"], size["headdim"], size["dstate"],
+    b, c, H, P, N, Q = (size["batch"], chunks(size), size["nheads"], size["headdim"], size["dstate"],
                         size["chunk_size"])
     return 2 * b * c * H * (Q * Q * N + Q * Q * P + 2 * Q * N * P)
 
 
-def _recurrence_flops(size: Size) -> float:
-    return size["batch"] * size["seqlen"] * size["nheads"] * size["headdim"] * (5 * size["dstate"] + 1)
+def recurrence_flops(size: Size) -> float:
+    """b L H P (5 N + 1); a decode step (no ``seqlen`` axis) is one token per batch row."""
+    tokens = size["batch"] * size.get("seqlen", 1)
+    return tokens * size["nheads"] * size["headdim"] * (5 * size["dstate"] + 1)
 
 
-def _attention_matmul_flops(size: Size, pass_name: str) -> float:
-    forward = 2 * size["batch"] * size["nheads"] * size["seqlen"] ** 2 * size["headdim"]
-    return forward if pass_name == "fwd" else 3.5 * forward
+def mamba2_dt(*shape: int, device: torch.device) -> torch.Tensor:
+    """fp32 dt in Mamba-2's range after softplus, [1e-3, 1e-1]."""
+    return torch.rand(*shape, device=device) * (0.1 - 1e-3) + 1e-3
 
 
-def _attention_useful_flops(size: Size) -> float:
-    L = size["seqlen"]
-    return 2 * size["batch"] * size["nheads"] * size["headdim"] * L * (L + 1)
+def mamba2_A(nheads: int, device: torch.device) -> torch.Tensor:
+    """fp32 A in Mamba-2's initialisation range, [-16, -1]."""
+    return -1 - 15 * torch.rand(nheads, device=device)
 
 
 def _invalid(size: Size) -> str | None:
@@ -86,16 +78,14 @@ def _invalid(size: Size) -> str | None:
 
 
 def _inputs(size: Size, dtype: torch.dtype, device: torch.device) -> Inputs:
-    """Mamba-2's ranges: dt in [1e-3, 1e-1] (after softplus), A in [-16, -1]; B, C scaled so C.B is O(1)."""
+    """Mamba-2's dt and A ranges; B, C scaled so C.B is O(1)."""
     b, L, H, P, N, G = (size[k] for k in ("batch", "seqlen", "nheads", "headdim", "dstate", "ngroups"))
-    dt = (torch.rand(b, L, H, device=device) * (0.1 - 1e-3) + 1e-3).requires_grad_()
-    A = (-1 - 15 * torch.rand(H, device=device)).requires_grad_()
     return {
-        "x": leaf(b, L, H, P, dtype=dtype, device=device), "dt": dt, "A": A,
+        "x": leaf(b, L, H, P, dtype=dtype, device=device),
+        "dt": mamba2_dt(b, L, H, device=device).requires_grad_(), "A": mamba2_A(H, device).requires_grad_(),
         "B": leaf(b, L, G, N, dtype=dtype, device=device, scale=N**-0.5),
         "C": leaf(b, L, G, N, dtype=dtype, device=device, scale=N**-0.5),
-        "q": leaf(b, H, L, P, dtype=dtype, device=device), "k": leaf(b, H, L, P, dtype=dtype, device=device),
-        "v": leaf(b, H, L, P, dtype=dtype, device=device),
+        **sdpa_inputs(b, H, L, P, dtype, device),
         "dy": torch.randn(b, L, H, P, device=device).to(dtype),
     }
 
@@ -104,7 +94,7 @@ def _work_bytes(size: Size, dtype: torch.dtype) -> int:
     """fp32 (b, c, H, Q, Q) squares (segment sums, decays, scores, their gradients, the ones autograd keeps),
     (b, L, H, P) activations and gradients, (b, c, H, P, N) chunk and entering states and their gradients."""
     b, L, H, P, N, Q = (size[k] for k in ("batch", "seqlen", "nheads", "headdim", "dstate", "chunk_size"))
-    c = _chunks(size)
+    c = chunks(size)
     return 4 * (12 * b * c * H * Q * Q + 16 * b * c * Q * H * P + 6 * b * c * H * P * N)
 
 
@@ -119,12 +109,11 @@ SSD = OpSpec(
     impls=(
         Impl("subq", lambda i, s: subq.ops.ssd_chunk_scan(i["x"], i["dt"], i["A"], i["B"], i["C"],
                                                           chunk_size=s["chunk_size"]),
-             ("x", "dt", "A", "B", "C"), _subq_matmul_flops, three_x(_recurrence_flops)),
+             ("x", "dt", "A", "B", "C"), _subq_matmul_flops, three_x(recurrence_flops)),
         Impl("ssd_chunked_ref", lambda i, s: ssd_chunked_ref(i["x"], i["dt"], i["A"], i["B"], i["C"],
                                                              s["chunk_size"])[0],
-             ("x", "dt", "A", "B", "C"), three_x(_reference_matmul_flops), three_x(_recurrence_flops)),
-        Impl("sdpa_causal", lambda i, s: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=True),
-             ("q", "k", "v"), _attention_matmul_flops, three_x(_attention_useful_flops)),
+             ("x", "dt", "A", "B", "C"), three_x(_reference_matmul_flops), three_x(recurrence_flops)),
+        sdpa("sdpa_causal", width=lambda s: s["nheads"] * s["headdim"], causal=lambda s: True),
     ),
     check_against="ssd_chunked_ref",
     work_bytes=_work_bytes,
