@@ -11,7 +11,7 @@ from conftest import max_err
 from subq.models import M2GPT, M2BertForMaskedLM, M2BertModel, M2ViT
 
 F64 = torch.float64
-VOCAB = 128  # the tiny presets'
+VOCAB = 256  # the tiny presets' (byte-level, as subq.train's corpus)
 
 
 def param_count(model: torch.nn.Module) -> int:

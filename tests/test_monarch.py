@@ -240,6 +240,22 @@ def test_torch_compile_inductor_dynamic():
         assert max_err(compiled(x), 2 * monarch_matmul_ref(x, w1, w2)) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_casts_operands_like_matmul(device):
+    """Under autocast, float32 weights meet bfloat16 activations (a model's Linear outputs): the op casts both to
+    the autocast dtype as torch.matmul would, and the float32 weights get float32 gradients."""
+    shape = (2, 8, 8, 4, 16, 4)
+    w1, w2 = factors(shape, dtype=torch.float32, device=device, requires_grad=True)
+    x = torch.randn(5, 16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = monarch_matmul(x.bfloat16(), w1, w2)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w1.grad.dtype == torch.float32 and w2.grad.dtype == torch.float32
+    ref = monarch_matmul_ref(x.double(), w1.double(), w2.double())
+    assert max_err(y, ref) < 0.05 * ref.abs().max().item()
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 

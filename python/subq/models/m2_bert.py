@@ -53,7 +53,7 @@ class M2BertConfig(M2EncoderConfig):
 PRESETS = {
     "80m": dict(),
     "110m": dict(expansion=5, nblocks=2),
-    "tiny": dict(d_model=32, n_layer=2, expansion=2, nblocks=4, filter_order=16, vocab_size=128, max_seq_len=64),
+    "tiny": dict(d_model=32, n_layer=2, expansion=2, nblocks=4, filter_order=16, vocab_size=256, max_seq_len=64),
 }
 
 

@@ -37,7 +37,7 @@ class M2GPTConfig:
 # parameters (the tied embedding counted once; hidden 4096 would give 307M). And a tiny one for tests.
 PRESETS = {
     "360m": dict(expansion=11),
-    "tiny": dict(d_model=32, n_layer=2, vocab_size=128, max_seq_len=64, expansion=2, filter_order=16),
+    "tiny": dict(d_model=32, n_layer=2, vocab_size=256, max_seq_len=64, expansion=2, filter_order=16),
 }
 
 

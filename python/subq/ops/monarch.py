@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_like, check_ndim, check_tensor
+from subq._utils import autocast_inputs, check_like, check_ndim, check_tensor
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_matmul_ref
 
 
@@ -30,8 +30,10 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None = 
     all arguments share one dtype and device. CUDA runs CUTLASS tensor-core kernels with fp32 accumulation when
     block sizes are multiples of 8 (4 for TF32); other shapes and float64 take an ATen composite path. Any batch
     shape (including empty) and any strides are accepted. NaN and Inf propagate as in ``torch.matmul``.
-    Differentiable in ``x``, ``w1`` and ``w2``.
+    Differentiable in ``x``, ``w1`` and ``w2``. Inside ``torch.autocast`` the operands are cast to the autocast dtype
+    first, as for ``torch.matmul``.
     """
+    x, w1, w2 = autocast_inputs(x, w1, w2)
     check_tensor(x, "x")
     check_tensor(w1, "w1")
     if x.dim() < 1:
