@@ -1,5 +1,5 @@
 """subq.nn.GAU and FLASH: the layer formula (against the explicit L x L references), RoPE, ScaleNorm, causality,
-and token-by-token decoding of the causal FLASH layer."""
+and token-by-token decoding of the causal layers, after a prefill through forward(x, cache) or from empty."""
 
 from __future__ import annotations
 
@@ -117,6 +117,50 @@ def test_flash_decode_float32():
     assert steps.dtype == torch.float32 and max_err(steps, y) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opts", [dict(), dict(max_len=200), dict(scale=0.05, norm="scalenorm", rope=False)],
+                         ids=["plain", "rel_bias", "fixed_scale"])
+def test_gau_decode_equals_forward(opts, device):
+    """GAU.step from the key/value cache equals the causal forward on all max_seqlen tokens."""
+    layer = randomize(GAU(16, s=8, causal=True, **opts, device=device, dtype=torch.float64))
+    seqlen = 90
+    x = torch.randn(2, seqlen, 16, dtype=torch.float64, device=device)
+    y = layer(x)
+    cache = layer.allocate_inference_cache(2, max_seqlen=seqlen)
+    with torch.no_grad():
+        steps = torch.cat([layer.step(x[:, t:t + 1], cache) for t in range(seqlen)], dim=1)
+    assert cache.position == seqlen
+    assert max_err(steps, y) < 1e-10 * max(1.0, y.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["gau", "flash"])
+@pytest.mark.parametrize("prefill", [1, 64, 65, 100, 140])
+def test_prefill_then_step(kind, prefill):
+    """forward(x[:, :P], cache) then step() for the rest equals the forward on all max_seqlen tokens: the prefill
+    leaves the cache as stepping would, also when P ends a chunk (64) or opens one (65)."""
+    opts = dict(causal=True, max_len=160) if kind == "gau" else dict(causal=True)
+    layer = randomize(make_layer(kind, opts))
+    seqlen = 140
+    x = torch.randn(2, seqlen, 16, dtype=torch.float64)
+    y = layer(x)
+    cache = layer.allocate_inference_cache(2, max_seqlen=seqlen)
+    with torch.no_grad():
+        outs = [layer(x[:, :prefill], cache=cache)]
+        outs += [layer.step(x[:, t:t + 1], cache) for t in range(prefill, seqlen)]
+    assert max_err(torch.cat(outs, dim=1), y) < 1e-10 * max(1.0, y.abs().max().item())
+
+
+def test_gau_decode_float32():
+    layer = GAU(32, s=16, causal=True, max_len=64)
+    x = torch.randn(1, 40, 32)
+    with torch.no_grad():
+        cache = layer.allocate_inference_cache(1, max_seqlen=40)
+        steps = torch.cat([layer(x[:, :10], cache=cache)] + [layer.step(x[:, t:t + 1], cache) for t in range(10, 40)],
+                          dim=1)
+        y = layer(x)
+    assert steps.dtype == torch.float32 and cache.keys.dtype == torch.float32 and max_err(steps, y) < 1e-4
+
+
 def test_rotary_embedding_is_relative():
     """rope(q, m)·rope(k, n) depends on m - n only; odd feature counts keep the last feature."""
     q, k = torch.randn(1, 10, 7, dtype=torch.float64), torch.randn(1, 10, 7, dtype=torch.float64)
@@ -184,3 +228,31 @@ def test_bad_arguments():
     layer = FLASH(16, chunk_size=64, s=8, causal=True)
     with pytest.raises(ValueError, match="step takes one token"):
         layer.step(torch.randn(1, 2, 16), layer.allocate_inference_cache(1, 10))
+    with pytest.raises(ValueError, match="x has batch size 2, but the cache was allocated for 1"):
+        layer(torch.randn(2, 5, 16), cache=layer.allocate_inference_cache(1, 10))
+
+
+def test_bad_decoding_arguments():
+    with pytest.raises(ValueError, match="decoding needs a causal GAU"):
+        GAU(16, s=8).allocate_inference_cache(1, 10)
+    gau = GAU(16, s=8, causal=True, max_len=8)
+    with pytest.raises(ValueError, match="max_seqlen \\(9\\) exceeds max_len \\(8\\)"):
+        gau.allocate_inference_cache(1, 9)
+    cache = gau.allocate_inference_cache(1, 4)
+    with pytest.raises(ValueError, match="the cache holds 4 positions, x has 5"):
+        gau(torch.randn(1, 5, 16), cache=cache)
+    with torch.no_grad():
+        gau(torch.randn(1, 3, 16), cache=cache)
+        with pytest.raises(ValueError, match="a prefill \\(forward with a cache\\) needs an empty cache"):
+            gau(torch.randn(1, 1, 16), cache=cache)
+        gau.step(torch.randn(1, 1, 16), cache)
+        with pytest.raises(ValueError, match="the cache is full: it holds 4 positions"):
+            gau.step(torch.randn(1, 1, 16), cache)
+    flash = FLASH(16, chunk_size=64, s=8, causal=True)
+    with pytest.raises(TypeError, match="cache must come from allocate_inference_cache, got FlashInferenceCache"):
+        gau.step(torch.randn(1, 1, 16), flash.allocate_inference_cache(1, 4))
+    flash_cache = flash.allocate_inference_cache(1, 4)
+    with torch.no_grad():
+        flash.step(torch.randn(1, 1, 16), flash_cache)
+    with pytest.raises(ValueError, match="needs an empty cache, but it holds 1 tokens"):
+        flash(torch.randn(1, 2, 16), cache=flash_cache)

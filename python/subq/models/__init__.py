@@ -1,6 +1,7 @@
 """Architectures assembled from subq.nn layers: each with a config dataclass, presets, safetensors save/load and,
 for the causal ones, generation with recurrent state."""
 
+from subq.models.flash_lm import FlashLM, FlashLMConfig
 from subq.models.m2_bert import (
     M2BertConfig,
     M2BertEncoder,
@@ -14,6 +15,8 @@ from subq.models.m2_gpt import M2GPT, M2GPTConfig
 from subq.models.mamba2_lm import Mamba2Config, Mamba2LM
 
 __all__ = [
+    "FlashLM",
+    "FlashLMConfig",
     "M2GPT",
     "M2BertConfig",
     "M2BertEncoder",

@@ -9,7 +9,9 @@ One layer, for x of shape (B, L, d) and e = expansion * d::
     out     = x + (U ⊙ attention(q, k, V)) W_out + b_out
 
 GAU's attention is relu² over the whole sequence (:func:`subq.ops.gau_attention`); FLASH's is mixed-chunk
-attention (:func:`subq.ops.flash_chunk_attention`), which is linear in L and decodes token by token.
+attention (:func:`subq.ops.flash_chunk_attention`), which is linear in L. Causal layers of both decode token by
+token: GAU from a cache of every past key and value, FLASH from a state of constant size. ``forward(x, cache)`` on
+an empty cache is the prefill: one batched pass over the prompt that leaves the cache as ``step`` would.
 """
 
 from __future__ import annotations
@@ -86,6 +88,19 @@ class _GatedUnit(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, seqlen, d_model={self.d_model}), got {shape}")
 
+    def _check_cache(self, cache, cache_cls: type, x: torch.Tensor, step: bool) -> None:
+        """``cache`` fits ``x``: the right kind and batch; one token for ``step``, an empty cache for a prefill."""
+        if not isinstance(cache, cache_cls):
+            raise TypeError(f"cache must come from allocate_inference_cache, got {type(cache).__name__}")
+        if x.shape[0] != cache.batch_size:
+            raise ValueError(f"x has batch size {x.shape[0]}, but the cache was allocated for {cache.batch_size}")
+        if step and x.shape[1] != 1:
+            raise ValueError(f"step takes one token, x of shape (batch, 1, d_model), got {tuple(x.shape)}")
+        if not step and cache.position != 0:
+            # The ops attend within one sequence from position 0; a cache that already holds tokens continues by step.
+            raise ValueError(f"a prefill (forward with a cache) needs an empty cache, but it holds {cache.position} "
+                             "tokens")
+
     def _features(self, x: torch.Tensor, positions: torch.Tensor):
         """(U, V, heads...) of the normalised input; RoPE on every head."""
         u, v, z = F.silu(self.proj_in(self.norm(x))).split([self.e, self.e, self.s], dim=-1)
@@ -93,6 +108,22 @@ class _GatedUnit(nn.Module):
         if self.rope:
             heads = tuple(rotary_embedding(h, positions) for h in heads)
         return u, v, heads
+
+
+@dataclass
+class GAUInferenceCache:
+    """Decoding state of one causal GAU layer: the keys (after RoPE) and values of the first ``position`` tokens,
+    ``keys (B, max_seqlen, S)`` and ``values (B, max_seqlen, E)`` in the compute dtype (float32, float64 for
+    float64), and the attention scale they are decoded with."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    scale: float
+    position: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
 
 
 class GAU(_GatedUnit):
@@ -112,17 +143,66 @@ class GAU(_GatedUnit):
         if max_len is not None:
             self.rel_bias = nn.Parameter(torch.zeros(2 * max_len - 1, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: GAUInferenceCache | None = None) -> torch.Tensor:
+        """``x (B, L, d)``. With an empty ``cache`` (a prefill) the attention uses ``cache.scale`` and the L keys
+        and values stay in the cache for :meth:`step`."""
         self._check_input(x)
         seqlen = x.shape[1]
+        scale = self.scale
+        if cache is not None:
+            self._check_cache(cache, GAUInferenceCache, x, step=False)
+            if seqlen > cache.keys.shape[1]:
+                raise ValueError(f"the cache holds {cache.keys.shape[1]} positions, x has {seqlen}")
+            scale = cache.scale
         bias = None
         if self.rel_bias is not None:
             if seqlen > self.max_len:
                 raise ValueError(f"seqlen ({seqlen}) exceeds max_len ({self.max_len}) of the relative bias")
             bias = self.rel_bias[self.max_len - seqlen: self.max_len + seqlen - 1]  # offsets -(L-1)..L-1
         u, v, (q, k) = self._features(x, torch.arange(seqlen, device=x.device))
-        out = gau_attention(q, k, v, u=u, rel_bias=bias, causal=self.causal, scale=self.scale)
+        out = gau_attention(q, k, v, u=u, rel_bias=bias, causal=self.causal, scale=scale)
+        if cache is not None:
+            cache.keys[:, :seqlen] = k.detach()
+            cache.values[:, :seqlen] = v.detach()
+            cache.position = seqlen
         return x + self.proj_out(out)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+                                 ) -> GAUInferenceCache:
+        """Room for ``max_seqlen`` keys and values. Decoding uses ``scale`` or, when that is None, 1/max_seqlen, so
+        :meth:`step` equals the forward on max_seqlen tokens (and, being causal, on every prefix of them)."""
+        if not self.causal:
+            raise ValueError("decoding needs a causal GAU (causal=True)")
+        if max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be positive, got {max_seqlen}")
+        if self.max_len is not None and max_seqlen > self.max_len:
+            raise ValueError(f"max_seqlen ({max_seqlen}) exceeds max_len ({self.max_len}) of the relative bias")
+        # Keys and values in the ops' accumulation dtype, as FlashDecodeState keeps its state.
+        compute_dtype = torch.float64 if (dtype or self.proj_in.weight.dtype) == torch.float64 else torch.float32
+        kw = {"device": self.proj_in.weight.device, "dtype": compute_dtype}
+        return GAUInferenceCache(torch.zeros(batch_size, max_seqlen, self.s, **kw),
+                                 torch.zeros(batch_size, max_seqlen, self.e, **kw),
+                                 self.scale if self.scale is not None else 1.0 / max_seqlen)
+
+    def step(self, x: torch.Tensor, cache: GAUInferenceCache) -> torch.Tensor:
+        """The output for one token ``x (B, 1, d)`` at position ``t = cache.position``: its query against the t + 1
+        cached keys, ``relu(scale · q kⱼ + bias[j - t])²`` weighting the values, as the causal forward's row t;
+        advances the cache. O(t) time: FLASH-Quad keeps no summary of the past."""
+        self._check_input(x)
+        self._check_cache(cache, GAUInferenceCache, x, step=True)
+        t, capacity = cache.position, cache.keys.shape[1]
+        if t >= capacity:
+            raise ValueError(f"the cache is full: it holds {capacity} positions")
+        u, v, (q, k) = self._features(x, torch.tensor([t], device=x.device))
+        ct = cache.keys.dtype
+        cache.keys[:, t] = k[:, 0].detach()
+        cache.values[:, t] = v[:, 0].detach()
+        scores = torch.einsum("bjs,bs->bj", cache.keys[:, :t + 1], q[:, 0].to(ct)) * cache.scale
+        if self.rel_bias is not None:
+            scores = scores + self.rel_bias[self.max_len - 1 - t: self.max_len].to(ct)  # offsets -t..0
+        out = torch.einsum("bj,bje->be", F.relu(scores).square(), cache.values[:, :t + 1]) * u[:, 0].to(ct)
+        cache.position = t + 1
+        return x + self.proj_out(out.to(v.dtype)[:, None])
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, e={self.e}, s={self.s}, causal={self.causal}, max_len={self.max_len}"
@@ -134,6 +214,14 @@ class FlashInferenceCache:
 
     state: FlashDecodeState
     lin_scale: float
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.lin_state.shape[0]
+
+    @property
+    def position(self) -> int:
+        return self.state.position
 
 
 class FLASH(_GatedUnit):
@@ -157,11 +245,19 @@ class FLASH(_GatedUnit):
         if rel_pos_bias:
             self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FlashInferenceCache | None = None) -> torch.Tensor:
+        """``x (B, L, d)``. With an empty ``cache`` (a prefill) the attention uses ``cache.lin_scale`` and the cache
+        is left holding the L tokens' state for :meth:`step`."""
         self._check_input(x)
+        lin_scale = self.lin_scale
+        if cache is not None:
+            self._check_cache(cache, FlashInferenceCache, x, step=False)
+            lin_scale = cache.lin_scale
         u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, torch.arange(x.shape[1], device=x.device))
         out = flash_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias,
-                                    chunk_size=self.chunk_size, causal=self.causal, lin_scale=self.lin_scale)
+                                    chunk_size=self.chunk_size, causal=self.causal, lin_scale=lin_scale)
+        if cache is not None:
+            _prefill_decode_state(cache.state, k_quad.detach(), k_lin.detach(), v.detach())
         return x + self.proj_out(out)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
@@ -177,11 +273,8 @@ class FLASH(_GatedUnit):
 
     def step(self, x: torch.Tensor, cache: FlashInferenceCache) -> torch.Tensor:
         """The output for one token ``x (B, 1, d)`` at position ``cache.state.position``; advances the cache."""
-        if not isinstance(cache, FlashInferenceCache):
-            raise TypeError(f"cache must come from allocate_inference_cache, got {type(cache).__name__}")
         self._check_input(x)
-        if x.shape[1] != 1:
-            raise ValueError(f"step takes one token, x of shape (batch, 1, d_model), got {tuple(x.shape)}")
+        self._check_cache(cache, FlashInferenceCache, x, step=True)
         position = torch.tensor([cache.state.position], device=x.device)
         u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, position)
         out = flash_step(cache.state, q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias,
@@ -191,3 +284,18 @@ class FLASH(_GatedUnit):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, e={self.e}, s={self.s}, chunk_size={self.chunk_size}, "
                 f"causal={self.causal}")
+
+
+def _prefill_decode_state(state: FlashDecodeState, k_quad: torch.Tensor, k_lin: torch.Tensor,
+                          v: torch.Tensor) -> None:
+    """Leave an empty ``state`` as :func:`subq.ops.flash_step` would after the L tokens of ``(B, L, ·)`` keys and
+    values: the chunk holding the last token stays open (flash_step folds a chunk into ``lin_state`` only when the
+    next one starts), so ``lin_state`` sums the chunks before it and ``chunk_kv`` and the caches hold it."""
+    seqlen, ct = v.shape[1], state.lin_state.dtype
+    open_start = max(seqlen - 1, 0) // state.chunk_size * state.chunk_size
+    k_quad, k_lin, v = k_quad.to(ct), k_lin.to(ct), v.to(ct)
+    state.lin_state.copy_(k_lin[:, :open_start].transpose(1, 2) @ v[:, :open_start])
+    state.chunk_kv.copy_(k_lin[:, open_start:].transpose(1, 2) @ v[:, open_start:])
+    state.k_quad_cache[:, :seqlen - open_start] = k_quad[:, open_start:]
+    state.v_cache[:, :seqlen - open_start] = v[:, open_start:]
+    state.position = seqlen
