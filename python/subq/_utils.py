@@ -69,11 +69,12 @@ def check_real(value: object, name: str) -> float:
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Inside ``torch.autocast``, the tensors cast to the autocast dtype, as autocast does for torch.matmul: our
-    custom ops are not on autocast's lists, so the matmul-like ones apply its policy themselves (every floating
-    tensor but float64 is cast; outside autocast nothing changes). Gradients flow back through the casts."""
-    first = next((t for t in tensors if t is not None), None)
+    custom ops are not on autocast's lists, so the matmul-like ones apply its policy themselves. Every floating
+    tensor but float64 is cast; anything else passes through to the checks; outside autocast nothing changes.
+    Gradients flow back through the casts."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)

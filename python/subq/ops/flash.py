@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_device, check_dtype_in, check_like, check_ndim, check_tensor
+from subq._utils import autocast_inputs, check_device, check_dtype_in, check_like, check_ndim, check_tensor
 
 CHUNK_SIZES = (64, 128, 256, 512)
 MAX_QK_DIM = 256      # S: the query/key feature size (128 in the paper)
@@ -54,8 +54,10 @@ def flash_chunk_attention(
 
     NaN/Inf policy: a NaN or Inf input at position t makes the outputs NaN from the start of t's chunk on when
     causal (a chunk's matmuls mix its positions; the linear state carries it to later chunks), and everywhere when
-    bidirectional; earlier chunks of a causal call are untouched.
+    bidirectional; earlier chunks of a causal call are untouched. Inside ``torch.autocast`` the tensors are cast to
+    the autocast dtype first, as for ``torch.matmul`` (as in :func:`gau_attention` and :func:`flash_step`).
     """
+    q_quad, k_quad, q_lin, k_lin, v, u = autocast_inputs(q_quad, k_quad, q_lin, k_lin, v, u)
     _check_features((q_quad, k_quad, q_lin, k_lin), ("q_quad", "k_quad", "q_lin", "k_lin"), v, u)
     _check_chunk_size(chunk_size)
     _check_rel_bias(rel_bias, 2 * chunk_size - 1, "2 * chunk_size - 1", v)
@@ -88,6 +90,7 @@ def gau_attention(
     Shapes: ``q, k (B, L, S)`` with S ≤ 256, ``v`` and ``u (B, L, E)`` with E ≤ 4096. Dtypes as
     :func:`flash_chunk_attention`. Differentiable in every tensor input.
     """
+    q, k, v, u = autocast_inputs(q, k, v, u)
     _check_features((q, k), ("q", "k"), v, u)
     seqlen = v.shape[1]
     _check_rel_bias(rel_bias, max(2 * seqlen - 1, 0), "2 * seqlen - 1", v)
@@ -146,6 +149,7 @@ def flash_step(
     """
     if not isinstance(state, FlashDecodeState):
         raise TypeError(f"state must be a FlashDecodeState, got {type(state).__name__}")
+    q_quad, k_quad, q_lin, k_lin, v, u = autocast_inputs(q_quad, k_quad, q_lin, k_lin, v, u)
     squeeze = check_tensor(v, "v").dim() == 3
     tensors = [q_quad, k_quad, q_lin, k_lin, v, u]
     if squeeze:
