@@ -1,0 +1,260 @@
+"""The models of issue 7 against the dense models they replace, side by side in one process.
+
+    python bench/bench_models.py                                  # every section at the device's default sizes
+    python bench/bench_models.py --section bert --device cpu      # M2-BERT vs Hugging Face BERT, batch 1, 512..8K
+    python bench/bench_models.py --quick --device cpu             # tiny presets, smoke run
+
+Sections:
+- ``bert``: forward latency of M2-BERT-base (preset "110m") against Hugging Face ``BertModel`` (BERT-base, SDPA
+  attention), untrained weights, inference mode. CPU: batch 1 in float32, L 512..8K (the M2 paper's CPU latency
+  table). GPU: bf16, about ``--bert-tokens`` tokens per call (batch = tokens / L), L 512..32K, reported in tokens/ms
+  (the paper's throughput table). Needs ``transformers``; skipped with a message without it.
+- ``lm``: the causal LMs (Mamba-2 "130m", FLASH and FLASH-Quad "110m", M2-GPT at d=768) against a GPT-style
+  Transformer (SDPA attention, bench/_transformer_lm.py) of the same width, its depth chosen to match each model's
+  parameter count. Training: one AdamW step (forward, backward, update; bf16 autocast on CUDA) in tokens/s.
+  Generation: prefill a prompt, then decode token by token from each model's recurrent state (KV cache for the
+  Transformer), greedy, in tokens/s of the decode phase.
+Ratios are subq model / Transformer throughput (higher is better) and Transformer / M2-BERT latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import _harness as h
+from _transformer_lm import TransformerLM, loss
+from subq.models import M2GPT, FlashLM, M2BertModel, Mamba2LM
+
+BERT_VOCAB = 30522
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- M2-BERT vs BERT -------------------------------------------------------------------------------------------------
+
+
+def bert_rows(args, device: torch.device) -> list[dict]:
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        print("bert: skipped (transformers is not installed)")
+        return []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    print(f"{'L':>6} {'batch':>5} {'m2 ms':>10} {'bert ms':>10} {'m2 tok/ms':>10} {'bert tok/ms':>11} {'speedup':>8}")
+    for seqlen in args.bert_seqlen:
+        batch = 1 if device.type != "cuda" else max(1, args.bert_tokens // seqlen)
+        overrides = {"max_seq_len": seqlen} | (dict(d_model=64, n_layer=2, vocab_size=BERT_VOCAB) if args.quick else {})
+        m2 = M2BertModel.from_preset(args.bert_preset, **overrides).to(device, dtype).eval()
+        config = BertConfig(max_position_embeddings=seqlen)
+        if args.quick:
+            config = BertConfig(max_position_embeddings=seqlen, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=256)
+        config._attn_implementation = "sdpa"
+        bert = BertModel(config).to(device, dtype).eval()
+        ids = torch.randint(0, BERT_VOCAB, (batch, seqlen), device=device)
+
+        with torch.inference_mode():
+            timed = {name: h.timed_or_error(functools.partial(model, input_ids=ids), device, args.repeats)
+                     for name, model in (("m2_bert", m2), ("hf_bert", bert))}
+        ms = {k: v[0] for k, v in timed.items()}
+        tokens_per_ms = {k: None if v is None else batch * seqlen / v for k, v in ms.items()}
+        speedup = None if None in ms.values() else ms["hf_bert"] / ms["m2_bert"]
+        rows.append({"seqlen": seqlen, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
+                     "tokens_per_ms": tokens_per_ms, "speedup_m2_vs_hf": speedup,
+                     "params": {"m2_bert": parameter_count(m2), "hf_bert": parameter_count(bert)},
+                     "errors": {k: v[1] for k, v in timed.items() if v[1]}})
+        print(f"{seqlen:>6} {batch:>5} {h.fmt(ms['m2_bert'], '.2f'):>10} {h.fmt(ms['hf_bert'], '.2f'):>10} "
+              f"{h.fmt(tokens_per_ms['m2_bert'], '.2f'):>10} {h.fmt(tokens_per_ms['hf_bert'], '.2f'):>11} "
+              f"{h.fmt(speedup, '.2f'):>7}x", flush=True)
+        del m2, bert
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---- causal LMs vs a Transformer -------------------------------------------------------------------------------------
+
+
+def lm_factories(args) -> dict[str, Callable[[int], torch.nn.Module]]:
+    """name -> (max_seqlen -> model). --quick swaps every preset for its tiny one."""
+    def preset(name):
+        return "tiny" if args.quick else name
+
+    return {
+        "mamba2": lambda L: Mamba2LM.from_preset(preset("130m")),
+        "flash": lambda L: FlashLM.from_preset(preset("110m"), layer="flash", max_seq_len=L),
+        "flash_quad": lambda L: FlashLM.from_preset(preset("110m"), layer="flash-quad", max_seq_len=L),
+        "m2_gpt": lambda L: M2GPT.from_preset(preset("360m"), max_seq_len=L,
+                                              **({} if args.quick else dict(d_model=768, n_layer=12))),
+    }
+
+
+def matched_transformer(model: torch.nn.Module) -> TransformerLM:
+    """A Transformer of the model's width and vocabulary whose depth best matches its parameter count."""
+    vocab, d_model = model.lm_head.weight.shape
+    heads = max(1, d_model // 64)
+    target = parameter_count(model)
+    per_layer = parameter_count(TransformerLM(vocab, d_model, 1, heads)) - parameter_count(
+        TransformerLM(vocab, d_model, 0, heads))
+    base = parameter_count(TransformerLM(vocab, d_model, 0, heads))
+    n_layer = max(1, round((target - base) / per_layer))
+    return TransformerLM(vocab, d_model, n_layer, heads)
+
+
+def train_step_call(model, batch: int, seqlen: int, device: torch.device) -> Callable[[], None]:
+    vocab = model.lm_head.weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, seqlen), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def step():
+        with autocast:
+            out = loss(model(ids), ids)
+        out.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def decode_tokens_per_s(model, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
+                        repeats: int) -> tuple[float | None, str | None]:
+    """Median decode rate: each repeat prefills a fresh cache untimed, then times ``new_tokens`` greedy steps
+    (host clock around a synchronised loop: hundreds of steps, so the clock's resolution does not matter)."""
+    vocab = model.lm_head.weight.shape[0]
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
+    rates = []
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first is a warm-up
+                caches = model.allocate_inference_cache(batch, prompt_len + new_tokens)
+                next_ids = model(prompt, caches=caches)[:, -1].argmax(-1)
+                h.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(new_tokens):
+                    next_ids = model.step(next_ids, caches).argmax(-1)
+                h.synchronize(device)
+                rates.append(batch * new_tokens / (time.perf_counter() - start))
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        return None, str(err).splitlines()[0][:200]
+    return statistics.median(rates[1:]), None
+
+
+def lm_rows(args, device: torch.device) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, factory in lm_factories(args).items():
+        if args.lm_models and name not in args.lm_models:
+            continue
+        for seqlen in args.lm_seqlen:
+            model = factory(max(seqlen, args.prompt_len + args.new_tokens)).to(device)
+            baseline = matched_transformer(model).to(device)
+            params = {name: parameter_count(model), "transformer": parameter_count(baseline)}
+            train = {k: h.timed_or_error(train_step_call(m, args.lm_batch, seqlen, device), device, args.repeats)
+                     for k, m in ((name, model), ("transformer", baseline))}
+            model.to(dtype)
+            baseline.to(dtype)
+            decode = {k: decode_tokens_per_s(m, args.gen_batch, args.prompt_len, args.new_tokens, device,
+                                             max(1, args.repeats // 2))
+                      for k, m in ((name, model), ("transformer", baseline))}
+            train_tps = {k: None if v[0] is None else args.lm_batch * seqlen / (v[0] * 1e-3) for k, v in train.items()}
+            decode_tps = {k: v[0] for k, v in decode.items()}
+
+            def ratio(values, name=name):
+                return None if None in values.values() else values[name] / values["transformer"]
+            row = {"model": name, "seqlen": seqlen, "batch": args.lm_batch, "params": params,
+                   "train_tokens_per_s": train_tps, "train_ratio": ratio(train_tps),
+                   "generation": {"batch": args.gen_batch, "prompt_len": args.prompt_len,
+                                  "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch.")},
+                   "decode_tokens_per_s": decode_tps, "decode_ratio": ratio(decode_tps),
+                   "errors": {f"{phase}:{k}": v[1] for phase, timed in (("train", train), ("decode", decode))
+                              for k, v in timed.items() if v[1]}}
+            rows.append(row)
+            print(f"{name:<11} L={seqlen:<6} params {params[name] / 1e6:6.1f}M vs {params['transformer'] / 1e6:6.1f}M"
+                  f" | train tok/s {h.fmt(train_tps[name], '.0f'):>9} vs {h.fmt(train_tps['transformer'], '.0f'):>9}"
+                  f" ({h.fmt(row['train_ratio'], '.2f')}x) | decode tok/s {h.fmt(decode_tps[name], '.0f'):>8} vs "
+                  f"{h.fmt(decode_tps['transformer'], '.0f'):>8} ({h.fmt(row['decode_ratio'], '.2f')}x)", flush=True)
+            del model, baseline
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+
+SECTIONS = {"bert": bert_rows, "lm": lm_rows}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    device = args.device
+    env = h.environment(device)
+    print(f"{env['device_name']} | torch {env['torch']} | subq cuda_built={env['subq_cuda_built']} | {env['timer']}")
+    results = {}
+    for section in args.section:
+        print(f"== {section}")
+        results[section] = SECTIONS[section](args, device)
+    for section, rows in results.items():
+        for row in rows:
+            for what, err in row["errors"].items():
+                print(f"!!! {section} {what} failed at L={row['seqlen']}: {err}")
+    h.write_json(args.out, {
+        "benchmark": "models", "env": env,
+        "config": {k: getattr(args, k) for k in ("section", "bert_preset", "bert_seqlen", "bert_tokens", "lm_seqlen",
+                                                  "lm_batch", "gen_batch", "prompt_len", "new_tokens", "repeats",
+                                                  "quick")},
+        **results,
+    })
+    print(f"wrote {args.out}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--bert-preset", default="110m")
+    parser.add_argument("--bert-seqlen", type=int, nargs="+")
+    parser.add_argument("--bert-tokens", type=int, default=32768, help="GPU: tokens per call (batch = tokens / L)")
+    parser.add_argument("--lm-models", nargs="+", help="subset of the causal LMs (default all)")
+    parser.add_argument("--lm-seqlen", type=int, nargs="+")
+    parser.add_argument("--lm-batch", type=int)
+    parser.add_argument("--gen-batch", type=int)
+    parser.add_argument("--prompt-len", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--device", default=h.default_device())
+    parser.add_argument("--repeats", type=int, help="minimum timed calls (default 10 on GPU, 3 on CPU)")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/models_<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and sizes, for a smoke run")
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    gpu = args.device.type == "cuda"
+    defaults = {
+        "bert_seqlen": [128, 256] if args.quick else ([512, 1024, 2048, 4096, 8192, 16384, 32768] if gpu
+                                                     else [512, 1024, 2048, 4096, 8192]),
+        "lm_seqlen": [64] if args.quick else ([2048, 8192] if gpu else [512]),
+        "lm_batch": 2 if args.quick else (8 if gpu else 1),
+        "gen_batch": 2 if args.quick else (16 if gpu else 1),
+        "prompt_len": 16 if args.quick else 128,
+        "new_tokens": 8 if args.quick else (256 if gpu else 32),
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.repeats = args.repeats or (10 if gpu else 3)
+    args.out = args.out or h.default_out("models" + ("_quick" if args.quick else ""), args.device)
+    return args
+
+
+if __name__ == "__main__":
+    main()
