@@ -21,6 +21,21 @@ def run(dtype: torch.dtype, tf32: bool) -> None:
     torch.cuda.synchronize()
 
 
+def run_grouped_matmul(dtype: torch.dtype, tf32: bool) -> None:
+    """grouped_matmul forward and backward: partial tiles, empty groups (k = 0 problems in the weight gradient), a
+    zero tail with a bias (the zero-row C), no groups at all, and K, N off the vector width (the padded path)."""
+    from subq.ops import grouped_matmul
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    for sizes, tail, k, n in (([37, 0, 90, 13], 5, 24, 40), ([13, 29], 3, 7, 9), ([], 4, 16, 8)):
+        x = torch.randn(sum(sizes) + tail, k, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(len(sizes), k, n, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(len(sizes), n, device="cuda", dtype=dtype, requires_grad=True)
+        y = grouped_matmul(x, w, torch.tensor(sizes, device="cuda", dtype=torch.int64), b)
+        y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+
+
 def run_norm_step(dtype: torch.dtype) -> None:
     """rmsnorm_gated: vector and scalar paths, warp and block units, both gate orders; ssd_step: a partial P tile,
     a state row shorter than one team's vectors, fp32 and low-precision state, strided (scalar) state."""
@@ -69,6 +84,7 @@ def run_causal_conv1d(dtype: torch.dtype) -> None:
 if __name__ == "__main__":
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
         run(dtype, tf32)
+        run_grouped_matmul(dtype, tf32)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         run_norm_step(dtype)
         run_causal_conv1d(dtype)

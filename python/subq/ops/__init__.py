@@ -3,6 +3,7 @@ torch.compile, and autograd."""
 
 from subq.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from subq.ops.flash import FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
+from subq.ops.grouped_matmul import grouped_matmul
 from subq.ops.monarch import blockdiag_matmul, monarch_matmul
 from subq.ops.monarch_conv import monarch_conv, monarch_conv_filter
 from subq.ops.rmsnorm_gated import rmsnorm_gated
@@ -17,6 +18,7 @@ __all__ = [
     "flash_chunk_attention",
     "flash_step",
     "gau_attention",
+    "grouped_matmul",
     "monarch_conv",
     "monarch_conv_filter",
     "monarch_matmul",
