@@ -3,21 +3,27 @@
 from subq.nn.flash import FLASH, GAU, FlashInferenceCache, ScaleNorm, ScaleOffset, rotary_embedding
 from subq.nn.m2 import HyenaFilter, M2DimensionMixer, M2SequenceMixer
 from subq.nn.mamba2 import Mamba2, Mamba2Cache, RMSNormGated
+from subq.nn.mom import AttentionModules, FFNModules, GRURouter, MLPRouter, load_balancing_loss
 from subq.nn.monarch_linear import BlockdiagLinear, MonarchLinear
 
 __all__ = [
     "FLASH",
     "GAU",
+    "AttentionModules",
     "BlockdiagLinear",
+    "FFNModules",
     "FlashInferenceCache",
+    "GRURouter",
     "HyenaFilter",
     "M2DimensionMixer",
     "M2SequenceMixer",
+    "MLPRouter",
     "Mamba2",
     "Mamba2Cache",
     "MonarchLinear",
     "RMSNormGated",
     "ScaleNorm",
     "ScaleOffset",
+    "load_balancing_loss",
     "rotary_embedding",
 ]
