@@ -13,19 +13,22 @@ from subq.models.m2_bert import (
 )
 from subq.models.m2_gpt import M2GPT, M2GPTConfig
 from subq.models.mamba2_lm import Mamba2Config, Mamba2LM
+from subq.models.mom import MoM, MoMConfig
 
 __all__ = [
     "FlashLM",
     "FlashLMConfig",
-    "M2GPT",
     "M2BertConfig",
     "M2BertEncoder",
     "M2BertForMaskedLM",
     "M2BertModel",
     "M2EncoderConfig",
+    "M2GPT",
     "M2GPTConfig",
     "M2ViT",
     "M2ViTConfig",
     "Mamba2Config",
     "Mamba2LM",
+    "MoM",
+    "MoMConfig",
 ]

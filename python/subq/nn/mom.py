@@ -1,0 +1,281 @@
+"""The routed pieces of Mixture-of-Modules (Gong et al. 2024, "Mixture-of-Modules: Reinventing Transformers as
+Dynamic Assemblies of Modules"): pools of GPT-2 attention and FFN modules addressed per token, the routers that
+address them, and the switch-style load-balancing loss.
+
+A pool holds G modules as stacked weights (G, in, out). Each token picks K of G + 1 options per routing decision;
+option G is SKIP, a zero update. The (token, slot) rows are sorted by module on the device (argsort, and group
+sizes counted with scatter_add) so every routed projection is one :func:`grouped_matmul` over all rows: no host
+synchronisation and no Python loop over modules. SKIP rows sort last, outside every group, and so come out of
+the grouped GEMM as zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from subq.ops.grouped_matmul import grouped_matmul
+
+
+class ModuleDispatch:
+    """The rows (token, slot) of ``ids (batch, seqlen, K)`` sorted by the module they chose (``n_modules`` = SKIP)."""
+
+    def __init__(self, ids: torch.Tensor, n_modules: int):
+        flat = ids.reshape(-1)
+        self.slots = ids.shape[-1]
+        self.order = torch.argsort(flat, stable=True)
+        self.inverse = torch.empty_like(self.order).scatter_(
+            0, self.order, torch.arange(flat.numel(), device=flat.device))
+        # SKIP rows borrow the last module's LayerNorm affine: the grouped GEMM zeroes them whatever they hold.
+        self.module_of_row = flat.index_select(0, self.order).clamp(max=n_modules - 1)
+        # Not torch.bincount: on CUDA it reads the largest id back to the host to size its output.
+        counts = torch.zeros(n_modules + 1, dtype=torch.int64, device=flat.device)
+        self.group_sizes = counts.scatter_add_(0, flat, torch.ones_like(flat))[:n_modules]
+        self.key_visible = ids < n_modules
+
+    def sort(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, self.order)
+
+    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, self.inverse)
+
+    def per_row(self, param: torch.Tensor) -> torch.Tensor:
+        return param.index_select(0, self.module_of_row)
+
+    def matmul(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return grouped_matmul(rows, weight, self.group_sizes, bias)
+
+
+class DenseDispatch:
+    """Every token to module 0 of a one-module pool: the plain layers below and above the routed block."""
+
+    slots = 1
+    key_visible = None
+
+    def sort(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    unsort = sort
+
+    def per_row(self, param: torch.Tensor) -> torch.Tensor:
+        return param[0]
+
+    def matmul(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(bias[0], rows, weight[0])
+
+
+DENSE = DenseDispatch()
+
+
+@dataclass
+class ModuleKVCache:
+    """Keys and values of one attention call for generation, one row per (routing slot, sequence), and whether
+    each position is visible as a key (a token that skipped the slot is not)."""
+
+    keys: torch.Tensor      # (slots * batch, heads, max_seqlen, headdim)
+    values: torch.Tensor
+    visible: torch.Tensor   # (slots * batch, max_seqlen) bool
+    length: int = 0         # positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None):
+        """Store new keys/values; return the start position and everything cached so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; {end} needed")
+        if k.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"the KV cache was allocated for {self.keys.shape[0]} (slot, sequence) rows, "
+                             f"got {k.shape[0]}; allocate it for this batch size")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.visible[:, start:end] = True if visible is None else visible
+        self.length = end
+        return start, self.keys[:, :, :end], self.values[:, :, :end], self.visible[:, :end]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor | None,
+                     start: int = 0) -> torch.Tensor:
+    """Softmax attention of ``q (rows, heads, Tq, hd)`` at positions ``start..`` over keys at ``0..Tk-1``: query i
+    sees key j iff j <= start + i and key j is visible (``key_visible (rows, Tk)``, None = all) or is the query's
+    own position, so a query always sees at least itself and no row is empty."""
+    q_pos = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
+    k_pos = torch.arange(k.shape[2], device=q.device)
+    mask = k_pos <= q_pos
+    if key_visible is not None:
+        mask = mask & (key_visible[:, None, None, :] | (k_pos == q_pos))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _ModulePool(nn.Module):
+    """G modules, each with GPT-2's own pre-LayerNorm, stored as stacked parameters."""
+
+    def __init__(self, n_modules: int, d_model: int, eps: float, device, dtype):
+        super().__init__()
+        self.n_modules, self.d_model, self.eps = n_modules, d_model, eps
+        self._factory = dict(device=device, dtype=dtype)
+        self.ln_weight = nn.Parameter(torch.ones(n_modules, d_model, **self._factory))
+        self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_model, **self._factory))
+
+    def _weight(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.randn(self.n_modules, *shape, **self._factory) * 0.02)  # GPT-2's init
+
+    def _bias(self, n: int) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(self.n_modules, n, **self._factory))
+
+    def normed_rows(self, x: torch.Tensor, dispatch) -> torch.Tensor:
+        """Each (token, slot) row normalised by its module's LayerNorm, rows in dispatch order. The
+        normalisation is the same for every module, so it runs once per token; only the affine is per row."""
+        batch, seqlen, d = x.shape
+        h = F.layer_norm(x, (d,), eps=self.eps)
+        rows = dispatch.sort(h[:, :, None].expand(batch, seqlen, dispatch.slots, d).reshape(-1, d))
+        return rows * dispatch.per_row(self.ln_weight) + dispatch.per_row(self.ln_bias)
+
+
+class AttentionModules(_ModulePool):
+    """A pool of GPT-2 attention modules (c_attn, c_proj with biases; no positional rotation).
+
+    Each token projects its Q/K/V with the module it chose, then one causal attention runs over all tokens. With
+    K routing slots there is one such attention per slot k, over every token's k-th choice, each token reading
+    only earlier tokens' k-th choices: exact and causal, and the K attentions run as one batched call. A token
+    that chose SKIP in slot k is no key of slot k, and its own output is zero (outside every group).
+    ``forward`` returns the per-slot updates ``(batch, seqlen, K, d_model)``.
+    """
+
+    def __init__(self, n_modules: int, d_model: int, n_head: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__(n_modules, d_model, eps, device, dtype)
+        if d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
+        self.n_head, self.headdim = n_head, d_model // n_head
+        self.c_attn_weight = self._weight(d_model, 3 * d_model)
+        self.c_attn_bias = self._bias(3 * d_model)
+        self.c_proj_weight = self._weight(d_model, d_model)
+        self.c_proj_bias = self._bias(d_model)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, slots: int, dtype=None) -> ModuleKVCache:
+        shape = (slots * batch_size, self.n_head, max_seqlen, self.headdim)
+        kw = dict(device=self.c_attn_weight.device, dtype=dtype or self.c_attn_weight.dtype)
+        return ModuleKVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw),
+                             torch.zeros(shape[:1] + shape[2:3], dtype=torch.bool, device=kw["device"]))
+
+    def forward(self, x: torch.Tensor, dispatch, cache: ModuleKVCache | None = None) -> torch.Tensor:
+        batch, seqlen, d = x.shape
+        slots = dispatch.slots
+        qkv = dispatch.unsort(dispatch.matmul(self.normed_rows(x, dispatch), self.c_attn_weight, self.c_attn_bias))
+        # (batch, seqlen, slot, 3, heads, hd) -> 3 x (slot * batch, heads, seqlen, hd): slots batch like sequences
+        q, k, v = qkv.view(batch, seqlen, slots, 3, self.n_head, self.headdim).permute(3, 2, 0, 4, 1, 5).reshape(
+            3, slots * batch, self.n_head, seqlen, self.headdim)
+        visible = dispatch.key_visible
+        if visible is not None:
+            visible = visible.permute(2, 0, 1).reshape(slots * batch, seqlen)
+        start = 0
+        if cache is not None:
+            start, k, v, visible = cache.append(k, v, visible)
+        out = causal_attention(q, k, v, visible, start)
+        rows = out.view(slots, batch, self.n_head, seqlen, self.headdim).permute(1, 3, 0, 2, 4).reshape(-1, d)
+        out = dispatch.unsort(dispatch.matmul(dispatch.sort(rows), self.c_proj_weight, self.c_proj_bias))
+        return out.view(batch, seqlen, slots, d)
+
+
+class FFNModules(_ModulePool):
+    """A pool of GPT-2 MLP modules: ``c_proj(gelu_tanh(c_fc(LN(x))))``, position-wise, so all K slots of all
+    tokens go through one grouped GEMM per projection. Returns ``(batch, seqlen, K, d_model)``."""
+
+    def __init__(self, n_modules: int, d_model: int, d_ffn: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__(n_modules, d_model, eps, device, dtype)
+        self.c_fc_weight = self._weight(d_model, d_ffn)
+        self.c_fc_bias = self._bias(d_ffn)
+        self.c_proj_weight = self._weight(d_ffn, d_model)
+        self.c_proj_bias = self._bias(d_model)
+
+    def forward(self, x: torch.Tensor, dispatch) -> torch.Tensor:
+        batch, seqlen, d = x.shape
+        # GELU's tanh form is GPT-2's "gelu_new"; gelu(0) = 0 keeps SKIP rows at zero.
+        hidden = F.gelu(dispatch.matmul(self.normed_rows(x, dispatch), self.c_fc_weight, self.c_fc_bias),
+                        approximate="tanh")
+        out = dispatch.unsort(dispatch.matmul(hidden, self.c_proj_weight, self.c_proj_bias))
+        return out.view(batch, seqlen, dispatch.slots, d)
+
+
+class TransformerLayer(nn.Module):
+    """A plain GPT-2 block, ``x + attn(ln_1 x)`` then ``x + mlp(ln_2 x)``, made of one-module pools."""
+
+    def __init__(self, d_model: int, n_head: int, d_ffn: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.attn = AttentionModules(1, d_model, n_head, eps, device=device, dtype=dtype)
+        self.ffn = FFNModules(1, d_model, d_ffn, eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cache: ModuleKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(x, DENSE, cache)[:, :, 0]
+        return x + self.ffn(x, DENSE)[:, :, 0]
+
+
+class MLPRouter(nn.Module):
+    """Router logits ``W₂ gelu(W₁ LN(x))`` per token; it keeps no state across assembly steps. The LayerNorm
+    keeps the router's input scale fixed while the residual stream grows step by step."""
+
+    def __init__(self, d_model: int, hidden: int, n_options: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(d_model, eps=eps, **factory)
+        self.fc = nn.Linear(d_model, hidden, **factory)
+        self.head = nn.Linear(hidden, n_options, **factory)
+
+    def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, None]:
+        return self.head(F.gelu(self.fc(self.norm(x)))), None
+
+
+class GRURouter(nn.Module):
+    """Router logits ``W s_h`` with ``s_h = GRU(LN(x_h), s_{h-1})`` per token: the state carries across the
+    assembly steps (not across tokens), so a decision can depend on the ones before it."""
+
+    def __init__(self, d_model: int, hidden: int, n_options: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(d_model, eps=eps, **factory)
+        self.cell = nn.GRUCell(d_model, hidden, **factory)
+        self.head = nn.Linear(hidden, n_options, **factory)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.cell(self.norm(x).reshape(-1, x.shape[-1]), state)  # None: the zero initial state
+        return self.head(state).view(*x.shape[:-1], -1), state
+
+
+ROUTERS = {"mlp": MLPRouter, "gru": GRURouter}
+
+
+def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss for one routing decision: ``E · Σ_i f_i · P_i`` over the E options,
+    with ``f_i`` the fraction of the (token, slot) picks ``ids (N, K)`` that went to option i and ``P_i`` the mean
+    router probability ``probs (N, E)`` of option i. It is 1 for uniform routing; only ``P`` carries gradient."""
+    n_options = probs.shape[-1]
+    picks = ids.reshape(-1)
+    counts = probs.new_zeros(n_options).scatter_add_(0, picks, probs.new_ones(picks.shape))
+    return n_options * (counts / picks.numel() * probs.mean(0)).sum()
+
+
+@dataclass
+class ModuleChoice:
+    ids: torch.Tensor            # (batch, seqlen, K) chosen option per slot; n_modules = SKIP
+    weights: torch.Tensor        # (batch, seqlen, K) router probabilities renormalised over the K chosen
+    load_balance: torch.Tensor   # scalar, this decision's load_balancing_loss
+
+
+def choose_modules(logits: torch.Tensor, top_k: int, forced: torch.Tensor | None = None) -> ModuleChoice:
+    """Top-K of the router's softmax (or the ``forced`` ids), with their probabilities renormalised to sum to 1.
+    With K = 1 the weight is exactly 1, so the router learns from the load-balancing loss only."""
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+    if forced is None:
+        picked, ids = probs.topk(top_k, dim=-1)
+    else:
+        ids = forced
+        picked = probs.gather(-1, ids)
+    weights = (picked / picked.sum(-1, keepdim=True)).to(logits.dtype)
+    loss = load_balancing_loss(probs.reshape(-1, probs.shape[-1]), ids.reshape(-1, ids.shape[-1]))
+    return ModuleChoice(ids, weights, loss)
+
+
+def mix(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_k w_k · update_k``: the chosen modules' outputs ``(batch, seqlen, K, d)`` summed with their weights."""
+    return (updates * weights[..., None]).sum(2)
