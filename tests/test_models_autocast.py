@@ -14,11 +14,12 @@ MODELS = {
     "m2_bert": lambda: models.M2BertForMaskedLM.from_preset("tiny"),
     "flash": lambda: models.FlashLM.from_preset("tiny", layer="flash"),
     "flash_quad": lambda: models.FlashLM.from_preset("tiny", layer="flash-quad"),
+    "mom": lambda: models.MoM.from_preset("tiny"),
 }
 
 
 def logits_of(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_like, check_ndim, check_shape, check_tensor
+from subq._utils import autocast_inputs, check_like, check_ndim, check_shape, check_tensor
 
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -44,8 +44,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor,
     load 16-byte vectors: K and N that are not multiples of 8 elements (4 for TF32) are zero-padded first, at the
     cost of a copy. float64 on CUDA takes an ATen composite that is also free of host synchronisation but does G
     times the work (a testing dtype). Differentiable in x, w and bias (the backward is two more grouped GEMMs and a
-    segmented column sum); group_sizes is not differentiable.
+    segmented column sum); group_sizes is not differentiable. Inside ``torch.autocast`` x, w and bias are cast to the
+    autocast dtype first, as for ``torch.matmul``.
     """
+    x, w, bias = autocast_inputs(x, w, bias)
     check_tensor(x, "x")
     check_tensor(w, "w")
     check_ndim(x, 2, "x", "(tokens, in_features)")
