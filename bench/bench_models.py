@@ -14,6 +14,10 @@ Sections:
   parameter count. Training: one AdamW step (forward, backward, update; bf16 autocast on CUDA) in tokens/s.
   Generation: prefill a prompt, then decode token by token from each model's recurrent state (KV cache for the
   Transformer), greedy, in tokens/s of the decode phase.
+- ``mom``: Mixture-of-Modules against the dense GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2 small) it is built
+  from: ``MoM.from_gpt2`` (top-1 and top-2) and the "gpt2-small" preset, forward FLOPs per token (FlopCounterMode;
+  a grouped GEMM counts only its routed rows) and the activation bytes per token autograd saves for the backward.
+  Device-independent counts; runs on CPU.
 Ratios are subq model / Transformer throughput (higher is better) and Transformer / M2-BERT latency.
 """
 
@@ -191,9 +195,84 @@ def lm_rows(args, device: torch.device) -> list[dict]:
     return rows
 
 
+# ---- Mixture-of-Modules vs GPT-2 -------------------------------------------------------------------------------------
+
+
+def grouped_matmul_flops(x, w, group_sizes, bias=None, out_val=None) -> int:
+    """FlopCounterMode formula for subq's grouped GEMM: only the routed rows are multiplied (a host read of the
+    sizes, fine while counting)."""
+    return 2 * int(group_sizes.sum()) * w.shape[1] * w.shape[2]
+
+
+grouped_matmul_flops._get_raw = True  # FlopCounterMode passes the raw arguments, not their shapes
+
+
+def forward_flops(model, ids: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.subq.grouped_matmul_fwd: grouped_matmul_flops})
+    with counter, torch.no_grad():
+        model(ids)
+    return counter.get_total_flops()
+
+
+def saved_activation_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one training forward (parameters excluded): the activation memory."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return total
+
+
+def mom_rows(args, device: torch.device) -> list[dict]:
+    """MoM against the dense GPT-2 it is assembled from: forward FLOPs and training activation memory per token,
+    with untrained (freshly initialised) routers, so the routing is what a model starting phase two sees."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("mom: skipped (transformers is not installed)")
+        return []
+    from subq.models import MoM
+
+    size = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=256, bos_token_id=0, eos_token_id=0) if args.quick else {}
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=max(args.mom_seqlen), **size)).to(device).eval()
+    mom_preset = "tiny" if args.quick else "gpt2-small"
+    models = {
+        "gpt2": gpt2,
+        "mom_from_gpt2_top1": MoM.from_gpt2(gpt2).to(device),
+        "mom_from_gpt2_top2": MoM.from_gpt2(gpt2, top_k=2).to(device),
+        f"mom_{mom_preset}": MoM.from_preset(mom_preset, n_positions=max(args.mom_seqlen)).to(device),
+    }
+    vocab = gpt2.config.vocab_size
+    rows = []
+    print(f"{'model':<22} {'L':>6} {'params':>9} {'GFLOP/token':>12} {'x gpt2':>7} {'act KB/token':>13} {'x gpt2':>7}")
+    for seqlen in args.mom_seqlen:
+        ids = torch.randint(0, vocab, (1, seqlen), device=device)
+        measured = {name: (forward_flops(m, ids) / seqlen, saved_activation_bytes(m, ids) / seqlen)
+                    for name, m in models.items()}
+        for name, (flops, act) in measured.items():
+            row = {"model": name, "seqlen": seqlen, "params": parameter_count(models[name]),
+                   "forward_flops_per_token": flops, "activation_bytes_per_token": act,
+                   "flops_ratio_vs_gpt2": flops / measured["gpt2"][0],
+                   "activation_ratio_vs_gpt2": act / measured["gpt2"][1], "errors": {}}
+            rows.append(row)
+            print(f"{name:<22} {seqlen:>6} {row['params'] / 1e6:8.1f}M {flops / 1e9:12.3f} "
+                  f"{row['flops_ratio_vs_gpt2']:7.2f} {act / 1024:13.1f} {row['activation_ratio_vs_gpt2']:7.2f}",
+                  flush=True)
+    return rows
+
+
 # ---- main ------------------------------------------------------------------------------------------------------------
 
-SECTIONS = {"bert": bert_rows, "lm": lm_rows}
+SECTIONS = {"bert": bert_rows, "lm": lm_rows, "mom": mom_rows}
 
 
 def main() -> None:
@@ -213,8 +292,8 @@ def main() -> None:
     h.write_json(args.out, {
         "benchmark": "models", "env": env,
         "config": {k: getattr(args, k) for k in ("section", "bert_preset", "bert_seqlen", "bert_tokens", "lm_seqlen",
-                                                  "lm_batch", "gen_batch", "prompt_len", "new_tokens", "repeats",
-                                                  "quick")},
+                                                  "lm_batch", "gen_batch", "prompt_len", "new_tokens", "mom_seqlen",
+                                                  "repeats", "quick")},
         **results,
     })
     print(f"wrote {args.out}")
@@ -232,6 +311,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gen-batch", type=int)
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--mom-seqlen", type=int, nargs="+")
     parser.add_argument("--device", default=h.default_device())
     parser.add_argument("--repeats", type=int, help="minimum timed calls (default 10 on GPU, 3 on CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/models_<device>.json)")
@@ -242,6 +322,7 @@ def parse_args() -> argparse.Namespace:
     defaults = {
         "bert_seqlen": [128, 256] if args.quick else ([512, 1024, 2048, 4096, 8192, 16384, 32768] if gpu
                                                      else [512, 1024, 2048, 4096, 8192]),
+        "mom_seqlen": [64] if args.quick else [1024],
         "lm_seqlen": [64] if args.quick else ([2048, 8192] if gpu else [512]),
         "lm_batch": 2 if args.quick else (8 if gpu else 1),
         "gen_batch": 2 if args.quick else (16 if gpu else 1),
