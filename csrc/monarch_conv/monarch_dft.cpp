@@ -150,7 +150,6 @@ Tensor monarch_rfft(const Tensor& x, int64_t n) {
   const Plan plan = plan_for(N, /*inverse=*/false, z);
   const Tensor Z = monarch_dft(z, plan);
   const Tensor Z_ext = at::cat({Z, Z.narrow(1, 0, 1)}, 1);  // Z[N] = Z[0]: the DFT is N-periodic
-  // conj_physical, not the lazy conj view, as in monarch_conv_cpu.cpp.
   const Tensor X = Z_ext * plan.split_a + at::conj_physical(Z_ext.flip(1)) * plan.split_b;
   return X.view(with_last(x.sizes(), N + 1));
 }
