@@ -1,5 +1,6 @@
-"""Monarch long convolution, side by side in one process: subq.ops.monarch_conv vs the usual torch.fft convolution
-(rfft/irfft at n = 2L, as HazyResearch's fftconv_ref) with the same gating and skip, in the same dtype:
+"""Monarch long convolution, side by side in one process: subq.ops.monarch_conv, by default and with its FFT-free
+Monarch DFT forced, vs the usual torch.fft convolution (rfft/irfft at n = 2L, as HazyResearch's fftconv_ref) with the
+same gating and skip, in the same dtype:
 
     y = postgate * (conv(pregate * u, k) + D * (pregate * u))      u, gates (B, H, L); k (, k_rev) (H, L) float32
 
@@ -7,10 +8,13 @@
     python bench/bench_monarch_conv.py --bidirectional         # M2-BERT's two-sided filter
     python bench/bench_monarch_conv.py --quick --device cpu    # smoke run
 
-Reports per length and pass (fwd, fwd+bwd): time of each, the speedup (torch_fft / subq), the peak memory each
-allocates beyond its inputs (GPU only) and its ratio (subq / torch_fft). Both run transforms in float32 (torch.fft
-has no bfloat16 and only power-of-two float16); subq pads to fft_size(L) >= 2L, torch_fft to exactly 2L.
-Until the fused Monarch-DFT CUDA kernels land, subq's CUDA path is the same ATen FFT composite as its CPU path.
+Implementations: subq (the default, algorithm="auto": ATen's FFT on CPU, the Monarch DFT on CUDA), subq_monarch
+(algorithm="monarch" on either device: batched small DFT matmuls, no FFT library) and torch_fft. Reports per length
+and pass (fwd, fwd+bwd): time of each, the speedup of each subq one over torch_fft (torch_fft ms / its ms), the peak
+memory each allocates beyond its inputs (GPU only) and its ratio to torch_fft's. All run transforms in float32
+(torch.fft has no bfloat16 and only power-of-two float16); subq pads to fft_size(L) >= 2L, torch_fft to exactly 2L.
+Until the fused Monarch-DFT CUDA kernels land, subq on CUDA is the ATen composite with Monarch-DFT matmuls, so there
+subq and subq_monarch run the same code.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ QUICK = {"batch": 2, "heads": 8, "seqlen": [256, 1000, 4097]}
 MAX_TOKENS = 64 * 16384  # batch * seqlen cap: the batch shrinks from L = 16K on (B = 1 at L = 1M)
 PASSES = ("fwd", "fwd+bwd")
 GRAD_INPUTS = ("u", "k", "k_rev", "pregate", "postgate", "D")
+SUBQ_IMPLS = ("subq", "subq_monarch")
 
 
 def batch_for(args, seqlen: int) -> int:
@@ -52,14 +57,16 @@ def make_inputs(args, batch: int, seqlen: int, dtype, device) -> dict:
 
 
 def implementations() -> dict[str, Callable]:
-    def subq_fn(inp):
-        return monarch_conv(inp["u"], inp["k"], k_rev=inp.get("k_rev"), pregate=inp["pregate"],
-                            postgate=inp["postgate"], D=inp["D"])
+    def subq_fn(algorithm):
+        def run(inp):
+            return monarch_conv(inp["u"], inp["k"], k_rev=inp.get("k_rev"), pregate=inp["pregate"],
+                                postgate=inp["postgate"], D=inp["D"], algorithm=algorithm)
+        return run
 
     def torch_fft(inp):
         return monarch_conv_fft_ref(inp["u"], inp["k"], inp.get("k_rev"), inp["pregate"], inp["postgate"], inp["D"])
 
-    return {"subq": subq_fn, "torch_fft": torch_fft}
+    return {"subq": subq_fn("auto"), "subq_monarch": subq_fn("monarch"), "torch_fft": torch_fft}
 
 
 def make_call(fn, inp, pass_name):
@@ -99,16 +106,20 @@ def measure(fn, inp, pass_name, device, repeats):
 
 
 def check(args, device) -> dict:
-    """subq in the benchmarked dtype against the float64 torch.fft form, smallest size, all gates."""
+    """Each subq implementation in the benchmarked dtype against the float64 torch.fft form, smallest size, all
+    gates."""
     seqlen = min(args.seqlen)
     inp = make_inputs(args, batch_for(args, seqlen), seqlen, h.DTYPES[args.dtype], device)
+    tol = 1e-2 if args.dtype in ("bf16", "fp16") else 1e-4
+    impls = implementations()
+    out = {}
     with torch.no_grad():
-        y = implementations()["subq"](inp).double()
         ref = monarch_conv_fft_ref(*(None if inp.get(k) is None else inp[k].double()
                                      for k in ("u", "k", "k_rev", "pregate", "postgate", "D")))
-    rel = ((y - ref).norm() / ref.norm()).item()
-    tol = 1e-2 if args.dtype in ("bf16", "fp16") else 1e-4
-    return {"rel_err": rel, "tol": tol, "ok": rel <= tol}
+        for name in SUBQ_IMPLS:
+            rel = ((impls[name](inp).double() - ref).norm() / ref.norm()).item()
+            out[name] = {"rel_err": rel, "tol": tol, "ok": rel <= tol}
+    return out
 
 
 def ratio(num, den):
@@ -122,13 +133,14 @@ def main() -> None:
     env = h.environment(device)
     print(f"{env['device_name']} | torch {env['torch']} | subq cuda_built={env['subq_cuda_built']} | {env['timer']}")
     correctness = check(args, device)
-    print(f"check subq vs float64 torch.fft: rel err {correctness['rel_err']:.2e} "
-          f"({'ok' if correctness['ok'] else 'FAIL'}, tol {correctness['tol']})")
+    for name, c in correctness.items():
+        print(f"check {name} vs float64 torch.fft: rel err {c['rel_err']:.2e} ({'ok' if c['ok'] else 'FAIL'}, "
+              f"tol {c['tol']})")
     impls = implementations()
     mode = "bidirectional" if args.bidirectional else "causal"
-    print(f"{mode}, {args.dtype}, H={args.heads}")
-    print(f"{'L':>8} {'B':>3} {'pass':<7} {'subq ms':>10} {'fft ms':>10} {'speedup':>8} {'subq MiB':>9} "
-          f"{'fft MiB':>9} {'mem ratio':>9}")
+    print(f"{mode}, {args.dtype}, H={args.heads}; speedup = torch_fft ms / ms, mem = MiB / torch_fft MiB")
+    print(f"{'L':>8} {'B':>3} {'pass':<7} " + " ".join(f"{name + ' ms':>15}" for name in impls) + " "
+          + " ".join(f"{name + ' speedup':>20} {name + ' mem':>16}" for name in SUBQ_IMPLS))
     rows = []
     for seqlen in args.seqlen:
         batch = batch_for(args, seqlen)
@@ -143,16 +155,17 @@ def main() -> None:
             mem = {name: t[1] for name, t in timed.items()}
             row = {
                 "seqlen": seqlen, "batch": batch, "heads": args.heads, "pass": pass_name, "ms": ms,
-                "peak_extra_bytes": mem, "speedup_subq_vs_torch_fft": ratio(ms["torch_fft"], ms["subq"]),
-                "mem_ratio_subq_over_torch_fft": ratio(mem["subq"], mem["torch_fft"]),
+                "peak_extra_bytes": mem,
+                "speedup_vs_torch_fft": {name: ratio(ms["torch_fft"], ms[name]) for name in SUBQ_IMPLS},
+                "mem_ratio_over_torch_fft": {name: ratio(mem[name], mem["torch_fft"]) for name in SUBQ_IMPLS},
                 "errors": {k: t[2] for k, t in timed.items() if t[2] is not None},
             }
             rows.append(row)
-            mib = {k: None if v is None else v / 2**20 for k, v in mem.items()}
-            print(f"{seqlen:>8} {batch:>3} {pass_name:<7} {h.fmt(ms['subq'], '.3f'):>10} "
-                  f"{h.fmt(ms['torch_fft'], '.3f'):>10} {h.fmt(row['speedup_subq_vs_torch_fft'], '.2f'):>7}x "
-                  f"{h.fmt(mib['subq'], '.0f'):>9} {h.fmt(mib['torch_fft'], '.0f'):>9} "
-                  f"{h.fmt(row['mem_ratio_subq_over_torch_fft'], '.2f'):>9}", flush=True)
+            print(f"{seqlen:>8} {batch:>3} {pass_name:<7} "
+                  + " ".join(f"{h.fmt(ms[name], '.3f'):>15}" for name in impls) + " "
+                  + " ".join(f"{h.fmt(row['speedup_vs_torch_fft'][name], '.2f'):>19}x "
+                             f"{h.fmt(row['mem_ratio_over_torch_fft'][name], '.2f'):>16}" for name in SUBQ_IMPLS),
+                  flush=True)
         del inp
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -164,7 +177,7 @@ def main() -> None:
         "config": {k: getattr(args, k) for k in ("batch", "heads", "seqlen", "dtype", "repeats", "quick",
                                                   "bidirectional")}
         | {"max_tokens": MAX_TOKENS, "gating": "pregate, postgate, D", "filter_dtype": "float32"},
-        "checks": {"subq_vs_torch_fft_fp64": correctness, "all_ok": correctness["ok"]},
+        "checks": {"vs_torch_fft_fp64": correctness, "all_ok": all(c["ok"] for c in correctness.values())},
         "rows": rows,
     })
     print(f"wrote {args.out}")

@@ -60,12 +60,13 @@ def case_id(case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_and_gradients_match_direct_convolution(case, device):
+def test_forward_and_gradients_match_direct_convolution(case, algorithm, device):
     batch, nheads, seqlen, filter_len, options = case
     args = make_inputs(batch, nheads, seqlen, filter_len, device, options=options)
     leaves = {name: t.requires_grad_() for name, t in args.items()}
-    y = monarch_conv(**leaves)
+    y = monarch_conv(**leaves, algorithm=algorithm)
     y_ref = ref_call(leaves)
     assert y.shape == (batch, nheads, seqlen) and y.dtype == torch.float64
     scale = max(1.0, y_ref.abs().max().item())
@@ -86,14 +87,15 @@ def test_fft_reference_matches_direct_reference(options):
     assert max_err(ref_call(args, monarch_conv_fft_ref), ref_call(args)) < 1e-12
 
 
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
 @pytest.mark.parametrize("options", [(), ("k_rev",), ("pregate", "postgate", "D"), ("k_rev", "pregate", "postgate",
                                                                                      "D")])
-def test_gradcheck(options):
+def test_gradcheck(options, algorithm):
     args = make_inputs(2, 2, 11, 7, options=options)
     names = list(args)
 
     def fn(*tensors):
-        return monarch_conv(**dict(zip(names, tensors, strict=True)))
+        return monarch_conv(**dict(zip(names, tensors, strict=True)), algorithm=algorithm)
 
     assert torch.autograd.gradcheck(fn, [args[n].requires_grad_() for n in names])
 
@@ -107,26 +109,29 @@ def test_fft_size_rule():
 
     for seqlen in list(range(1, 600)) + [1000, 4097, 65537, 2**20, 1_000_003]:
         m = fft_size(seqlen)
-        assert m >= 2 * seqlen and smooth(m), seqlen
+        assert m >= 2 * seqlen and m % 2 == 0 and smooth(m), seqlen
         if seqlen < 600:
-            assert not any(smooth(n) for n in range(2 * seqlen, m)), seqlen
+            assert not any(smooth(n) for n in range(2 * seqlen, m, 2)), seqlen
+        if seqlen >= 64:
+            assert m <= 2.2 * seqlen, seqlen
     assert fft_size(2**20) == 2**21
-    assert fft_size(13) == 27  # 26 = 2 * 13 is not 7-smooth: odd sizes occur
+    assert fft_size(13) == 28  # 26 = 2 * 13 is not 7-smooth, and the odd 27 is skipped: M/2 must be an integer
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
-def test_causality(device, bidirectional):
+def test_causality(device, bidirectional, algorithm):
     """Perturb u, pregate or postgate at t: the causal op moves nothing before t (beyond FFT round-off of the
     float64 transforms); the bidirectional one does, through k_rev."""
     options = ("pregate", "postgate", "D") + (("k_rev",) if bidirectional else ())
     args = make_inputs(2, 3, 150, 150, device, options=options)
-    y = monarch_conv(**args)
+    y = monarch_conv(**args, algorithm=algorithm)
     t = 77
     for name in ("u", "pregate", "postgate"):
         moved = {k: v.clone() for k, v in args.items()}
         moved[name][:, :, t] += 10.0
-        y2 = monarch_conv(**moved)
+        y2 = monarch_conv(**moved, algorithm=algorithm)
         before = max_err(y2[..., :t], y[..., :t])
         assert max_err(y2[..., t:], y[..., t:]) > 1e-3, name
         if bidirectional and name != "postgate":
@@ -153,14 +158,15 @@ def test_short_filter_equals_zero_extended(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["float32", "input"])
-def test_low_precision_within_error_budget(device, dtype, param_dtype):
+def test_low_precision_within_error_budget(device, dtype, param_dtype, algorithm):
     options = ("k_rev", "pregate", "postgate", "D")
     pdt = torch.float32 if param_dtype == "float32" else dtype
     args = make_inputs(3, 5, 300, 300, device, dtype, options=options, param_dtype=pdt)
     leaves = {k: v.requires_grad_() for k, v in args.items()}
-    y = monarch_conv(**leaves)
+    y = monarch_conv(**leaves, algorithm=algorithm)
     args64 = {k: v.detach().double().requires_grad_() for k, v in args.items()}
     y_ref = ref_call(args64)
     y_plain = ref_call(leaves, monarch_conv_fft_ref)
@@ -178,8 +184,10 @@ def test_low_precision_within_error_budget(device, dtype, param_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
-def test_precomputed_spectrum(device, bidirectional):
+def test_precomputed_spectrum(device, bidirectional, algorithm):
+    """The spectrum (made by the device's default transform) serves either algorithm: the same bin order."""
     options = ("pregate", "postgate", "D") + (("k_rev",) if bidirectional else ())
     args = make_inputs(2, 3, 100, 60, device, torch.float32, options=options)
     k, k_rev = args["k"].requires_grad_(), args.pop("k_rev", None)
@@ -188,7 +196,7 @@ def test_precomputed_spectrum(device, bidirectional):
     assert not spec.requires_grad  # inference only: no gradient to the filter through a spectrum
     direct = {**args, "k_rev": k_rev}
     u = args["u"].requires_grad_()
-    y = monarch_conv(**{**args, "k": None}, filter_spectrum=spec)
+    y = monarch_conv(**{**args, "k": None}, filter_spectrum=spec, algorithm=algorithm)
     y_direct = monarch_conv(**direct)
     assert max_err(y, y_direct) < 1e-5
     # gradients of u, the gates and D still flow
@@ -199,7 +207,7 @@ def test_precomputed_spectrum(device, bidirectional):
     seqlen = 99
     assert fft_size(seqlen) == fft_size(100)
     cut = {k: (v[..., :seqlen] if v is not None and v.dim() == 3 else v) for k, v in direct.items()}
-    y_cut = monarch_conv(**{**cut, "k": None, "k_rev": None}, filter_spectrum=spec)
+    y_cut = monarch_conv(**{**cut, "k": None, "k_rev": None}, filter_spectrum=spec, algorithm=algorithm)
     assert max_err(y_cut, monarch_conv(**cut)) < 1e-5
 
 
@@ -212,8 +220,8 @@ def test_float64_spectrum():
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
 def test_million_length(bidirectional):
-    """L = 2^20 and the prime 1_000_003 (M = 2_000_376 = 2^3·3^3·7^3·... 7-smooth) against torch.fft in float64,
-    forward and gradient."""
+    """L = 2^20 and the prime 1_000_003 (M = 2_000_376 = 2^3·3^6·7^3) against torch.fft in float64, forward and
+    gradient."""
     for seqlen in (2**20, 1_000_003):
         args = make_inputs(1, 1, seqlen, 4096, options=("D", "pregate") + (("k_rev",) if bidirectional else ()))
         leaves = {k: v.requires_grad_() for k, v in args.items()}
@@ -264,8 +272,11 @@ def test_opcheck():
         if t is not None:
             t.requires_grad_()
     torch.library.opcheck(torch.ops.subq.monarch_conv_fwd.default, tuple(order))
+    torch.library.opcheck(torch.ops.subq.monarch_conv_fwd.default, (*order, "monarch"))
     detached = tuple(t.detach() if t is not None else None for t in order)
     torch.library.opcheck(torch.ops.subq.monarch_conv_bwd.default, (torch.randn_like(args["u"]), *detached))
+    torch.library.opcheck(torch.ops.subq.monarch_conv_bwd.default, (torch.randn_like(args["u"]), *detached,
+                                                                    "monarch"))
     torch.library.opcheck(torch.ops.subq.monarch_conv_filter.default, (args["k"].detach(), args["k_rev"].detach(),
                                                                        21))
     spec = monarch_conv_filter(args["k"], 21, k_rev=args["k_rev"])
@@ -281,7 +292,7 @@ def test_torch_compile_fullgraph(bidirectional):
 
     def fn(**kw):
         spec = monarch_conv_filter(kw["k"], 45, k_rev=kw.get("k_rev"))
-        inference = monarch_conv(kw["u"], filter_spectrum=spec)
+        inference = monarch_conv(kw["u"], filter_spectrum=spec, algorithm="monarch")
         return monarch_conv(**kw).square().sum() + inference.sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -323,6 +334,8 @@ BAD = [
      ValueError, "filter_spectrum.dtype must be torch.complex128"),
     ("spectrum real", lambda a: a.update(filter_spectrum=torch.randn(3, 71), k=None, k_rev=None), ValueError,
      "filter_spectrum.dtype must be"),
+    ("algorithm", lambda a: a.update(algorithm="cufft"), ValueError,
+     "algorithm must be one of 'auto', 'fft', 'monarch', got 'cufft'"),
 ]
 
 
@@ -344,6 +357,18 @@ def test_bad_filter_inputs():
         torch.ops.subq.monarch_conv_fwd(torch.randn(1, 3, 20), None, None, None, None, None, None)
     with pytest.raises(RuntimeError, match="k's length .* must be at most"):
         torch.ops.subq.monarch_conv_fwd(torch.randn(1, 3, 10), k, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="algorithm must be 'auto', 'fft' or 'monarch', got 'Monarch'"):
+        torch.ops.subq.monarch_conv_fwd(torch.randn(1, 3, 20), k, None, None, None, None, None, "Monarch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_algorithm(device):
+    """"auto" is ATen's FFT on CPU and the Monarch DFT on CUDA (no cuFFT there, issue 4): bit for bit the same as
+    naming it."""
+    args = make_inputs(2, 3, 64, 64, device, torch.float32, options=("k_rev", "D"))
+    expected = monarch_conv(**args, algorithm="monarch" if device == "cuda" else "fft")
+    assert torch.equal(monarch_conv(**args), expected)
+    assert torch.equal(monarch_conv(**args, algorithm="auto"), expected)
 
 
 @pytest.mark.gpu

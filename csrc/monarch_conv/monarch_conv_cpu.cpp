@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "monarch_conv/monarch_conv.h"
+#include "monarch_conv/monarch_dft.h"
 
 namespace subq::cpu {
 namespace {
@@ -24,37 +25,51 @@ Tensor combined_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int6
   return c;
 }
 
+// The real transforms of length M along the last dim, by the chosen algorithm: the one place the two differ.
+struct RealDft {
+  int64_t M;
+  DftAlgorithm algorithm;
+
+  Tensor rfft(const Tensor& x) const {
+    return algorithm == DftAlgorithm::kMonarch ? monarch_conv::monarch_rfft(x, M) : at::fft_rfft(x, M, -1);
+  }
+  Tensor irfft(const Tensor& X) const {
+    return algorithm == DftAlgorithm::kMonarch ? monarch_conv::monarch_irfft(X, M) : at::fft_irfft(X, M, -1);
+  }
+};
+
 // The filter's spectrum at the compute dtype of u (a float32 filter with float64 u is promoted).
-Tensor spectrum(const MonarchConvInputs& in, int64_t M, at::ScalarType ct) {
+Tensor spectrum(const MonarchConvInputs& in, const RealDft& dft, at::ScalarType ct) {
   if (in.filter_spectrum) return *in.filter_spectrum;
   const int64_t L = in.u.size(2);
   std::optional<Tensor> k_rev = in.k_rev ? std::optional<Tensor>(in.k_rev->to(ct)) : std::nullopt;
-  return at::fft_rfft(combined_filter(in.k->to(ct), k_rev, L, M, ct), M, -1);
+  return dft.rfft(combined_filter(in.k->to(ct), k_rev, L, dft.M, ct));
 }
 
 // The first L outputs of the length-M circular convolution with the spectrum K of v (B, H, L).
-Tensor circular_conv(const Tensor& V, const Tensor& K, int64_t M, int64_t L) {
-  return at::fft_irfft(V * K, M, -1).narrow(-1, 0, L);
+Tensor circular_conv(const Tensor& V, const Tensor& K, const RealDft& dft, int64_t L) {
+  return dft.irfft(V * K).narrow(-1, 0, L);
 }
 
 Tensor empty_grad(const Tensor& like) { return like.new_empty({0}); }
 
 }  // namespace
 
-Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen) {
-  const int64_t M = monarch_conv::fft_size(seqlen);
+Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen,
+                           DftAlgorithm algorithm) {
+  const RealDft dft{monarch_conv::fft_size(seqlen), algorithm};
   const auto ct = compute_type(k);
-  return at::fft_rfft(combined_filter(k.to(ct), k_rev, seqlen, M, ct), M, -1);
+  return dft.rfft(combined_filter(k.to(ct), k_rev, seqlen, dft.M, ct));
 }
 
 Tensor monarch_conv_fwd(const MonarchConvInputs& in) {
   const int64_t B = in.u.size(0), H = in.u.size(1), L = in.u.size(2);
   if (B == 0) return at::empty_like(in.u);
-  const int64_t M = monarch_conv::fft_size(L);
+  const RealDft dft{monarch_conv::fft_size(L), in.algorithm};
   const auto ct = compute_type(in.u);
   Tensor v = in.u.to(ct);
   if (in.pregate) v = v * in.pregate->to(ct);
-  Tensor y = circular_conv(at::fft_rfft(v, M, -1), spectrum(in, M, ct), M, L);
+  Tensor y = circular_conv(dft.rfft(v), spectrum(in, dft, ct), dft, L);
   if (in.D) y = y + v * in.D->to(ct).view({H, 1});
   if (in.postgate) y = y * in.postgate->to(ct);
   return y.to(in.u.scalar_type());
@@ -67,19 +82,20 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& 
     return {at::zeros_like(in.u), zeros_or_empty(in.k), zeros_or_empty(in.k_rev), zeros_or_empty(in.pregate),
             zeros_or_empty(in.postgate), zeros_or_empty(in.D)};
   }
-  const int64_t M = monarch_conv::fft_size(L);
+  const RealDft dft{monarch_conv::fft_size(L), in.algorithm};
+  const int64_t M = dft.M;
   const auto ct = compute_type(in.u);
   Tensor u = in.u.to(ct);
   Tensor v = in.pregate ? u * in.pregate->to(ct) : u;
-  Tensor K = spectrum(in, M, ct);
-  Tensor V = at::fft_rfft(v, M, -1);
+  Tensor K = spectrum(in, dft, ct);
+  Tensor V = dft.rfft(v);
   Tensor Dw = in.D ? in.D->to(ct).view({H, 1}) : Tensor();
 
   // Through the postgate: g is the gradient of the pre-gate output z = conv(v) + D v.
   Tensor g = dy.to(ct);
   Tensor dpostgate;
   if (in.postgate) {
-    Tensor z = circular_conv(V, K, M, L);
+    Tensor z = circular_conv(V, K, dft, L);
     if (in.D) z = z + v * Dw;
     dpostgate = (g * z).to(in.postgate->scalar_type());
     g = g * in.postgate->to(ct);
@@ -88,14 +104,14 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& 
 
   // Adjoint of the convolution: the correlation with the same filter, conj(K) in the frequency domain. conj_physical,
   // not the lazy conj view: under torch.compile's AOT tracing the view's conj bit was dropped (wrong gradients).
-  Tensor G = at::fft_rfft(g, M, -1);
-  Tensor dv = circular_conv(G, at::conj_physical(K), M, L);
+  Tensor G = dft.rfft(g);
+  Tensor dv = circular_conv(G, at::conj_physical(K), dft, L);
   if (in.D) dv = dv + g * Dw;
 
   // Filter gradient: dc[j] = sum_{b,t} g[b,t] v[b,(t-j) mod M], read back at the filter's taps.
   Tensor dk, dk_rev;
   if (in.k) {
-    Tensor dc = at::fft_irfft((G * at::conj_physical(V)).sum(0), M, -1);  // (H, M)
+    Tensor dc = dft.irfft((G * at::conj_physical(V)).sum(0));  // (H, M)
     const int64_t Lk = in.k->size(1);
     dk = dc.narrow(1, 0, Lk).to(in.k->scalar_type());
     if (in.k_rev) {

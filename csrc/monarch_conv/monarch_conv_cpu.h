@@ -13,6 +13,9 @@
 // The backward is the same transforms: a circular convolution's adjoint is the correlation with the same filter,
 // i.e. the product with conj(spectrum); the filter gradient is the correlation of dy with v, summed over the
 // batch in the frequency domain (one inverse transform per channel).
+//
+// Every transform is a real one of length M, by ATen's FFT or by the Monarch DFT (monarch_dft.h); both give the
+// bins in natural order, so a filter spectrum from either serves both.
 #pragma once
 
 #include <optional>
@@ -22,15 +25,21 @@
 
 namespace subq::cpu {
 
+// How the real transforms are computed: ATen's FFT (pocketfft on CPU, cuFFT on CUDA), or the Monarch DFT's batched
+// small dense DFT matmuls (no FFT library), which issue 4 asks for on the GPU.
+enum class DftAlgorithm { kFft, kMonarch };
+
 struct MonarchConvInputs {
   at::Tensor u;                                      // (B, H, L)
   std::optional<at::Tensor> k, k_rev;                // (H, Lk), Lk <= L; or instead:
   std::optional<at::Tensor> filter_spectrum;         // (H, fft_size(L)/2 + 1) complex, from monarch_conv_filter
   std::optional<at::Tensor> pregate, postgate, D;    // (B, H, L), (B, H, L), (H,)
+  DftAlgorithm algorithm = DftAlgorithm::kFft;
 };
 
 // rfft(c, M) of the combined filter c above, for sequences of length seqlen: complex64 (complex128 for float64 k).
-at::Tensor monarch_conv_filter(const at::Tensor& k, const std::optional<at::Tensor>& k_rev, int64_t seqlen);
+at::Tensor monarch_conv_filter(const at::Tensor& k, const std::optional<at::Tensor>& k_rev, int64_t seqlen,
+                               DftAlgorithm algorithm);
 
 // y (B, H, L) in u's dtype; computed in float32 (float64 for float64 u).
 at::Tensor monarch_conv_fwd(const MonarchConvInputs& in);

@@ -1,10 +1,12 @@
 // Torch glue for the Monarch long convolution: schemas, argument checks, and the implementations of
-// subq::monarch_conv_fwd/bwd and subq::monarch_conv_filter. Both devices run the ATen composite
-// (csrc/monarch_conv/monarch_conv_cpu.cpp) until the fused Monarch-DFT CUDA kernels land.
+// subq::monarch_conv_fwd/bwd, subq::monarch_conv_filter and the internal subq::monarch_rfft/irfft. Both devices run
+// the ATen composite (csrc/monarch_conv/monarch_conv_cpu.cpp) until the fused Monarch-DFT CUDA kernels land; its
+// transforms are ATen's FFT on CPU and the Monarch DFT on CUDA unless the caller picks one (algorithm).
 #include <torch/library.h>
 
 #include "monarch_conv/monarch_conv.h"
 #include "monarch_conv/monarch_conv_cpu.h"
+#include "monarch_conv/monarch_dft.h"
 #include "torch/checks.h"
 
 #ifdef SUBQ_WITH_CUDA
@@ -16,6 +18,15 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+using cpu::DftAlgorithm;
+
+// "auto" is ATen's FFT on CPU (pocketfft is the right tool there) and the Monarch DFT on CUDA (issue 4: no cuFFT).
+DftAlgorithm parse_algorithm(c10::string_view algorithm, const at::Device& device) {
+  if (algorithm == "fft") return DftAlgorithm::kFft;
+  if (algorithm == "monarch") return DftAlgorithm::kMonarch;
+  TORCH_CHECK(algorithm == "auto", "algorithm must be 'auto', 'fft' or 'monarch', got '", algorithm, "'");
+  return device.is_cuda() ? DftAlgorithm::kMonarch : DftAlgorithm::kFft;
+}
 
 // A parameter may be float32 or u's dtype (fp32 filters with low-precision activations, as M2 trains them).
 void check_param(const Tensor& t, const Tensor& u, const char* name, at::IntArrayRef shape) {
@@ -38,7 +49,7 @@ void check_filter(const Tensor& k, const OptTensor& k_rev) {
 
 cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
                                     const OptTensor& filter_spectrum, const OptTensor& pregate,
-                                    const OptTensor& postgate, const OptTensor& D) {
+                                    const OptTensor& postgate, const OptTensor& D, c10::string_view algorithm) {
   check_dim(u, 3, "u");
   check_floating(u, "u");
   const int64_t H = u.size(1), L = u.size(2);
@@ -68,12 +79,13 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
     }
   }
   if (D) check_param(*D, u, "D", {H});
-  return {u, k, k_rev, filter_spectrum, pregate, postgate, D};
+  return {u, k, k_rev, filter_spectrum, pregate, postgate, D, parse_algorithm(algorithm, u.device())};
 }
 
 Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_rev, const OptTensor& filter_spectrum,
-                        const OptTensor& pregate, const OptTensor& postgate, const OptTensor& D) {
-  auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D);
+                        const OptTensor& pregate, const OptTensor& postgate, const OptTensor& D,
+                        c10::string_view algorithm) {
+  auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm);
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(u.device());
 #endif
@@ -82,8 +94,8 @@ Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_
 
 std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
                                      const OptTensor& filter_spectrum, const OptTensor& pregate,
-                                     const OptTensor& postgate, const OptTensor& D) {
-  auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D);
+                                     const OptTensor& postgate, const OptTensor& D, c10::string_view algorithm) {
+  auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm);
   TORCH_CHECK(dy.sizes() == u.sizes(), "dy must have u's shape ", u.sizes(), ", got ", dy.sizes());
   TORCH_CHECK(dy.device() == u.device(), "dy is on ", dy.device(), " but u is on ", u.device());
 #ifdef SUBQ_WITH_CUDA
@@ -98,29 +110,62 @@ Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seql
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(k.device());
 #endif
-  return cpu::monarch_conv_filter(k, k_rev, seqlen);
+  return cpu::monarch_conv_filter(k, k_rev, seqlen, parse_algorithm("auto", k.device()));
+}
+
+void check_dft_size(int64_t n) {
+  TORCH_CHECK(n >= 2 && n % 2 == 0 && monarch_conv::is_7_smooth(n / 2), "n must be even with n / 2 a product of 2, "
+              "3, 5 and 7 (as every fft_size is), got ", n);
+}
+
+Tensor monarch_rfft(const Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x.dtype must be float32 or float64, "
+              "got ", x.scalar_type());
+  check_dft_size(n);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(x.device());
+#endif
+  return monarch_conv::monarch_rfft(x, n);
+}
+
+Tensor monarch_irfft(const Tensor& X, int64_t n) {
+  TORCH_CHECK(X.dim() >= 1, "X must have at least one dimension");
+  TORCH_CHECK(X.scalar_type() == at::kComplexFloat || X.scalar_type() == at::kComplexDouble, "X.dtype must be "
+              "complex64 or complex128, got ", X.scalar_type());
+  check_dft_size(n);
+#ifdef SUBQ_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(X.device());
+#endif
+  return monarch_conv::monarch_irfft(X, n);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
   m.def("monarch_conv_fwd(Tensor u, Tensor? k, Tensor? k_rev, Tensor? filter_spectrum, Tensor? pregate, "
-        "Tensor? postgate, Tensor? D) -> Tensor");
+        "Tensor? postgate, Tensor? D, str algorithm=\"auto\") -> Tensor");
   m.def("monarch_conv_bwd(Tensor dy, Tensor u, Tensor? k, Tensor? k_rev, Tensor? filter_spectrum, Tensor? pregate, "
-        "Tensor? postgate, Tensor? D) -> Tensor[]");
+        "Tensor? postgate, Tensor? D, str algorithm=\"auto\") -> Tensor[]");
   m.def("monarch_conv_filter(Tensor k, Tensor? k_rev, int seqlen) -> Tensor");
+  m.def("monarch_rfft(Tensor x, int n) -> Tensor");
+  m.def("monarch_irfft(Tensor X, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(subq, CPU, m) {
   m.impl("monarch_conv_fwd", &monarch_conv_fwd);
   m.impl("monarch_conv_bwd", &monarch_conv_bwd);
   m.impl("monarch_conv_filter", &monarch_conv_filter);
+  m.impl("monarch_rfft", &monarch_rfft);
+  m.impl("monarch_irfft", &monarch_irfft);
 }
 
 TORCH_LIBRARY_IMPL(subq, CUDA, m) {
   m.impl("monarch_conv_fwd", &monarch_conv_fwd);
   m.impl("monarch_conv_bwd", &monarch_conv_bwd);
   m.impl("monarch_conv_filter", &monarch_conv_filter);
+  m.impl("monarch_rfft", &monarch_rfft);
+  m.impl("monarch_irfft", &monarch_irfft);
 }
 
 }  // namespace subq::glue

@@ -2,8 +2,10 @@
 ``subq.ops.monarch_conv``, and ``subq.ops.monarch_conv_filter`` to precompute a filter's spectrum.
 
 Backed by ``torch.ops.subq.monarch_conv_fwd/bwd`` and ``torch.ops.subq.monarch_conv_filter``
-(csrc/torch/monarch_conv.cpp). Both devices run the ATen FFT composite for now; the fused Monarch-DFT CUDA kernels
-are future work and will use the same FFT size rule (:func:`fft_size`).
+(csrc/torch/monarch_conv.cpp). Both devices run one ATen composite for now, its transforms by ATen's FFT on CPU and
+by the FFT-free Monarch DFT (csrc/monarch_conv/monarch_dft.h) on CUDA; the fused Monarch-DFT CUDA kernels are
+future work and will use the same FFT size rule (:func:`fft_size`). The Monarch transforms alone are exposed for
+tests and benchmarks as :func:`_monarch_rfft` / :func:`_monarch_irfft`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import torch
 from subq import _C
 from subq._utils import check_device, check_dtype_in, check_like, check_ndim, check_tensor
 
+ALGORITHMS = ("auto", "fft", "monarch")
+
 
 def fft_size(seqlen: int) -> int:
-    """The FFT size M the op uses for sequence length L: the smallest ``2^a 3^b 5^c 7^d >= 2L``.
+    """The FFT size M the op uses for sequence length L: the smallest even ``2^a 3^b 5^c 7^d >= 2L``.
 
-    One rule, in C++ (csrc/monarch_conv/monarch_conv.h), shared with the future CUDA kernels.
+    Even, so the Monarch DFT can take the real transform as a complex one of length M/2. One rule, in C++
+    (csrc/monarch_conv/monarch_conv.h), shared with the future CUDA kernels.
     """
     return _C.monarch_conv_fft_size(int(seqlen))
 
@@ -31,6 +36,7 @@ def monarch_conv(
     postgate: torch.Tensor | None = None,
     D: torch.Tensor | None = None,
     filter_spectrum: torch.Tensor | None = None,
+    algorithm: str = "auto",
 ) -> torch.Tensor:
     r"""Long convolution along the sequence, per channel, with optional gates and skip (Monarch Mixer / Hyena)::
 
@@ -61,10 +67,19 @@ def monarch_conv(
     inference or frozen filters. It is valid for every L with the same :func:`fft_size`. No gradient reaches the
     filter through a spectrum; gradients of u, the gates and D still do.
 
+    ``algorithm``: how the real transforms of length M (forward and backward) are computed. ``"fft"``: ATen's FFT
+    (pocketfft on CPU, cuFFT on CUDA). ``"monarch"``: the Monarch DFT of the Monarch Mixer paper, no FFT library:
+    M/2 complex values (the real input read as half-size complex) transformed by 2 to 4 stages of batched dense
+    DFT matmuls of size <= 64 with twiddle diagonals between them (csrc/monarch_conv/monarch_dft.h). ``"auto"``
+    (default): ``"fft"`` on CPU, ``"monarch"`` on CUDA. Both agree to float rounding and give the spectrum in the
+    same bin order, so a ``filter_spectrum`` serves either.
+
     Differentiable in u, k, k_rev, pregate, postgate and D.
     """
     _check_args(u, k, k_rev, pregate, postgate, D, filter_spectrum)
-    return torch.ops.subq.monarch_conv_fwd(u, k, k_rev, filter_spectrum, pregate, postgate, D)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
+    return torch.ops.subq.monarch_conv_fwd(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm)
 
 
 def monarch_conv_filter(k: torch.Tensor, seqlen: int, k_rev: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +89,8 @@ def monarch_conv_filter(k: torch.Tensor, seqlen: int, k_rev: torch.Tensor | None
     0..Lk-1, k_rev reversed at the end when given), with ``M = fft_size(seqlen)``: shape ``(H, M // 2 + 1)``,
     complex64 (complex128 for a float64 k; pass it with float64 u). Usable for any sequence length with the same
     FFT size. Computed once, it saves one transform per call and can be shared by every call of a layer at that
-    length. Inference only: the result carries no gradient to k or k_rev.
+    length. Inference only: the result carries no gradient to k or k_rev. Transformed as ``monarch_conv``'s
+    ``algorithm="auto"`` does (ATen's FFT on CPU, the Monarch DFT on CUDA); the bins are the same either way.
     """
     check_tensor(k, "k")
     check_ndim(k, 2, "k", "(nheads, filter_len)")
@@ -87,6 +103,22 @@ def monarch_conv_filter(k: torch.Tensor, seqlen: int, k_rev: torch.Tensor | None
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < max(1, k.shape[1]):
         raise ValueError(f"seqlen must be an int >= k's length ({k.shape[1]}), got {seqlen!r}")
     return torch.ops.subq.monarch_conv_filter(k.detach(), k_rev, seqlen)
+
+
+def _monarch_rfft(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.fft.rfft(x, n)`` along the last dim by the Monarch DFT (internal: what ``algorithm="monarch"`` runs).
+
+    x float32 or float64, zero-padded or cut to n; n even with n/2 7-smooth (every :func:`fft_size` is). Returns
+    ``(..., n // 2 + 1)`` complex64 or complex128. No autograd.
+    """
+    return torch.ops.subq.monarch_rfft(x, n)
+
+
+def _monarch_irfft(X: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.fft.irfft(X, n)`` along the last dim by the Monarch DFT (internal): X complex64 or complex128,
+    zero-padded or cut to ``n // 2 + 1`` bins, the imaginary parts of bins 0 and n/2 ignored; n as for
+    :func:`_monarch_rfft`. No autograd."""
+    return torch.ops.subq.monarch_irfft(X, n)
 
 
 def _check_args(u, k, k_rev, pregate, postgate, D, filter_spectrum):
@@ -151,12 +183,12 @@ def _check_spectrum(spectrum, u):
 
 
 @torch.library.register_fake("subq::monarch_conv_fwd")
-def _fwd_fake(u, k, k_rev, filter_spectrum, pregate, postgate, D):
+def _fwd_fake(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm="auto"):
     return torch.empty_like(u)
 
 
 @torch.library.register_fake("subq::monarch_conv_bwd")
-def _bwd_fake(dy, u, k, k_rev, filter_spectrum, pregate, postgate, D):
+def _bwd_fake(dy, u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm="auto"):
     def like(t):
         return torch.empty_like(t) if t is not None else u.new_empty((0,))
 
@@ -169,24 +201,37 @@ def _filter_fake(k, k_rev, seqlen):
     return k.new_empty((k.shape[0], fft_size(seqlen) // 2 + 1), dtype=dtype)
 
 
+@torch.library.register_fake("subq::monarch_rfft")
+def _rfft_fake(x, n):
+    dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    return x.new_empty((*x.shape[:-1], n // 2 + 1), dtype=dtype)
+
+
+@torch.library.register_fake("subq::monarch_irfft")
+def _irfft_fake(X, n):
+    dtype = torch.float64 if X.dtype == torch.complex128 else torch.float32
+    return X.new_empty((*X.shape[:-1], n), dtype=dtype)
+
+
 # ---- autograd -------------------------------------------------------------------------------------------------------
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, ctx.algorithm = inputs
+    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx, dy):
     u, k, k_rev, filter_spectrum, pregate, postgate, D = ctx.saved_tensors
     du, dk, dk_rev, dpregate, dpostgate, dD = torch.ops.subq.monarch_conv_bwd(
-        dy.contiguous(), u, k, k_rev, filter_spectrum, pregate, postgate, D
+        dy.contiguous(), u, k, k_rev, filter_spectrum, pregate, postgate, D, ctx.algorithm
     )
 
     def present(g, t):
         return g if t is not None else None
 
     return (du, present(dk, k), present(dk_rev, k_rev), None, present(dpregate, pregate),
-            present(dpostgate, postgate), present(dD, D))
+            present(dpostgate, postgate), present(dD, D), None)
 
 
 torch.library.register_autograd("subq::monarch_conv_fwd", _backward, setup_context=_setup_context)
