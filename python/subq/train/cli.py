@@ -1,0 +1,171 @@
+"""python -m subq.train: train one of subq's models on a generated English-like corpus (no download), with a
+progress bar, validation loss and perplexity, checkpoints, loss curves and exact resume.
+
+    python -m subq.train                                   # mamba2, tiny preset, 1000 steps, on the GPU if any
+    python -m subq.train --model mamba2 --override d_model=128 --override n_layer=4 --steps 3000 --generate 200
+    python -m subq.train --resume --steps 2000             # continue the run in --out, then train longer
+
+Writes to --out: checkpoints/step_NNNNNNN/ (the model's save_pretrained files and trainer.pt), history.json and
+loss.png. A bad request is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from subq.profile.progress import Progress
+from subq.train import checkpoint, report
+from subq.train.config import TrainConfig, flag, merge
+from subq.train.corpus import Corpus
+from subq.train.errors import TrainError
+from subq.train.loop import Run, TrainState, make_optimizer, train
+from subq.train.objectives import OBJECTIVES
+from subq.train.registry import MODELS, build_model, lookup
+from subq.train.sample import sample
+
+HELP = {
+    "steps": "optimizer steps in all", "batch_size": "blocks per step", "seq_len": "tokens per block",
+    "lr": "peak learning rate", "warmup": "linear warm-up steps before the cosine decay",
+    "weight_decay": "AdamW weight decay (matrices only)", "grad_clip": "gradient norm clip (0: off)",
+    "eval_every": "steps between evaluations", "eval_batches": "val batches per evaluation",
+    "save_every": "steps between checkpoints (one is also saved at the end)",
+    "seed": "seed of the corpus, the initialisation and the batches", "corpus_chars": "size of the generated text",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise TrainError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = _Parser(prog="python -m subq.train", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help=f"one of {', '.join(sorted(MODELS))} (default {defaults.model})")
+    parser.add_argument("--preset", help=f"the model's preset (default {defaults.preset})")
+    parser.add_argument("--override", action="append", metavar="KEY=VALUE",
+                        help="a field of the model's config, e.g. d_model=128 or attn_layer_idx=(1,); repeatable")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in HELP:
+            parser.add_argument(flag(field.name), type=type(getattr(defaults, field.name)),
+                                help=f"{HELP[field.name]} (default {getattr(defaults, field.name)})")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, help="output folder (default out/train_<model>_<preset>)")
+    parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                        help="continue from a checkpoint folder, or from the latest one in an output folder "
+                             "(without a value: in --out); only --steps and the eval/save settings may change")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="after training, print N sampled bytes following --prompt (causal models)")
+    parser.add_argument("--prompt", default="The", help="the text --generate continues (default 'The')")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def default_out(model: str, preset: str) -> Path:
+    return Path("out") / f"train_{model}_{preset}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    defaults = TrainConfig()
+    saved = resumed_from = None
+    if args.resume is not None:
+        where = args.resume or args.out or default_out(args.model or defaults.model, args.preset or defaults.preset)
+        resumed_from = checkpoint.find(Path(where))
+        saved = checkpoint.read(resumed_from)
+    config = merge(saved and saved["config"], vars(args))
+    out = args.out or (resumed_from.parent.parent if resumed_from else default_out(config.model, config.preset))
+    if resumed_from is None and (out / checkpoint.FOLDER).exists():
+        raise TrainError(f"--out {out} already holds checkpoints: add --resume to continue that run, "
+                         "or choose another --out")
+    entry = lookup(config.model)
+    if args.generate < 0:
+        raise TrainError(f"--generate must not be negative, got {args.generate}")
+    if args.generate and (entry.objective != "causal" or not hasattr(entry.model_class, "generate")):
+        raise TrainError(f"--generate: {config.model} is a {entry.objective} model without generation")
+    if args.generate and not args.prompt:
+        raise TrainError("--prompt must not be empty with --generate")
+    device = resolve_device(args.device)
+
+    objective = OBJECTIVES[entry.objective]
+    corpus = Corpus.generate(config.corpus_chars, config.seed)
+    train_blocks, val_blocks = corpus.blocks(config.seq_len + objective.extra_tokens)
+    torch.manual_seed(config.seed)
+    if resumed_from is None:
+        model = build_model(config.model, config.preset, config.override)
+    else:
+        model = entry.model_class.from_pretrained(resumed_from)
+    model.to(device)
+    state = TrainState(model, *make_optimizer(model, config), data_rng=torch.Generator().manual_seed(config.seed))
+    if saved is not None:
+        checkpoint.restore(state, saved)
+        if state.step >= config.steps:
+            raise TrainError(f"{resumed_from} is at step {state.step}, --steps is {config.steps}: nothing to "
+                             "train (raise --steps)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{config.model} ({config.preset}): {params / 1e6:.3g}M parameters, {entry.objective} LM on {device}; "
+          f"corpus {corpus.train.numel():,} train / {corpus.val.numel():,} val bytes"
+          + (f"; resuming {resumed_from} at step {state.step}" if resumed_from else ""))
+    title = f"{config.model} ({config.preset}), {entry.objective} LM"
+    written = {}
+
+    def save(state: TrainState) -> None:
+        written["checkpoint"] = checkpoint.save(out, state, config)
+        written["history"] = report.write_history(out, state.history, config.to_dict())
+        try:
+            written["plot"] = report.plot_losses(out, state.history, title)
+        except ImportError:
+            print("subq.train: no loss.png: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+
+    progress = Progress(config.steps, enabled=not args.no_progress)
+    progress.done = state.step
+    start = time.monotonic()
+    train(Run(config, entry, objective, train_blocks, val_blocks, device), state, progress, save, print)
+    progress.close()
+
+    if args.generate:
+        print(f"sample: {sample(model, args.prompt, args.generate, config.seed, device)!r}")
+    val = state.history["val"][-1]
+    recent = [r["loss"] for r in state.history["train"][-config.eval_every:]]
+    print(f"done: {config.model} ({config.preset}) step {state.step}, train loss {sum(recent) / len(recent):.4f}, "
+          f"val loss {val['loss']:.4f} (ppl {val['ppl']:.4g}) in {time.monotonic() - start:.0f} s; "
+          f"wrote {', '.join(str(path) for path in written.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0, 2 and one line on stderr for a bad request, 130 when interrupted."""
+    try:
+        return _main(argv)
+    except TrainError as err:
+        print(f"subq.train: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("subq.train: interrupted (resume from the last checkpoint with --resume)", file=sys.stderr)
+        return 130

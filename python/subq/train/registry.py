@@ -1,0 +1,60 @@
+"""The models ``python -m subq.train`` can train: one entry each. An entry names the model class (with a
+``config_class`` dataclass, ``from_preset``, ``save_pretrained`` and ``from_pretrained``), the objective it is
+trained on, and, when its forward returns more than the logits, how to find them and any auxiliary loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from subq.models import Mamba2LM
+from subq.train.corpus import VOCAB_SIZE
+from subq.train.errors import TrainError
+from subq.train.overrides import parse_overrides
+
+
+def logits_only(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return output, None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_class: type[nn.Module]
+    objective: Literal["causal", "masked"]
+    # output of forward(input_ids) -> (logits (batch, seqlen, vocab), auxiliary loss added in training or None)
+    outputs: Callable[[object], tuple[torch.Tensor, torch.Tensor | None]] = logits_only
+
+
+MODELS: dict[str, ModelEntry] = {
+    "mamba2": ModelEntry(Mamba2LM, "causal"),
+}
+
+
+def lookup(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise TrainError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def check_vocab(model: nn.Module, what: str) -> None:
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if vocab_size is None or vocab_size < VOCAB_SIZE:
+        raise TrainError(f"{what}: vocab_size {vocab_size} is smaller than the byte-level tokenizer's "
+                         f"{VOCAB_SIZE}; use --override vocab_size={VOCAB_SIZE}")
+
+
+def build_model(name: str, preset: str, overrides: list[str]) -> nn.Module:
+    """``MODELS[name].model_class.from_preset(preset, **overrides)``, with a one-line error for what cannot be built."""
+    model_class = lookup(name).model_class
+    fields = parse_overrides(model_class.config_class, overrides)
+    what = f"--model {name} --preset {preset}" + "".join(f" --override {item}" for item in overrides)
+    try:
+        model = model_class.from_preset(preset, **fields)
+    except (ValueError, TypeError, AssertionError) as err:
+        raise TrainError(f"{what}: {err}") from None
+    check_vocab(model, what)
+    return model
