@@ -25,5 +25,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", [] { return std::string(SUBQ_CUDA_ARCHS_STRING); },
         "The SUBQ_CUDA_ARCHS this build compiled for ('' for a CPU-only build).");
   m.def("monarch_conv_fft_size", &subq::monarch_conv::fft_size, "The FFT size subq.ops.monarch_conv uses for a "
-        "sequence length: the smallest 2^a 3^b 5^c 7^d >= 2 * seqlen.");
+        "sequence length: the smallest even 2^a 3^b 5^c 7^d >= 2 * seqlen.");
 }

@@ -3,7 +3,7 @@ PyTorch form (``subq.reference.monarch_conv_fft_ref``: torch.fft rfft/irfft at n
 full-length filter k (H, L).
 
 Size: B ``batch``, H ``channels``, L ``seqlen``; M the FFT size: ``subq.ops.monarch_conv.fft_size(L)`` (the smallest
-2^a 3^b 5^c 7^d >= 2L) for subq, 2L for the reference.
+even 2^a 3^b 5^c 7^d >= 2L) for subq, 2L for the reference.
 
 "matmul" FLOPs (the field holds the FLOPs the algorithm executes; there is no matrix product, so the matmul peak is
 only a loose ceiling here): an FFT count, per (batch, channel) row one real forward FFT of u and one real inverse FFT
