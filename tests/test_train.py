@@ -204,6 +204,19 @@ def test_causal_run_writes_checkpoints_history_plot_and_a_sample(tmp_path, capsy
     assert model.config == Mamba2LM.from_preset("tiny").config
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_trains_saves_and_reloads(tmp_path, capsys, name):
+    out = tmp_path / name
+    entry = MODELS[name]
+    sample = ["--generate", 8] if entry.objective == "causal" else []
+    assert run_cli("--model", name, "--steps", 3, "--eval-every", 3, "--out", out, *sample, *SMALL) == 0
+    assert f"done: {name} (tiny) step 3" in capsys.readouterr().out
+    saved = history(out)
+    assert all(math.isfinite(r["loss"]) for r in saved["train"] + saved["val"])
+    model = entry.model_class.from_pretrained(out / "checkpoints" / "step_0000003")
+    assert all(getattr(model.config, k) == v for k, v in entry.config.items())
+
+
 def test_masked_run_with_a_stand_in_model(tmp_path, masked_model):
     out = tmp_path / "run"
     assert run_cli("--model", masked_model, "--steps", 4, "--eval-every", 2, "--out", out, *SMALL) == 0
@@ -239,7 +252,7 @@ def test_resume_from_an_output_folder_trains_longer(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt5"], "unknown model 'gpt5'; known models: mamba2"),
+    (["--model", "gpt5"], "unknown model 'gpt5'; known models: flash, flash-quad, m2-bert, m2-gpt, mamba2, mom"),
     (["--preset", "huge"], "unknown preset 'huge' for Mamba2Config"),
     (["--override", "d_model"], "--override 'd_model': expected KEY=VALUE"),
     (["--override", "width=3"], "Mamba2Config has no field 'width'"),

@@ -5,13 +5,13 @@ trained on, and, when its forward returns more than the logits, how to find them
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from subq.models import Mamba2LM
+from subq.models import M2GPT, FlashLM, M2BertForMaskedLM, Mamba2LM, MoM
 from subq.train.corpus import VOCAB_SIZE
 from subq.train.errors import TrainError
 from subq.train.overrides import parse_overrides
@@ -27,10 +27,17 @@ class ModelEntry:
     objective: Literal["causal", "masked"]
     # output of forward(input_ids) -> (logits (batch, seqlen, vocab), auxiliary loss added in training or None)
     outputs: Callable[[object], tuple[torch.Tensor, torch.Tensor | None]] = logits_only
+    # config fields every preset of this entry gets (one class can serve two entries, e.g. FLASH and FLASH-Quad)
+    config: dict = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelEntry] = {
+    "flash": ModelEntry(FlashLM, "causal", config={"layer": "flash"}),
+    "flash-quad": ModelEntry(FlashLM, "causal", config={"layer": "flash-quad"}),
+    "m2-bert": ModelEntry(M2BertForMaskedLM, "masked", lambda out: (out.logits, None)),
+    "m2-gpt": ModelEntry(M2GPT, "causal"),
     "mamba2": ModelEntry(Mamba2LM, "causal"),
+    "mom": ModelEntry(MoM, "causal", lambda out: (out.logits, out.aux_loss)),
 }
 
 
@@ -49,8 +56,9 @@ def check_vocab(model: nn.Module, what: str) -> None:
 
 def build_model(name: str, preset: str, overrides: list[str]) -> nn.Module:
     """``MODELS[name].model_class.from_preset(preset, **overrides)``, with a one-line error for what cannot be built."""
-    model_class = lookup(name).model_class
-    fields = parse_overrides(model_class.config_class, overrides)
+    entry = lookup(name)
+    model_class = entry.model_class
+    fields = entry.config | parse_overrides(model_class.config_class, overrides)
     what = f"--model {name} --preset {preset}" + "".join(f" --override {item}" for item in overrides)
     try:
         model = model_class.from_preset(preset, **fields)
