@@ -80,6 +80,8 @@ class Mamba2LM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        # mamba_ssm's std: the head is tied to it, and unit-variance embeddings start the logits (and the loss) huge.
+        nn.init.normal_(self.embedding.weight, std=0.02)
         self.layers = nn.ModuleList(Mamba2Block(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNormGated(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
