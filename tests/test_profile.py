@@ -65,6 +65,17 @@ def test_monarch_matmul_flops_match_the_executed_products(op, size, pass_name):
         assert profiled_matmul_flops(call) == impl.matmul_flops(size, pass_name), impl.name
 
 
+@pytest.mark.parametrize("size", [{"tokens": 37, "groups": 5, "k": 16, "n": 24}, {"tokens": 3, "groups": 4, "k": 8,
+                                                                                  "n": 8}], ids=["uneven", "empty"])
+@pytest.mark.parametrize("pass_name", PASSES)
+def test_grouped_matmul_flops_match_the_executed_products(size, pass_name):
+    spec = OPS["grouped_matmul"]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    for impl in spec.impls:
+        call = make_call(impl, inputs, size, pass_name)
+        assert profiled_matmul_flops(call) == impl.matmul_flops(size, pass_name), impl.name
+
+
 @pytest.mark.parametrize("size", SSD_SIZES, ids=["groups", "padded"])
 @pytest.mark.parametrize("pass_name", PASSES)
 def test_ssd_matmul_flops_match_the_executed_products(size, pass_name):
@@ -263,7 +274,7 @@ def test_flash_step_min_bytes_follow_the_position(position, state_matrices, cach
 # ---- the new entries' callables: all run at the quick sizes; those computing subq's function agree with it --------
 
 SAME_FUNCTION = {"ssd_step": ("ssd_step_ref", "mamba_einsum"), "gau_attention": ("gau_attention_ref",),
-                 "flash_step": ("flash_step_plain",)}
+                 "flash_step": ("flash_step_plain",), "grouped_matmul": ("torch_loop",)}
 
 
 @pytest.mark.parametrize("op", list(SAME_FUNCTION))
@@ -363,7 +374,7 @@ def test_cli_quick_default_grid_fwd_only(tmp_path, capsys):
 
 
 NEW_OPS = ["monarch_conv", "flash_chunk_attention", "causal_conv1d", "rmsnorm_gated", "ssd_step", "gau_attention",
-           "flash_step"]
+           "flash_step", "grouped_matmul"]
 
 
 def test_list_names_every_op(capsys):

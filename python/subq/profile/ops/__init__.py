@@ -8,6 +8,7 @@ from subq.profile.ops.conv_norm import CAUSAL_CONV1D, RMSNORM_GATED
 from subq.profile.ops.flash import FLASH
 from subq.profile.ops.flash_step import FLASH_STEP
 from subq.profile.ops.gau import GAU
+from subq.profile.ops.grouped_matmul import GROUPED_MATMUL
 from subq.profile.ops.monarch import BLOCKDIAG, MONARCH
 from subq.profile.ops.monarch_conv import MONARCH_CONV
 from subq.profile.ops.ssd import SSD
@@ -24,6 +25,7 @@ _SPECS = (
     FLASH_STEP,
     CAUSAL_CONV1D,
     RMSNORM_GATED,
+    GROUPED_MATMUL,
 )
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}
 
