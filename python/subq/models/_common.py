@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import nn
@@ -58,3 +59,47 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
+class Pretrained:
+    """``from_preset``, ``save_pretrained`` and ``from_pretrained`` for a model class that names its
+    ``config_class`` (a dataclass) and its ``presets`` (preset name -> config fields)."""
+
+    config_class: type
+    presets: dict[str, dict]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Self:
+        return cls(preset(cls.config_class, cls.presets, name, **overrides))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Self:
+        return load_pretrained(cls, path, device)
+
+
+class CachedGeneration:
+    """``generate`` for a causal LM with recurrent state: ``allocate_inference_cache(batch, max_seqlen)``,
+    ``prefill(input_ids, caches)`` (the last position's logits, leaving the caches filled) and
+    ``step(input_ids (batch,), caches)`` (the next logits)."""
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill ``prompt (batch, prompt_len >= 1)`` once, then extend it token by token from the cached state:
+        ``(batch, prompt_len + max_new_tokens)``, greedy when temperature == 0."""
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be (batch, prompt_len) with prompt_len >= 1, got {tuple(prompt.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        caches = self.allocate_inference_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits = self.prefill(prompt, caches)
+        tokens = [prompt]
+        for i in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, generator)
+            tokens.append(next_ids[:, None])
+            if i + 1 < max_new_tokens:  # the last token needs no logits after it
+                logits = self.step(next_ids, caches)
+        return torch.cat(tokens, dim=1)

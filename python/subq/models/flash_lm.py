@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subq.models._common import load_pretrained, preset, sample_next, save_pretrained
+from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.flash import FLASH, GAU, ScaleNorm
 
 LAYERS = ("flash", "flash-quad")
@@ -63,10 +63,11 @@ def _make_layer(config: FlashLMConfig) -> FLASH | GAU:
                max_len=config.max_seq_len, scale=scale)
 
 
-class FlashLM(nn.Module):
+class FlashLM(CachedGeneration, Pretrained, nn.Module):
     """The FLASH language model, or FLASH-Quad with ``config.layer = "flash-quad"``."""
 
     config_class = FlashLMConfig
+    presets = PRESETS
 
     def __init__(self, config: FlashLMConfig):
         super().__init__()
@@ -79,10 +80,6 @@ class FlashLM(nn.Module):
         self.norm_f = ScaleNorm(config.d_model) if config.norm == "scalenorm" else nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> FlashLM:
-        return cls(preset(FlashLMConfig, PRESETS, name, **overrides))
 
     def forward(self, input_ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) for ``input_ids (batch, seqlen)``, seqlen ≤ max_seq_len. With empty
@@ -103,35 +100,13 @@ class FlashLM(nn.Module):
             raise ValueError(f"max_seqlen ({max_seqlen}) exceeds max_seq_len ({self.config.max_seq_len})")
         return [layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for layer in self.layers]
 
+    def prefill(self, input_ids: torch.Tensor, caches) -> torch.Tensor:
+        """The last position's logits (batch, vocab) of the prompt, leaving ``caches`` ready for ``step``."""
+        return self(input_ids, caches=caches)[:, -1]
+
     def step(self, input_ids: torch.Tensor, caches: list) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; updates ``caches``."""
         x = self.embedding(input_ids)[:, None]
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer.step(x, cache)
         return self.lm_head(self.norm_f(x[:, 0]))
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prefill ``prompt (batch, prompt_len ≥ 1)`` once, then extend it token by token from the caches; the
-        result, ``(batch, prompt_len + max_new_tokens)``, must fit in max_seq_len."""
-        if prompt.dim() != 2 or prompt.shape[1] < 1:
-            raise ValueError(f"prompt must be (batch, prompt_len) with prompt_len >= 1, got {tuple(prompt.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        caches = self.allocate_inference_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, caches=caches)[:, -1]
-        tokens = [prompt]
-        for i in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, generator)
-            tokens.append(next_ids[:, None])
-            if i + 1 < max_new_tokens:  # the last token needs no logits after it
-                logits = self.step(next_ids, caches)
-        return torch.cat(tokens, dim=1)
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> FlashLM:
-        return load_pretrained(cls, path, device)

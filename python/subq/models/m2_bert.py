@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq.models._common import load_pretrained, preset, save_pretrained
+from subq.models._common import Pretrained
 from subq.nn.m2 import M2DimensionMixer, M2SequenceMixer
 
 # BERT's initializer_range: embeddings drawn N(0, 0.02), which also keeps the tied MLM logits O(1) at init.
@@ -89,11 +89,12 @@ class M2BertEncoder(nn.Module):
         return x
 
 
-class M2BertModel(nn.Module):
+class M2BertModel(Pretrained, nn.Module):
     """Word + learned position (+ token type) embeddings, LayerNorm and dropout, then the encoder:
     ``input_ids (batch, seqlen)`` -> hidden states ``(batch, seqlen, d_model)``."""
 
     config_class = M2BertConfig
+    presets = PRESETS
 
     def __init__(self, config: M2BertConfig):
         super().__init__()
@@ -123,28 +124,18 @@ class M2BertModel(nn.Module):
             x = x + self.token_type_embeddings(token_type_ids)
         return self.encoder(self.dropout(self.embedding_norm(x)))
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> M2BertModel:
-        return cls(preset(M2BertConfig, PRESETS, name, **overrides))
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> M2BertModel:
-        return load_pretrained(cls, path, device)
-
 
 class MaskedLMOutput(NamedTuple):
     logits: torch.Tensor            # (batch, seqlen, vocab_size)
     loss: torch.Tensor | None       # mean cross-entropy over the labelled positions, when labels are given
 
 
-class M2BertForMaskedLM(nn.Module):
+class M2BertForMaskedLM(Pretrained, nn.Module):
     """M2-BERT with BERT's MLM head: dense + GELU + LayerNorm, then a decoder tied to the word embeddings (with a
     bias of its own). ``forward(input_ids, labels=None)``: labels ``(batch, seqlen)``, -100 where not predicted."""
 
     config_class = M2BertConfig
+    presets = PRESETS
 
     def __init__(self, config: M2BertConfig):
         super().__init__()
@@ -166,17 +157,6 @@ class M2BertForMaskedLM(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return MaskedLMOutput(logits, loss)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> M2BertForMaskedLM:
-        return cls(preset(M2BertConfig, PRESETS, name, **overrides))
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> M2BertForMaskedLM:
-        return load_pretrained(cls, path, device)
 
 
 @dataclass
@@ -201,11 +181,12 @@ VIT_PRESETS = {
 }
 
 
-class M2ViT(nn.Module):
+class M2ViT(Pretrained, nn.Module):
     """M2-ViT-style classifier: Conv2d patchify + learned positions, the M2-BERT encoder over the patch sequence
     (raster order, bidirectional), mean-pool, linear head. ``images (batch, in_channels, H, W)`` -> logits."""
 
     config_class = M2ViTConfig
+    presets = VIT_PRESETS
 
     def __init__(self, config: M2ViTConfig):
         super().__init__()
@@ -225,14 +206,3 @@ class M2ViT(nn.Module):
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)     # (batch, num_patches, d)
         x = self.encoder(self.dropout(patches + self.positions))
         return self.head(x.mean(dim=1))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> M2ViT:
-        return cls(preset(M2ViTConfig, VIT_PRESETS, name, **overrides))
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> M2ViT:
-        return load_pretrained(cls, path, device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subq.models._common import load_pretrained, preset, sample_next, save_pretrained
+from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.m2 import M2DimensionMixer, M2InferenceCache, M2SequenceMixer
 
 EMBEDDING_STD = 0.02  # GPT-2's: keeps the tied head's logits O(1) at init
@@ -57,8 +57,9 @@ class M2GPTBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class M2GPT(nn.Module):
+class M2GPT(CachedGeneration, Pretrained, nn.Module):
     config_class = M2GPTConfig
+    presets = PRESETS
 
     def __init__(self, config: M2GPTConfig):
         super().__init__()
@@ -69,10 +70,6 @@ class M2GPT(nn.Module):
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> M2GPT:
-        return cls(preset(M2GPTConfig, PRESETS, name, **overrides))
 
     def forward(self, input_ids: torch.Tensor, caches: list[M2InferenceCache] | None = None) -> torch.Tensor:
         """Logits (batch, seqlen, vocab). With ``caches`` (from ``allocate_inference_cache``) the tokens continue
@@ -90,29 +87,12 @@ class M2GPT(nn.Module):
                                  dtype: torch.dtype | None = None) -> list[M2InferenceCache]:
         return [layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) for layer in self.layers]
 
+    def prefill(self, input_ids: torch.Tensor, caches) -> torch.Tensor:
+        """The last position's logits (batch, vocab) of the prompt, leaving ``caches`` ready for ``step``."""
+        return self(input_ids, caches=caches)[:, -1]
+
     def step(self, input_ids: torch.Tensor, caches: list[M2InferenceCache]) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; advances ``caches``."""
         if input_ids.dim() != 1:
             raise ValueError(f"step takes one token per sequence, input_ids (batch,), got {tuple(input_ids.shape)}")
         return self(input_ids[:, None], caches=caches)[:, 0]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prefill the prompt ``(batch, prompt_len)`` once, then extend it token by token from the cached states.
-        ``prompt_len + max_new_tokens`` must not exceed ``max_seq_len`` (the filters' length)."""
-        caches = self.allocate_inference_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, caches=caches)[:, -1]
-        tokens = [input_ids]
-        for _ in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, generator)
-            tokens.append(next_ids[:, None])
-            logits = self.step(next_ids, caches)
-        return torch.cat(tokens, dim=1)
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> M2GPT:
-        return load_pretrained(cls, path, device)

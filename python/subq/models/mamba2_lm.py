@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from subq.models._common import load_pretrained, preset, sample_next, save_pretrained
+from subq.models._common import CachedGeneration, Pretrained
 from subq.models.attention import CausalSelfAttention
 from subq.nn.mamba2 import Mamba2, RMSNormGated
 
@@ -73,8 +73,9 @@ class Mamba2Block(nn.Module):
         return x + self.mixer.step(h, cache)
 
 
-class Mamba2LM(nn.Module):
+class Mamba2LM(CachedGeneration, Pretrained, nn.Module):
     config_class = Mamba2Config
+    presets = PRESETS
 
     def __init__(self, config: Mamba2Config):
         super().__init__()
@@ -87,10 +88,6 @@ class Mamba2LM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> Mamba2LM:
-        return cls(preset(Mamba2Config, PRESETS, name, **overrides))
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches=None) -> torch.Tensor:
         """Logits (batch, seqlen, vocab). ``seq_idx`` packs sequences (Mamba-2 layers only); ``caches`` (from
@@ -106,29 +103,13 @@ class Mamba2LM(nn.Module):
         return [layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype) if layer.is_attention
                 else layer.mixer.allocate_inference_cache(batch_size, dtype=dtype) for layer in self.layers]
 
+    def prefill(self, input_ids: torch.Tensor, caches) -> torch.Tensor:
+        """The last position's logits (batch, vocab) of the prompt, leaving ``caches`` ready for ``step``."""
+        return self(input_ids, caches=caches)[:, -1]
+
     def step(self, input_ids: torch.Tensor, caches: list) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; updates ``caches``."""
         x = self.embedding(input_ids)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer.step(x, cache)
         return self.lm_head(self.norm_f(x))
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prefill the prompt ``(batch, prompt_len)`` once, then extend it token by token from the cached states."""
-        caches = self.allocate_inference_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, caches=caches)[:, -1]
-        tokens = [input_ids]
-        for _ in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, generator)
-            tokens.append(next_ids[:, None])
-            logits = self.step(next_ids, caches)
-        return torch.cat(tokens, dim=1)
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> Mamba2LM:
-        return load_pretrained(cls, path, device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subq.models._common import load_pretrained, preset, sample_next, save_pretrained
+from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.mom import (
     ROUTERS,
     AttentionModules,
@@ -95,8 +95,9 @@ class MoMOutput:
     route: torch.Tensor      # (batch, seqlen, H, 2, K) chosen options; [..., 0, :] attention, [..., 1, :] FFN
 
 
-class MoM(nn.Module):
+class MoM(CachedGeneration, Pretrained, nn.Module):
     config_class = MoMConfig
+    presets = PRESETS
 
     def __init__(self, config: MoMConfig, device=None, dtype=None):
         super().__init__()
@@ -121,10 +122,6 @@ class MoM(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, **factory)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, **factory)
         self.lm_head.weight = self.wte.weight
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> MoM:
-        return cls(preset(MoMConfig, PRESETS, name, **overrides))
 
     def forward(self, input_ids: torch.Tensor, route: torch.Tensor | None = None,
                 cache: list[ModuleKVCache] | None = None) -> MoMOutput:
@@ -204,29 +201,13 @@ class MoM(nn.Module):
                   for _ in range(self.config.assembly_steps)]
         return plain(self.bottom) + routed + plain(self.top)
 
+    def prefill(self, input_ids: torch.Tensor, caches) -> torch.Tensor:
+        """The last position's logits (batch, vocab) of the prompt, leaving ``caches`` ready for ``step``."""
+        return self(input_ids, cache=caches).logits[:, -1]
+
     def step(self, input_ids: torch.Tensor, cache: list[ModuleKVCache]) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; extends ``cache``."""
         return self(input_ids[:, None], cache=cache).logits[:, 0]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prefill the prompt ``(batch, prompt_len)`` once, then extend it token by token from the KV caches."""
-        cache = self.allocate_inference_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, cache=cache).logits[:, -1]
-        tokens = [input_ids]
-        for _ in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, generator)
-            tokens.append(next_ids[:, None])
-            logits = self.step(next_ids, cache)
-        return torch.cat(tokens, dim=1)
-
-    def save_pretrained(self, path):
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> MoM:
-        return load_pretrained(cls, path, device)
 
     @classmethod
     def from_gpt2(cls, gpt2, n_bottom: int = 1, n_top: int = 1, assembly_steps: int | None = None, top_k: int = 1,
