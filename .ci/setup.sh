@@ -12,7 +12,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   echo "subq setup: installing torch==2.11.0"
   $PY -m pip install -q torch==2.11.0
 fi
-$PY -m pip install -q "nvidia-cutlass>=4.2,<4.3" pybind11 ninja numpy pytest hypothesis matplotlib safetensors setuptools wheel
+$PY -m pip install -q "nvidia-cutlass>=4.2,<4.3" pybind11 ninja numpy pytest hypothesis matplotlib safetensors transformers setuptools wheel
 
 start=$SECONDS
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation --no-deps -e .
