@@ -1,8 +1,11 @@
 // Torch glue for FLASH: schemas, argument checks, and the implementations of subq::flash_chunk_attention_fwd/bwd,
-// subq::gau_attention_fwd/bwd and subq::flash_step. Both devices run the ATen composites
-// (csrc/flash/flash_attention_cpu.cpp) for now.
+// subq::gau_attention_fwd/bwd and subq::flash_step. The ATen composites (csrc/flash/flash_attention_cpu.cpp) serve
+// both devices; the fused CUDA forward of flash_chunk_attention (csrc/flash/flash_chunk_attention.h) runs for 16-bit
+// inputs when SUBQ_EXPERIMENTAL_FLASH_KERNELS=1.
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include <torch/library.h>
@@ -12,6 +15,9 @@
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "flash/flash_chunk_attention.h"
 #endif
 
 namespace subq::glue {
@@ -86,6 +92,66 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 #endif
   return cpu::flash_chunk_attention_fwd(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
 }
+
+#ifdef SUBQ_WITH_CUDA
+// Opt-in: the fused forward was written and compiled without a GPU, so the composite stays the default until the
+// GPU tests (tests/test_flash.py::test_fused_cuda_forward) have passed on one.
+bool fused_forward_enabled() {
+  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+// The shapes and dtypes the kernels take (csrc/flash/flash_chunk_attention.h); the composite serves the rest.
+bool fused_forward_takes(const cpu::FlashChunkInputs& in) {
+  const auto dtype = in.v.scalar_type();
+  const int64_t S = in.q_quad.size(2), E = in.v.size(2);
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && in.v.numel() > 0 && S >= 1 && S <= 256 && E <= 4096 &&
+         in.v.size(0) <= 65535;
+}
+
+// Dense 16-bit features, values and gate; the bias as float32.
+Tensor fused_forward(const cpu::FlashChunkInputs& in, const cpu::FlashChunkOptions& opt) {
+  const c10::cuda::CUDAGuard guard(in.v.device());
+  const Tensor q_quad = in.q_quad.contiguous(), k_quad = in.k_quad.contiguous();
+  const Tensor q_lin = in.q_lin.contiguous(), k_lin = in.k_lin.contiguous(), v = in.v.contiguous();
+  const Tensor u = in.u ? in.u->contiguous() : Tensor();
+  const Tensor rel_bias = in.rel_bias ? in.rel_bias->to(at::kFloat).contiguous() : Tensor();
+
+  FlashChunkParams p;
+  p.dtype = v.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.shape = {v.size(0), v.size(1), q_quad.size(2), v.size(2), opt.chunk_size};
+  p.causal = opt.causal;
+  p.quad_scale = static_cast<float>(opt.quad_scale);
+  p.lin_scale = static_cast<float>(opt.lin_scale);
+  p.q_quad = q_quad.data_ptr();
+  p.k_quad = k_quad.data_ptr();
+  p.q_lin = q_lin.data_ptr();
+  p.k_lin = k_lin.data_ptr();
+  p.v = v.data_ptr();
+  p.u = u.defined() ? u.data_ptr() : nullptr;
+  p.rel_bias = rel_bias.defined() ? rel_bias.data_ptr<float>() : nullptr;
+  Tensor out = at::empty(v.sizes(), v.options());
+  Tensor workspace = at::empty({static_cast<int64_t>(flash_chunk_workspace_bytes(p.shape))},
+                               v.options().dtype(at::kByte));
+  p.out = out.data_ptr();
+  p.workspace = workspace.data_ptr();
+  const Status status = run_flash_chunk_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == Status::kSuccess, "subq flash_chunk_attention CUDA forward failed: ", status_string(status));
+  return out;
+}
+
+Tensor flash_chunk_attention_fwd_cuda(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
+                                      const Tensor& k_lin, const Tensor& v, const OptTensor& u,
+                                      const OptTensor& rel_bias, int64_t chunk_size, bool causal, double quad_scale,
+                                      double lin_scale) {
+  if (fused_forward_enabled()) {
+    auto in = check_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size);
+    if (fused_forward_takes(in)) return fused_forward(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+  }
+  return flash_chunk_attention_fwd(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size, causal, quad_scale,
+                                   lin_scale);
+}
+#endif
 
 std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const Tensor& q_quad, const Tensor& k_quad,
                                               const Tensor& q_lin, const Tensor& k_lin, const Tensor& v,
@@ -188,7 +254,11 @@ TORCH_LIBRARY_IMPL(subq, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(subq, CUDA, m) {
+#ifdef SUBQ_WITH_CUDA
+  m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd_cuda);
+#else
   m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd);
+#endif
   m.impl("flash_chunk_attention_bwd", &flash_chunk_attention_bwd);
   m.impl("gau_attention_fwd", &gau_attention_fwd);
   m.impl("gau_attention_bwd", &gau_attention_bwd);
