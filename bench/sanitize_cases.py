@@ -3,6 +3,8 @@
 Sizes are chosen to hit partial tiles, the token padding of the Monarch intermediate and the strided epilogue.
 """
 
+import os
+
 import torch
 
 from subq.ops import blockdiag_matmul, monarch_matmul, rmsnorm_gated, ssd_step
@@ -81,6 +83,24 @@ def run_causal_conv1d(dtype: torch.dtype) -> None:
     torch.cuda.synchronize()
 
 
+def run_flash_fused(dtype: torch.dtype) -> None:
+    """The fused flash_chunk_attention forward (opt-in flag set here): a short last chunk with a query tile wholly
+    past L, L < C, S off the 32-feature step, E off the value tiles, gate and bias, both modes."""
+    from subq.ops import flash_chunk_attention
+
+    os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"] = "1"
+    try:
+        for batch, seqlen, s, e, chunk in ((2, 150, 40, 130, 128), (1, 50, 8, 24, 64)):
+            qk = [torch.randn(batch, seqlen, s, device="cuda", dtype=dtype) for _ in range(4)]
+            v, u = (torch.randn(batch, seqlen, e, device="cuda", dtype=dtype) for _ in range(2))
+            rel_bias = torch.randn(2 * chunk - 1, device="cuda")
+            for causal in (False, True):
+                flash_chunk_attention(*qk, v, u, rel_bias, chunk_size=chunk, causal=causal)
+    finally:
+        del os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"]
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
         run(dtype, tf32)
@@ -88,4 +108,6 @@ if __name__ == "__main__":
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         run_norm_step(dtype)
         run_causal_conv1d(dtype)
+    for dtype in (torch.bfloat16, torch.float16):
+        run_flash_fused(dtype)
     print("sanitize cases ran")

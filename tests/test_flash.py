@@ -369,3 +369,46 @@ def test_largest_sizes_gpu(causal):
     grads_plain = torch.autograd.grad(plain, list(leaves.values()), dout)
     for name, g, g_ref, g_plain in zip(leaves, grads, grads_ref, grads_plain, strict=True):
         assert_within_budget(g, g_ref, g_plain, f"d{name}")
+
+
+# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 until verified on a GPU) ----------------------------
+
+# (batch, seqlen, S, E, chunk_size, gate, bias): every C; L < C, L % C != 0 and an exact multiple; S off the
+# 32-feature step and E off the 64/128-value tiles; the largest S; one position.
+FUSED_CASES = [
+    (2, 300, 32, 48, 64, True, True),
+    (1, 50, 16, 130, 64, False, True),      # L < C
+    (2, 256, 64, 256, 128, True, False),    # exact multiple
+    (1, 700, 100, 200, 256, False, False),  # short last chunk with whole query tiles past L
+    (1, 1000, 256, 72, 512, True, True),
+    (3, 1, 8, 8, 128, True, True),
+]
+
+
+def _poison_cuda_allocator():
+    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write (in the output or
+    the workspace) fails the test."""
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
+    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    batch, seqlen, S, E, C, gate, bias = case
+    args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
+    _poison_cuda_allocator()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = flash_chunk_attention(**args, chunk_size=C, causal=causal)
+        torch.cuda.synchronize()
+    assert any("chunk_output_kernel" in e.name for e in prof.events()), "the fused kernels did not run"
+    assert out.dtype == dtype
+    ref = flash_quadratic_ref(**{k: v.double() for k, v in args.items()}, chunk_size=C, causal=causal)
+    plain = flash_chunked_ref(**args, chunk_size=C, causal=causal)
+    assert_within_budget(out, ref, plain, f"fused {dtype} causal={causal}")
+    monkeypatch.delenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS")
+    composite = flash_chunk_attention(**args, chunk_size=C, causal=causal)
+    assert max_err(out, composite) <= 2 * max_err(plain, ref) + 1e-3
