@@ -12,8 +12,8 @@
 //
 // Accuracy of the constants: the small DFT matrices (n <= 64 roots per stage, reused N times) are computed once per
 // CTA in float64 by sincospi and rounded once, so they are exact to float32 rounding as monarch_dft.cpp's are. The
-// twiddles and the split's W_M^k (one per element per stage: N (r - 1) + N/2 of them, too many for float64 on
-// sm_89's 1/64-rate FP64 units, and a table of N roots would double the shared memory) are computed on the fly by
+// twiddles and the split's W_M^k (2 N (r - 1) + N/2 per row, one per element between stages: too many for float64
+// on sm_89's 1/64-rate FP64 units, and a table of N roots would double the shared memory) are computed on the fly by
 // float32 sincospif, with the exponent reduced mod n in integers first and centred on 0: the argument 2e/n is one
 // correctly rounded division of exact integers, so the angle is off by at most pi 2^-24 (a few float32 ulp of the
 // root), the same order as the rounding of the float32 products they multiply.
