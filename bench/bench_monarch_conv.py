@@ -9,17 +9,20 @@ same gating and skip, in the same dtype:
     python bench/bench_monarch_conv.py --quick --device cpu    # smoke run
 
 Implementations: subq (the default, algorithm="auto": ATen's FFT on CPU, the Monarch DFT on CUDA), subq_monarch
-(algorithm="monarch" on either device: batched small DFT matmuls, no FFT library) and torch_fft. Reports per length
+(algorithm="monarch" on either device: batched small DFT matmuls, no FFT library), subq_fused (the default with
+SUBQ_EXPERIMENTAL_CONV_KERNELS=1: on CUDA the fused Monarch-DFT forward kernel for M <= 32K, the composite beyond
+and for the backward; on CPU the same as subq) and torch_fft. Reports per length
 and pass (fwd, fwd+bwd): time of each, the speedup of each subq one over torch_fft (torch_fft ms / its ms), the peak
 memory each allocates beyond its inputs (GPU only) and its ratio to torch_fft's. All run transforms in float32
 (torch.fft has no bfloat16 and only power-of-two float16); subq pads to fft_size(L) >= 2L, torch_fft to exactly 2L.
-Until the fused Monarch-DFT CUDA kernels land, subq on CUDA is the ATen composite with Monarch-DFT matmuls, so there
-subq and subq_monarch run the same code.
+Without the flag, subq on CUDA is the ATen composite with Monarch-DFT matmuls, so there subq and subq_monarch run
+the same code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +37,8 @@ QUICK = {"batch": 2, "heads": 8, "seqlen": [256, 1000, 4097]}
 MAX_TOKENS = 64 * 16384  # batch * seqlen cap: the batch shrinks from L = 16K on (B = 1 at L = 1M)
 PASSES = ("fwd", "fwd+bwd")
 GRAD_INPUTS = ("u", "k", "k_rev", "pregate", "postgate", "D")
-SUBQ_IMPLS = ("subq", "subq_monarch")
+SUBQ_IMPLS = ("subq", "subq_monarch", "subq_fused")
+FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"  # read by the op on every call
 
 
 def batch_for(args, seqlen: int) -> int:
@@ -63,10 +67,22 @@ def implementations() -> dict[str, Callable]:
                                 postgate=inp["postgate"], D=inp["D"], algorithm=algorithm)
         return run
 
+    def subq_fused(inp):
+        previous = os.environ.get(FUSED_FLAG)
+        os.environ[FUSED_FLAG] = "1"
+        try:
+            return subq_fn("auto")(inp)
+        finally:
+            if previous is None:
+                del os.environ[FUSED_FLAG]
+            else:
+                os.environ[FUSED_FLAG] = previous
+
     def torch_fft(inp):
         return monarch_conv_fft_ref(inp["u"], inp["k"], inp.get("k_rev"), inp["pregate"], inp["postgate"], inp["D"])
 
-    return {"subq": subq_fn("auto"), "subq_monarch": subq_fn("monarch"), "torch_fft": torch_fft}
+    return {"subq": subq_fn("auto"), "subq_monarch": subq_fn("monarch"), "subq_fused": subq_fused,
+            "torch_fft": torch_fft}
 
 
 def make_call(fn, inp, pass_name):

@@ -101,6 +101,31 @@ def run_flash_fused(dtype: torch.dtype) -> None:
     torch.cuda.synchronize()
 
 
+def run_monarch_conv_fused(dtype: torch.dtype) -> None:
+    """The fused Monarch-DFT forward (opt-in flag set): 1, 2 and 3 stages (L = 2, 100, 4097), odd lengths, both
+    filter forms, gates and D, a precomputed spectrum; the backward (the composite) once."""
+    from subq.ops import monarch_conv, monarch_conv_filter
+
+    previous = os.environ.get("SUBQ_EXPERIMENTAL_CONV_KERNELS")
+    os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"] = "1"
+    try:
+        for seqlen, bidirectional in ((2, True), (100, False), (4097, True)):
+            u = torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(3, seqlen, device="cuda", requires_grad=True)
+            k_rev = torch.randn(3, seqlen, device="cuda") if bidirectional else None
+            gates = [torch.randn(2, 3, seqlen, device="cuda", dtype=dtype) for _ in range(2)]
+            D = torch.randn(3, device="cuda")
+            y = monarch_conv(u, k, k_rev=k_rev, pregate=gates[0], postgate=gates[1], D=D)
+            y.backward(torch.randn_like(y))
+            monarch_conv(u.detach(), filter_spectrum=monarch_conv_filter(k.detach(), seqlen, k_rev=k_rev))
+    finally:
+        if previous is None:
+            del os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"]
+        else:
+            os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"] = previous
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
         run(dtype, tf32)
@@ -108,6 +133,7 @@ if __name__ == "__main__":
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         run_norm_step(dtype)
         run_causal_conv1d(dtype)
+        run_monarch_conv_fused(dtype)
     for dtype in (torch.bfloat16, torch.float16):
         run_flash_fused(dtype)
     print("sanitize cases ran")

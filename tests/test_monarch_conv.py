@@ -377,3 +377,77 @@ def test_device_mismatch():
     args["k"] = args["k"].cuda()
     with pytest.raises(ValueError, match="k is on cuda"):
         monarch_conv(**args)
+
+
+# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_CONV_KERNELS=1 until verified on a GPU) ------------------------------
+
+FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"
+
+
+def _poison_cuda_allocator():
+    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+
+
+def _run_profiled(fn):
+    """fn's result, and whether the fused kernel ran in it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, any("monarch_conv_fused" in e.name for e in prof.events())
+
+
+def _ref64(args):
+    """The float64 reference: direct for short rows, torch.fft (exact to float64 round-off) where the (H, L, L)
+    Toeplitz matrix would be large."""
+    args64 = {k: v.double() for k, v in args.items()}
+    return ref_call(args64, monarch_conv_ref if args["u"].shape[-1] <= 128 else monarch_conv_fft_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seqlen", [2, 3, 100, 1000, 4097, 8192])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gates-D"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
+    """1, 2 and 3 Monarch stages (M = 4 ... 16384), prime and odd lengths; enough rows that the low-precision
+    budget rests on many roundings."""
+    monkeypatch.setenv(FUSED_FLAG, "1")
+    options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
+    args = make_inputs(4, 16, seqlen, seqlen, "cuda", dtype, options=options, param_dtype=torch.float32)
+    _poison_cuda_allocator()
+    y, ran = _run_profiled(lambda: monarch_conv(**args))
+    assert ran, "the fused kernel did not run"
+    assert y.dtype == dtype
+    assert_within_budget(y, _ref64(args), ref_call(args, monarch_conv_fft_ref), f"y {dtype}")
+
+
+@pytest.mark.gpu
+def test_fused_cuda_forward_spectrum_fallback_and_backward(monkeypatch):
+    """A precomputed spectrum feeds the kernel; gradients flow through the composite backward; a size beyond the
+    kernel's shared memory (M/2 > 16384) and algorithm="fft" take the composite."""
+    monkeypatch.setenv(FUSED_FLAG, "1")
+    args = make_inputs(2, 8, 1000, 300, "cuda", torch.float32, options=("k_rev", "pregate", "postgate", "D"))
+    leaves = {k: v.requires_grad_() for k, v in args.items()}
+    y_ref, y_plain = _ref64(args), ref_call(args, monarch_conv_fft_ref)
+    spec = monarch_conv_filter(args["k"], 1000, k_rev=args["k_rev"])
+    inference = {k: v for k, v in args.items() if k not in ("k", "k_rev")}
+    y_spec, ran = _run_profiled(lambda: monarch_conv(**inference, filter_spectrum=spec))
+    assert ran
+    assert_within_budget(y_spec, y_ref, y_plain, "y from a precomputed spectrum")
+    y = monarch_conv(**leaves)
+    grads = torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y))
+    monkeypatch.delenv(FUSED_FLAG)
+    y_composite = monarch_conv(**leaves)
+    grads_composite = torch.autograd.grad(y_composite, list(leaves.values()), torch.ones_like(y))
+    assert all(torch.equal(g, g_c) for g, g_c in zip(grads, grads_composite, strict=True))
+
+    monkeypatch.setenv(FUSED_FLAG, "1")
+    _, ran = _run_profiled(lambda: monarch_conv(**args, algorithm="fft"))
+    assert not ran
+    long = make_inputs(1, 2, 20000, 100, "cuda", torch.float32, options=("D",))
+    assert fft_size(20000) // 2 > 16384
+    y_long, ran = _run_profiled(lambda: monarch_conv(**long))
+    assert not ran
+    assert_within_budget(y_long, _ref64(long), ref_call(long, monarch_conv_fft_ref), "y beyond the kernel")

@@ -1,7 +1,13 @@
 // Torch glue for the Monarch long convolution: schemas, argument checks, and the implementations of
 // subq::monarch_conv_fwd/bwd, subq::monarch_conv_filter and the internal subq::monarch_rfft/irfft. Both devices run
-// the ATen composite (csrc/monarch_conv/monarch_conv_cpu.cpp) until the fused Monarch-DFT CUDA kernels land; its
-// transforms are ATen's FFT on CPU and the Monarch DFT on CUDA unless the caller picks one (algorithm).
+// the ATen composite (csrc/monarch_conv/monarch_conv_cpu.cpp); its transforms are ATen's FFT on CPU and the Monarch
+// DFT on CUDA unless the caller picks one (algorithm). The fused Monarch-DFT CUDA forward
+// (csrc/monarch_conv/monarch_conv_fused.h) replaces the composite's forward for the sizes it supports when
+// SUBQ_EXPERIMENTAL_CONV_KERNELS=1, until it has been verified on a GPU; the backward stays the composite.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include <torch/library.h>
 
 #include "monarch_conv/monarch_conv.h"
@@ -11,6 +17,9 @@
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "monarch_conv/monarch_conv_fused.h"
 #endif
 
 namespace subq::glue {
@@ -82,12 +91,67 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
   return {u, k, k_rev, filter_spectrum, pregate, postgate, D, parse_algorithm(algorithm, u.device())};
 }
 
+#ifdef SUBQ_WITH_CUDA
+// Opt-in: the kernel was written and compiled without a GPU; it becomes the default once test_fused_cuda_forward
+// and the sanitizer cases have passed on one.
+bool fused_forward_enabled() {
+  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_CONV_KERNELS");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+// The fused forward for 16- and 32-bit u on CUDA, or nullopt where it does not take the size (M/2 complex values
+// beyond the device's shared memory): the caller then runs the composite. The filter's spectrum is the
+// precomputed one, or made here by the composite's Monarch DFT (H rows: small next to the B H rows of the op).
+std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
+  const Tensor& u_in = in.u;
+  if (u_in.scalar_type() == at::kDouble || in.algorithm != DftAlgorithm::kMonarch || u_in.size(0) == 0) {
+    return std::nullopt;
+  }
+  const int64_t B = u_in.size(0), H = u_in.size(1), L = u_in.size(2), M = monarch_conv::fft_size(L);
+  if (!monarch_conv_fused_fwd_supports(M)) return std::nullopt;
+  const Tensor spectrum = (in.filter_spectrum ? *in.filter_spectrum
+                                              : cpu::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
+                              .contiguous();
+  const Tensor u = u_in.contiguous();
+  const Tensor pregate = in.pregate ? in.pregate->contiguous() : Tensor();
+  const Tensor postgate = in.postgate ? in.postgate->contiguous() : Tensor();
+  const Tensor D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
+  Tensor y = at::empty_like(u);
+
+  MonarchConvFusedParams p;
+  p.dtype = u.scalar_type() == at::kFloat ? DType::kFloat32
+            : u.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  p.batch = B;
+  p.heads = H;
+  p.seqlen = L;
+  p.fft_size = M;
+  const std::vector<int64_t> factors = monarch_conv::monarch_factors(M / 2);
+  TORCH_CHECK(factors.size() <= kMonarchConvMaxStages, "monarch_conv: ", factors.size(), " Monarch stages for M = ",
+              M, ", the fused kernel takes at most ", kMonarchConvMaxStages);
+  p.num_factors = static_cast<int>(factors.size());
+  std::copy(factors.begin(), factors.end(), p.factors);
+  p.u = u.data_ptr();
+  p.pregate = pregate.defined() ? pregate.data_ptr() : nullptr;
+  p.postgate = postgate.defined() ? postgate.data_ptr() : nullptr;
+  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
+  p.filter_spectrum = reinterpret_cast<const float*>(spectrum.data_ptr<c10::complex<float>>());
+  p.y = y.data_ptr();
+  const Status status = run_monarch_conv_fused_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  if (status == Status::kUnsupported) return std::nullopt;
+  TORCH_CHECK(status == Status::kSuccess, "subq monarch_conv fused CUDA forward failed: ", status_string(status));
+  return y;
+}
+#endif
+
 Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_rev, const OptTensor& filter_spectrum,
                         const OptTensor& pregate, const OptTensor& postgate, const OptTensor& D,
                         c10::string_view algorithm) {
   auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm);
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(u.device());
+  if (u.is_cuda() && fused_forward_enabled()) {
+    if (auto y = fused_forward(in)) return *y;
+  }
 #endif
   return cpu::monarch_conv_fwd(in);
 }

@@ -2,10 +2,11 @@
 ``subq.ops.monarch_conv``, and ``subq.ops.monarch_conv_filter`` to precompute a filter's spectrum.
 
 Backed by ``torch.ops.subq.monarch_conv_fwd/bwd`` and ``torch.ops.subq.monarch_conv_filter``
-(csrc/torch/monarch_conv.cpp). Both devices run one ATen composite for now, its transforms by ATen's FFT on CPU and
-by the FFT-free Monarch DFT (csrc/monarch_conv/monarch_dft.h) on CUDA; the fused Monarch-DFT CUDA kernels are
-future work and will use the same FFT size rule (:func:`fft_size`). The Monarch transforms alone are exposed for
-tests and benchmarks as :func:`_monarch_rfft` / :func:`_monarch_irfft`.
+(csrc/torch/monarch_conv.cpp). Both devices run one ATen composite by default, its transforms by ATen's FFT on CPU
+and by the FFT-free Monarch DFT (csrc/monarch_conv/monarch_dft.h) on CUDA. A fused Monarch-DFT CUDA forward
+(csrc/monarch_conv/monarch_conv_fused_fwd.cu, same FFT size rule, :func:`fft_size`) is opt-in with
+``SUBQ_EXPERIMENTAL_CONV_KERNELS=1`` until it has been verified on a GPU; the backward is the composite either way.
+The Monarch transforms alone are exposed for tests and benchmarks as :func:`_monarch_rfft` / :func:`_monarch_irfft`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def fft_size(seqlen: int) -> int:
     """The FFT size M the op uses for sequence length L: the smallest even ``2^a 3^b 5^c 7^d >= 2L``.
 
     Even, so the Monarch DFT can take the real transform as a complex one of length M/2. One rule, in C++
-    (csrc/monarch_conv/monarch_conv.h), shared with the future CUDA kernels.
+    (csrc/monarch_conv/monarch_conv.h), shared with the fused CUDA forward.
     """
     return _C.monarch_conv_fft_size(int(seqlen))
 

@@ -1,0 +1,59 @@
+// The fused Monarch-DFT long convolution forward on CUDA, plain C++ API (raw device pointers, a CUDA stream; no
+// framework types). One CTA per (batch, channel) row computes, with the row held in shared memory throughout,
+//
+//   v = pregate * u;   y = postgate * (irfft(rfft(v, M) * K, M)[:L] + D * v)
+//
+// the op of monarch_conv_cpu.h, where K = rfft(c, M) is the combined filter's spectrum (monarch_conv_filter) and
+// M = fft_size(L). The real transforms are the half-size complex DFTs of monarch_dft.h in the same Monarch form:
+// stages of small dense DFTs F_n (n <= 64) along the axes of the (n1, ..., nr) view of the M/2 complex values, with
+// the same twiddle diagonals between them. The forward leaves the bins digit-reversed; the spectrum multiply works
+// on them in place, and the inverse runs the transposed factorisation (the stages in reverse order, conjugated),
+// which takes digit-reversed bins to natural order: no permutation pass, one M/2 complex64 buffer per CTA.
+//
+// First version, written without a GPU at hand: float32 SIMT arithmetic throughout (every small DFT a dense
+// matrix-vector product on CUDA cores). The next step is the small DFTs as tensor-core matmuls in the real 2x2-block
+// form (several rows per CTA, so each F_n multiplies a tile); not done blind, because its fragment layouts, bank
+// conflicts and the TF32 / 16-bit rounding of the DFT matrices need measurements and an error check on a device that
+// this version did not have. Opt-in until verified (SUBQ_EXPERIMENTAL_CONV_KERNELS, csrc/torch/monarch_conv.cpp).
+//
+// Every function returns a Status and never throws.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace subq {
+
+constexpr int kMonarchConvMaxStages = 4;     // order r of the factorisation (monarch_dft.h: 2 to 4)
+constexpr int kMonarchConvMaxFactor = 64;    // the largest small DFT
+
+struct MonarchConvFusedParams {
+  DType dtype = DType::kFloat32;    // u, pregate, postgate, y
+  int64_t batch = 0, heads = 0, seqlen = 0;  // B, H, L
+  int64_t fft_size = 0;             // M = fft_size(L) (monarch_conv.h): even, M >= 2L
+  // n1 .. nr of the length-M/2 complex DFT: monarch_factors(M / 2) (monarch_dft.h), so that the kernel and the
+  // composite use one factorisation. Their product must be M / 2, each in 2..64; r = 0 for M = 2.
+  int num_factors = 0;
+  int factors[kMonarchConvMaxStages] = {};
+
+  const void* u = nullptr;          // (B, H, L), contiguous
+  const void* pregate = nullptr;    // (B, H, L), contiguous; nullptr: none
+  const void* postgate = nullptr;   // (B, H, L), contiguous; nullptr: none
+  const float* D = nullptr;         // (H,); nullptr: no skip
+  const float* filter_spectrum = nullptr;  // (H, M/2 + 1) complex64 as interleaved (re, im) float pairs
+  void* y = nullptr;                // (B, H, L), contiguous, written
+};
+
+// Whether the kernel takes FFT size M on the current device: M/2 <= 16384 (the per-thread register tile) and the
+// M/2 complex values plus the small DFT matrices within the device's opt-in shared memory per block
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin: M up to 32K on sm_80 / sm_90, up to 16K on sm_89).
+bool monarch_conv_fused_fwd_supports(int64_t fft_size);
+
+// kUnsupported where monarch_conv_fused_fwd_supports is false (the caller takes its composite path);
+// kInvalidArgument for inconsistent sizes, factors or missing pointers; B == 0 does nothing.
+Status run_monarch_conv_fused_fwd(const MonarchConvFusedParams& params, cudaStream_t stream);
+
+}  // namespace subq
