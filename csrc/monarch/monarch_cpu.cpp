@@ -17,17 +17,45 @@ at::Tensor permuted_blocks(const at::Tensor& intermediate, int64_t tokens, int64
 
 }  // namespace
 
+// On the CPU the block-diagonal products run one GEMM per block, reading and writing column slices of the
+// (tokens, features) matrices in place (BLAS takes their row stride as the leading dimension). The batched form
+// would leave a (nblocks, tokens, block) result to transpose and copy, which in M2-BERT's GLU cost as much time as
+// the products. The CUDA fallback keeps one batched launch.
 at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t nblocks = w.size(0);
-  return at::bmm(blocks_first(x, nblocks), w.transpose(1, 2)).transpose(0, 1).reshape({x.size(0), nblocks * w.size(1)});
+  const int64_t nblocks = w.size(0), bo = w.size(1), bi = w.size(2);
+  if (!x.is_cpu()) {
+    return at::bmm(blocks_first(x, nblocks), w.transpose(1, 2)).transpose(0, 1).reshape({x.size(0), nblocks * bo});
+  }
+  at::Tensor y = at::empty({x.size(0), nblocks * bo}, x.options());
+  for (int64_t j = 0; j < nblocks; ++j) {
+    at::Tensor y_j = y.narrow(1, j * bo, bo);
+    at::mm_out(y_j, x.narrow(1, j * bi, bi), w[j].t());
+  }
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> blockdiag_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                                  std::array<bool, 2> output_mask) {
-  const int64_t nblocks = w.size(0);
-  const at::Tensor dy_b = blocks_first(dy, nblocks);
-  at::Tensor dx = output_mask[0] ? at::bmm(dy_b, w).transpose(0, 1).reshape(x.sizes()) : x.new_empty({0});
-  at::Tensor dw = output_mask[1] ? at::bmm(dy_b.transpose(1, 2), blocks_first(x, nblocks)) : x.new_empty({0});
+  const int64_t nblocks = w.size(0), bo = w.size(1), bi = w.size(2);
+  if (!x.is_cpu()) {
+    const at::Tensor dy_b = blocks_first(dy, nblocks);
+    at::Tensor dx = output_mask[0] ? at::bmm(dy_b, w).transpose(0, 1).reshape(x.sizes()) : x.new_empty({0});
+    at::Tensor dw = output_mask[1] ? at::bmm(dy_b.transpose(1, 2), blocks_first(x, nblocks)) : x.new_empty({0});
+    return {dx, dw};
+  }
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor dw = output_mask[1] ? at::empty(w.sizes(), w.options()) : x.new_empty({0});
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const at::Tensor dy_j = dy.narrow(1, j * bo, bo);
+    if (output_mask[0]) {
+      at::Tensor dx_j = dx.narrow(1, j * bi, bi);
+      at::mm_out(dx_j, dy_j, w[j]);
+    }
+    if (output_mask[1]) {
+      at::Tensor dw_j = dw[j];
+      at::mm_out(dw_j, dy_j.t(), x.narrow(1, j * bi, bi));
+    }
+  }
   return {dx, dw};
 }
 
