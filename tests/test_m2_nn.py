@@ -108,6 +108,24 @@ def test_hyena_spectrum_for_inference():
     assert torch.allclose(monarch_conv(u, filter_spectrum=f.spectrum(100)), y, atol=1e-5)
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bert", "gpt"])
+def test_sequence_mixer_inference_caches_the_filter_spectrum(bidirectional):
+    """Without autograd the mixer convolves with each filter's cached spectrum: the same outputs as the training
+    path, recomputed when the length or a parameter (in place, as optimizers update) changes, and only then."""
+    m = M2SequenceMixer(8, 128, bidirectional=bidirectional, dtype=F64)
+    x = torch.randn(2, 100, 8, dtype=F64)
+    with torch.no_grad():
+        y = m(x)
+        spectrum = m.filter.cached_spectrum(100, F64)
+        assert m.filter.cached_spectrum(100, F64) is spectrum
+    assert max_err(y, m(x)) < 1e-12
+    with torch.no_grad():
+        assert max_err(m(x[:, :90]), mixer_ref(m, x[:, :90])) < 1e-10  # another length: its own spectrum
+        next(m.filter.parameters()).mul_(1.5)
+        assert m.filter.cached_spectrum(100, F64) is not spectrum
+        assert max_err(m(x), mixer_ref(m, x)) < 1e-10
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dimension_mixer_is_glu_of_block_diagonal_matrices(device):
     m = M2DimensionMixer(24, expansion=2, nblocks=4, device=device, dtype=F64)

@@ -113,12 +113,23 @@ class HyenaFilter(nn.Module):
         k = self.fwd(features, tau)
         return (k, self.rev(features, tau)) if self.rev is not None else k
 
-    def spectrum(self, seqlen: int) -> torch.Tensor:
-        """The filters' spectrum at length ``seqlen`` for ``monarch_conv(..., filter_spectrum=...)`` (inference)."""
+    def spectrum(self, seqlen: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The filters' spectrum at length ``seqlen`` for ``monarch_conv(..., filter_spectrum=...)`` (inference),
+        from the filters cast to ``dtype`` when given."""
         with torch.no_grad():
             k = self(seqlen)
         k, k_rev = k if self.bidirectional else (k, None)
+        if dtype is not None:
+            k, k_rev = k.to(dtype), None if k_rev is None else k_rev.to(dtype)
         return monarch_conv_filter(k, seqlen, k_rev=k_rev)
+
+    def cached_spectrum(self, seqlen: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`spectrum`, kept until the length, the dtype or the parameters change (storage or in-place
+        version), so inference computes the implicit filter and its transform once, not on every call."""
+        key = (seqlen, dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        if getattr(self, "_spectrum_key", None) != key:
+            self._spectrum, self._spectrum_key = self.spectrum(seqlen, dtype), key
+        return self._spectrum
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, max_seq_len={self.max_seq_len}, bidirectional={self.bidirectional}"
@@ -179,6 +190,9 @@ class M2SequenceMixer(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, **factory)
 
     def _long_conv(self, filt: HyenaFilter, u: torch.Tensor, D: torch.Tensor, **gates) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # inference: the filter is constant
+            spectrum = filt.cached_spectrum(u.shape[-1], _param_dtype(u))
+            return monarch_conv(u, filter_spectrum=spectrum, D=D.to(_param_dtype(u)), **gates)
         k = filt(u.shape[-1])
         k, k_rev = k if self.bidirectional else (k, None)
         return monarch_conv(u, k.to(_param_dtype(u)), k_rev=None if k_rev is None else k_rev.to(_param_dtype(u)),
