@@ -136,6 +136,8 @@ def test_dimension_mixer_is_glu_of_block_diagonal_matrices(device):
     ref = (F.gelu(h[..., :48]) * h[..., 48:]) @ w_out.t() + m.out_proj.bias
     y = m(x)
     assert y.shape == x.shape and max_err(y, ref) < 1e-12
+    with torch.no_grad():  # the inference path, which multiplies in place
+        assert max_err(m(x), ref) < 1e-12
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     assert m.in_proj.bias is None and sum(p.numel() for p in m.parameters()) == (24 * 96 + 48 * 24) // 4 + 24
