@@ -105,6 +105,12 @@ __device__ __forceinline__ float block_inclusive_scan(float v, float* scratch) {
   return v;
 }
 
+// sigmoid(v) without an exp of a positive number.
+__device__ __forceinline__ float sigmoid(float v) {
+  const float e = expf(-fabsf(v));
+  return v >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
 // The sequence entering chunk c: the one its predecessor ends in (the first position's, for chunk 0), as the
 // forward's state_passing and chunk_scan kernels define it.
 __device__ __forceinline__ int32_t entering_seq(const int32_t* seq_idx, const Dims& d, int64_t b, int64_t c) {
@@ -191,7 +197,7 @@ __global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const T* 
     const float Dv = p.D ? (p.D_per_channel ? p.D[h * d.P + pp] : p.D[h]) : 0.f;
     float gv = dyv;
     if (z) {
-      const float zv = to_float(z[offset]), sig = 1.f / (1.f + expf(-zv));
+      const float zv = to_float(z[offset]), sig = sigmoid(zv);
       const float yv = to_float(y_ssm[offset]) + Dv * xv;
       gv = dyv * zv * sig;
       g[offset] = from_float<T>(gv);
@@ -273,7 +279,8 @@ __global__ void state_passing_backward_kernel(SsdBackwardParams p, Dims d, const
 
 // ---- 4. chunk_dcb: dCB[t, s] = sum_{h in group} (g_t . x_s) exp(cum_t - cum_s) dt_s, s <= t in one sequence ------
 // grid (b * nc, G, tiles * tiles), lower-triangular tiles; the diagonal tile's upper half is written as zeros.
-// The heads of a group are summed inside the block, in order: no atomics.
+// The heads of a group are summed inside the block, in order (no atomics), into a shared tile that each thread
+// reads and writes only at its own elements (registers would cost occupancy).
 template <typename T>
 __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const float* dtp, const float* cum,
                                  float* dcb) {
@@ -284,14 +291,14 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
   const T* x = static_cast<const T*>(p.x);
   __shared__ __align__(32) OperandTiles<T> sm;
   __shared__ __align__(32) OutTile out_tile;
+  __shared__ OutTile sum;
   __shared__ float cum_t[kTile], cum_s[kTile], dt_s[kTile];
   __shared__ int32_t seq_t[kTile], seq_s[kTile];
   if (threadIdx.x < kTile) {
     seq_t[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + ti * kTile + threadIdx.x);
     seq_s[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + si * kTile + threadIdx.x);
   }
-  constexpr int kPerThread = kTile * kTile / kThreads;
-  float sum[kPerThread] = {};
+  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) sum[i / kTile][i % kTile] = 0.f;
   for (int64_t j = 0; j < d.heads_per_group; ++j) {
     const int64_t h = grp * d.heads_per_group + j, row = (b * d.H + h) * d.Lp + c * d.Q;
     if (threadIdx.x < kTile) {
@@ -312,18 +319,18 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
           return pos < d.L ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) : 0.f;
         });
     store_tile(acc, out_tile);
-    for (int k = 0; k < kPerThread; ++k) {
-      const int i = threadIdx.x + k * kThreads, r = i / kTile, col = i % kTile;
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      const int r = i / kTile, col = i % kTile;
       // Masked before the exp: cum_t - cum_s <= 0 wherever it is taken (A < 0).
       if (si * kTile + col <= ti * kTile + r && seq_s[col] == seq_t[r])
-        sum[k] += out_tile[r][col] * expf(cum_t[r] - cum_s[col]) * dt_s[col];
+        sum[r][col] += out_tile[r][col] * expf(cum_t[r] - cum_s[col]) * dt_s[col];
     }
     __syncthreads();  // the next head rewrites the vectors and the tile
   }
   float* out = dcb + (((b * d.nc + c) * d.G + grp) * d.Q + ti * kTile) * d.Q + si * kTile;
-  for (int k = 0; k < kPerThread; ++k) {
-    const int i = threadIdx.x + k * kThreads, r = i / kTile, col = i % kTile;
-    out[r * d.Q + col] = sum[k];
+  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+    const int r = i / kTile, col = i % kTile;
+    out[r * d.Q + col] = sum[r][col];
   }
 }
 
@@ -579,10 +586,7 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const T* g
     if (p.dt_bias) v += p.dt_bias[h];
     const float soft = p.dt_softplus && v <= 20.f ? log1pf(expf(v)) : v;  // the forward's value, before the clamp
     if (p.has_dt_limit && !(soft >= p.dt_lo && soft <= p.dt_hi)) grad = 0.f;
-    if (p.dt_softplus && v <= 20.f) {  // sigmoid(v), without an exp of a positive number
-      const float e = expf(-fabsf(v));
-      grad *= v >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-    }
+    if (p.dt_softplus && v <= 20.f) grad *= sigmoid(v);  // softplus' = sigmoid below torch's threshold, else 1
     p.ddt[(b * d.L + pos) * d.H + h] = grad;
   }
   if (p.ddt_bias) {
