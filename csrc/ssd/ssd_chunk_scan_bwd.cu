@@ -308,7 +308,7 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
     }
     FragAcc acc[2][2];
     zero(acc);
-    mma_tile<true, true>(  // mma_tile's first barrier also publishes the vectors above
+    mma_tile<true, true>(  // its barriers publish the vectors above before the masking below reads them
         acc, sm, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + ti * kTile + r;
@@ -376,6 +376,7 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
     seq_s[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + s);
     to_end[threadIdx.x] = seq_s[threadIdx.x] == seq_last ? expf(cum[row + d.Q - 1] - cum[row + s]) : 0.f;
   }
+  __syncthreads();  // to the operand loaders
   FragAcc acc[2][2];
   zero(acc);
   const float* dS = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
@@ -399,7 +400,8 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       cum_t[threadIdx.x] = cum[row + tj * kTile + threadIdx.x];
       seq_t[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + tj * kTile + threadIdx.x);
     }
-    mma_tile<false, false>(  // scores[t, s] g[t, p]; the first barrier publishes the vectors above
+    __syncthreads();  // to the loaders (mma_tile's last barrier freed the previous tile's vectors)
+    mma_tile<false, false>(  // scores[t, s] g[t, p]
         acc, sm, tj * kTile, tj * kTile + kTile,
         [&](int r, int64_t t) {
           const int tl = static_cast<int>(t - tj * kTile);
@@ -450,8 +452,9 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       const bool same = seq_at(p.seq_idx, d, b, c * d.Q + t0 + threadIdx.x) == seq_in;
       from_start[threadIdx.x] = same ? expf(cum[row + t0 + threadIdx.x]) : 0.f;
     }
+    __syncthreads();  // to the loaders (mma_tile's last barrier frees it for the next head)
     const float* E = entering + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-    mma_tile<true, false>(  // the first barrier publishes from_start; the last one frees it for the next head
+    mma_tile<true, false>(
         acc, sm, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + t0 + r;
@@ -504,8 +507,9 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
       const bool same = seq_at(p.seq_idx, d, b, c * d.Q + s) == seq_last;
       weight[threadIdx.x] = same ? expf(cum[row + d.Q - 1] - cum[row + s]) * dtp[row + s] : 0.f;
     }
+    __syncthreads();  // to the loaders (mma_tile's last barrier frees it for the next head)
     const float* dS = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-    mma_tile<true, false>(  // the first barrier publishes weight; the last one frees it for the next head
+    mma_tile<true, false>(
         acc, sm, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + s0 + r;
