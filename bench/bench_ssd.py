@@ -63,12 +63,8 @@ def implementations(args) -> dict[str, Callable]:
     def subq_fn(inp):
         return ssd_chunk_scan(**inp, chunk_size=CHUNK, dt_softplus=True)
 
-    def subq_fused(inp):  # the tensor-core forward, opt-in until verified on a GPU (its backward is the composite)
-        os.environ[FUSED_FLAG] = "1"
-        try:
-            return ssd_chunk_scan(**inp, chunk_size=CHUNK, dt_softplus=True)
-        finally:
-            del os.environ[FUSED_FLAG]
+    def subq_fused(inp):  # the tensor-core kernels, opt-in until verified on a GPU: make_call sets the flag
+        return ssd_chunk_scan(**inp, chunk_size=CHUNK, dt_softplus=True)
 
     def reference(inp):
         return ssd_chunked_ref(**inp, chunk_size=CHUNK, dt_softplus=True)[0]
@@ -104,8 +100,21 @@ def make_call(fn, inp, pass_name):
     return forward_backward
 
 
-def time_impl(fn, inp, pass_name, device, repeats):
-    return h.timed_or_error(make_call(fn, inp, pass_name), device, repeats)
+def with_fused_flag(call):
+    """The call with the fused kernels switched on for all of it: the backward reads the flag when autograd runs
+    it, after the forward has returned."""
+    def flagged():
+        os.environ[FUSED_FLAG] = "1"
+        try:
+            return call()
+        finally:
+            del os.environ[FUSED_FLAG]
+    return flagged
+
+
+def time_impl(name, fn, inp, pass_name, device, repeats):
+    call = make_call(fn, inp, pass_name)
+    return h.timed_or_error(with_fused_flag(call) if name == "subq_fused" else call, device, repeats)
 
 
 def check(args, device) -> dict:
@@ -138,7 +147,7 @@ def main() -> None:
         inp = make_inputs(args, seqlen, dtype, device)
         for pass_name in PASSES:
             scale = 1 if pass_name == "fwd" else 3
-            timed = {name: time_impl(fn, inp, pass_name, device, args.repeats) for name, fn in impls.items()}
+            timed = {name: time_impl(name, fn, inp, pass_name, device, args.repeats) for name, fn in impls.items()}
             flops = {name: scale * ssd_flops(args, seqlen) for name in impls}
             flops["sdpa"] = (1 if pass_name == "fwd" else 3.5) * sdpa_flops(args, seqlen)
             row = {

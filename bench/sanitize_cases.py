@@ -126,6 +126,39 @@ def run_monarch_conv_fused(dtype: torch.dtype) -> None:
     torch.cuda.synchronize()
 
 
+def run_ssd_fused(dtype: torch.dtype) -> None:
+    """The fused SSD chunk scan forward and backward (opt-in flag set): a short last chunk, P and N off the tiles,
+    groups, per-channel D, z, the dt chain, initial and final states, seq_idx; then a case without D or z."""
+    from subq.ops import ssd_chunk_scan
+
+    previous = os.environ.get("SUBQ_EXPERIMENTAL_SSD_KERNELS")
+    os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"] = "1"
+    try:
+        batch, seqlen, heads, head_dim, groups, dstate = 2, 150, 4, 40, 2, 24
+        kw = dict(device="cuda", dtype=dtype, requires_grad=True)
+        x, z = (torch.randn(batch, seqlen, heads, head_dim, **kw) for _ in range(2))
+        B, C = (torch.randn(batch, seqlen, groups, dstate, **kw) for _ in range(2))
+        dt = torch.rand(batch, seqlen, heads, **kw)
+        A = -torch.rand(heads, device="cuda").add(0.1).requires_grad_()
+        D = torch.randn(heads, head_dim, device="cuda", requires_grad=True)
+        dt_bias = torch.randn(heads, device="cuda", requires_grad=True)
+        h0 = torch.randn(batch, heads, head_dim, dstate, device="cuda", requires_grad=True)
+        seq_idx = torch.zeros(batch, seqlen, device="cuda", dtype=torch.int32)
+        seq_idx[:, 70:] = 1
+        y, final = ssd_chunk_scan(x, dt, A, B, C, chunk_size=64, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                  dt_limit=(0.01, 2.0), initial_states=h0, seq_idx=seq_idx,
+                                  return_final_states=True)
+        torch.autograd.backward((y, final), (torch.randn_like(y), torch.randn_like(final)))
+        y = ssd_chunk_scan(x, dt, A, B, C, chunk_size=128)
+        y.backward(torch.randn_like(y))
+    finally:
+        if previous is None:
+            del os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"]
+        else:
+            os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"] = previous
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False)):
         run(dtype, tf32)
@@ -136,4 +169,5 @@ if __name__ == "__main__":
         run_monarch_conv_fused(dtype)
     for dtype in (torch.bfloat16, torch.float16):
         run_flash_fused(dtype)
+        run_ssd_fused(dtype)
     print("sanitize cases ran")

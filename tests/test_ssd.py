@@ -325,3 +325,63 @@ def test_fused_cuda_forward(case, dtype, monkeypatch):
     monkeypatch.delenv("SUBQ_EXPERIMENTAL_SSD_KERNELS")
     y_composite = ssd_chunk_scan(**args, **opts, chunk_size=chunk)
     assert max_err(y, y_composite) <= 2 * max_err(y_plain, y_ref) + 1e-3
+
+
+# ---- the fused CUDA backward (same flag) ---------------------------------------------------------------------------
+
+# Every chunk size, L % Q != 0, P and N off the 64-tiles (P = 80: a full and a partial P tile), groups, both D
+# shapes, z, the whole dt chain, initial states, seq_idx; "final": False sends no gradient to the final states.
+FUSED_BWD_CASES = [
+    (2, 300, 4, 64, 1, 128, 256, {"D": "head", "dt_softplus": True}),
+    (1, 1, 2, 32, 1, 16, 64, {"final": False}),
+    (2, 257, 6, 48, 3, 40, 128, {"D": "headdim", "z": True, "dt_bias": True, "dt_softplus": True,
+                                 "dt_limit": (0.01, 0.5), "initial_states": True}),
+    (1, 190, 4, 128, 2, 256, 64, {"seq_idx": (40, 64, 65, 128), "initial_states": True, "D": "head", "z": True}),
+    (2, 520, 4, 80, 1, 72, 256, {"z": True, "dt_bias": True, "dt_softplus": True, "seq_idx": (100, 256, 400),
+                                 "final": False}),
+    (1, 200, 6, 16, 2, 8, 128, {"D": "headdim", "dt_limit": (0.1, 0.3), "initial_states": True}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FUSED_BWD_CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-P{c[3]}-G{c[4]}-N{c[5]}-Q{c[6]}")
+def test_fused_cuda_backward(case, dtype, monkeypatch):
+    """Every gradient of the fused path against float64 autograd through the chunked reference, within the error
+    budget of the same reference run in the low precision (assert_within_budget also rejects NaN and Inf)."""
+    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SSD_KERNELS", "1")
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
+    opts = dict(opts)
+    with_final = opts.pop("final", True)
+    tensor_opts = {k: opts.pop(k) for k in ("D", "z", "dt_bias", "initial_states") if k in opts}
+    args = make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, "cuda", dtype, param_dtype=torch.float32,
+                       **tensor_opts)
+    if "seq_idx" in opts:
+        opts["seq_idx"] = packed_seq_idx(batch, seqlen, opts["seq_idx"], "cuda")
+    names = list(args)
+    dy = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=dtype)
+    dfinal = torch.randn(batch, nheads, headdim, dstate, device="cuda")
+
+    def grads(inputs, run):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        y, final = run(leaves)
+        loss = (y * dy.to(y.dtype)).sum()
+        if with_final:
+            loss = loss + (final * dfinal.to(final.dtype)).sum()
+        return torch.autograd.grad(loss, [leaves[n] for n in names])
+
+    def fused(leaves):
+        return ssd_chunk_scan(**leaves, **opts, chunk_size=chunk, return_final_states=True)
+
+    def reference(leaves):
+        return ssd_chunked_ref(**leaves, **opts, chunk_size=chunk)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = grads(args, fused)
+        torch.cuda.synchronize()
+    assert any("chunk_dx_kernel" in e.name for e in prof.events()), "the fused backward did not run"
+    ref = grads({k: v.double() for k, v in args.items()}, reference)
+    plain = grads(args, reference)
+    for name, g, g_ref, g_plain in zip(names, got, ref, plain, strict=True):
+        assert g.dtype == args[name].dtype, name
+        assert_within_budget(g, g_ref, g_plain, f"d{name} {dtype}")

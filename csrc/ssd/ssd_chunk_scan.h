@@ -7,6 +7,8 @@
 //                  the state entering each chunk;
 //   chunk_scan     y_t = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) dt'_s x_s + exp(cum_t) C_t . h_entering
 //                        + D x_t, then times silu(z_t).
+// The backward recomputes the first four (and the SSM output) and walks the same steps' adjoints in reverse; see
+// csrc/ssd/ssd_chunk_scan_bwd.cu.
 // Packed sequences (seq_idx) reset the state where the index changes, as in csrc/ssd/ssd_chunk_scan_cpu.cpp.
 // Inputs are 16-bit (float16 / bfloat16) and dense (contiguous); decays, scans and states are float32.
 // Every function returns a Status and never throws.
@@ -54,5 +56,50 @@ size_t ssd_forward_workspace_bytes(const SsdShape& shape);
 // kInvalidArgument for shapes outside the kernels' range (chunk_size not 64/128/256, P > 128, N > 256, empty
 // dimensions are fine and do nothing); kUnsupported for float32 inputs (the caller takes its composite path).
 Status run_ssd_forward(const SsdForwardParams& params, cudaStream_t stream);
+
+// The gradients of the forward above given dy (and optionally dfinal_states). The inputs are the forward's; every
+// gradient of a present input is written in full, those of absent inputs (D, z, dt_bias, initial_states) are not.
+// dx, dB, dC, dz are 16-bit like their inputs; the others float32. dA, dD and ddt_bias are sums over the batch and
+// the sequence, accumulated with float32 atomics (their order, so their last bits, may vary run to run); every
+// other gradient is reduced in a fixed order.
+struct SsdBackwardParams {
+  DType dtype = DType::kBFloat16;   // x, B, C, z, dy, dx, dB, dC, dz: kFloat16 or kBFloat16
+  SsdShape shape;
+  bool dt_softplus = false;
+  float dt_lo = 0.f, dt_hi = 0.f;
+  bool has_dt_limit = false;
+
+  const void* x = nullptr;          // the forward's inputs, as in SsdForwardParams
+  const float* dt = nullptr;
+  const float* A = nullptr;
+  const void* B = nullptr;
+  const void* C = nullptr;
+  const float* D = nullptr;
+  bool D_per_channel = false;
+  const void* z = nullptr;
+  const float* dt_bias = nullptr;
+  const float* initial_states = nullptr;
+  const int32_t* seq_idx = nullptr;
+
+  const void* dy = nullptr;                // (b, L, H, P)
+  const float* dfinal_states = nullptr;    // (b, H, P, N); nullptr: no gradient reaches the final states
+
+  void* dx = nullptr;               // (b, L, H, P)
+  float* ddt = nullptr;             // (b, L, H): the gradient of the raw dt
+  float* dA = nullptr;              // (H,)
+  void* dB = nullptr;               // (b, L, G, N)
+  void* dC = nullptr;               // (b, L, G, N)
+  float* dD = nullptr;              // D's shape; written when D is given
+  void* dz = nullptr;               // (b, L, H, P); written when z is given
+  float* ddt_bias = nullptr;        // (H,); written when dt_bias is given
+  float* dinitial_states = nullptr; // (b, H, P, N); written when initial_states is given
+  void* workspace = nullptr;        // ssd_backward_workspace_bytes(shape) bytes, 256-byte aligned
+};
+
+size_t ssd_backward_workspace_bytes(const SsdShape& shape);
+
+// The same shape and dtype rules as run_ssd_forward; kInvalidArgument also when a gradient output of a present
+// input is missing.
+Status run_ssd_backward(const SsdBackwardParams& params, cudaStream_t stream);
 
 }  // namespace subq

@@ -3,6 +3,7 @@
 // K staged through shared memory 32 (or 64) at a time; every global load is bounds-checked and zero-filled, so
 // the last chunk, P and N need not be tile multiples.
 #include "ssd/ssd_chunk_scan.h"
+#include "ssd/ssd_chunk_scan_tiles.cuh"
 
 #include "common/convert.cuh"
 
@@ -12,49 +13,6 @@
 
 namespace subq {
 namespace {
-
-using namespace nvcuda;
-
-constexpr int kTile = 64;      // output tile edge
-constexpr int kThreads = 128;  // 4 warps, 2 x 2 of 32 x 32
-constexpr int kStep = 32;      // K elements staged per shared-memory round
-constexpr int kPad = 8;        // row padding of 16-bit tiles: fewer bank conflicts, rows stay 32-byte aligned
-constexpr int kOutPad = 4;     // row padding of the float32 output tile
-
-struct Dims {
-  int64_t b, L, H, P, G, N, Q, nc, Lp, heads_per_group;
-};
-
-Dims make_dims(const SsdShape& s) {
-  Dims d;
-  d.b = s.batch, d.L = s.seqlen, d.H = s.heads, d.P = s.head_dim, d.G = s.groups, d.N = s.state_dim;
-  d.Q = s.chunk_size;
-  d.nc = (d.L + d.Q - 1) / d.Q;
-  d.Lp = d.nc * d.Q;
-  d.heads_per_group = d.H / d.G;
-  return d;
-}
-
-// Padded positions continue the last sequence (they carry dt = 0 and zero inputs, so they change nothing).
-__device__ __forceinline__ int32_t seq_at(const int32_t* seq_idx, const Dims& d, int64_t b, int64_t pos) {
-  if (seq_idx == nullptr) return 0;
-  return seq_idx[b * d.L + (pos < d.L ? pos : d.L - 1)];
-}
-
-template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragAcol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-template <typename T>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragBcol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-__device__ __forceinline__ void zero(FragAcc (&acc)[2][2]) {
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-}
 
 // ---- 1. chunk_cumsum: processed dt and the inclusive cumulative sum of dt * A within each chunk -----------------
 // grid (b * nc, H), block Q threads (64..256, whole warps).
@@ -319,25 +277,6 @@ __global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, 
     }
     y[offset] = from_float<T>(out);
   }
-}
-
-size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-struct Workspace {
-  float *dtp, *cum, *cb, *states;
-};
-
-Workspace carve(void* base, const Dims& d) {
-  auto* bytes = static_cast<unsigned char*>(base);
-  Workspace w;
-  w.dtp = reinterpret_cast<float*>(bytes);
-  bytes += aligned(sizeof(float) * d.b * d.H * d.Lp);
-  w.cum = reinterpret_cast<float*>(bytes);
-  bytes += aligned(sizeof(float) * d.b * d.H * d.Lp);
-  w.cb = reinterpret_cast<float*>(bytes);
-  bytes += aligned(sizeof(float) * d.b * d.nc * d.G * d.Q * d.Q);
-  w.states = reinterpret_cast<float*>(bytes);
-  return w;
 }
 
 template <typename T>

@@ -1,7 +1,8 @@
 // Torch glue for the Mamba-2 SSD chunk scan: schemas, argument checks, and the implementations of
-// subq::ssd_chunk_scan_fwd/bwd. The ATen composite (csrc/ssd/ssd_chunk_scan_cpu.cpp) serves the CPU, the backward
-// and every case the CUDA kernels do not take; the fused CUDA forward (csrc/ssd/ssd_chunk_scan.h) runs for 16-bit
-// inputs when SUBQ_EXPERIMENTAL_SSD_KERNELS=1, until it has been verified on a GPU.
+// subq::ssd_chunk_scan_fwd/bwd. The ATen composite (csrc/ssd/ssd_chunk_scan_cpu.cpp) serves the CPU and every case
+// the CUDA kernels do not take; the fused CUDA forward and backward (csrc/ssd/ssd_chunk_scan.h) run for 16-bit
+// inputs only when SUBQ_EXPERIMENTAL_SSD_KERNELS=1: they were written without a GPU, and stay opt-in until their
+// tests (tests/test_ssd.py, test_fused_cuda_*) and compute-sanitizer have passed on one.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -94,7 +95,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 }
 
 #ifdef SUBQ_WITH_CUDA
-bool fused_forward_enabled() {
+bool fused_kernels_enabled() {
   const char* flag = std::getenv("SUBQ_EXPERIMENTAL_SSD_KERNELS");
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
@@ -147,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd_cuda(const Tensor& x, cons
                                                            const OptTensor& cu_seqlens, int64_t chunk_size,
                                                            bool dt_softplus, double dt_min, double dt_max) {
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (fused_forward_enabled() && half && !cu_seqlens && x.numel() > 0) {
+  if (fused_kernels_enabled() && half && !cu_seqlens && x.numel() > 0) {
     auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
     return fused_forward(in, make_options(chunk_size, dt_softplus, dt_min, dt_max));
   }
@@ -156,17 +157,21 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd_cuda(const Tensor& x, cons
 }
 #endif
 
+void check_backward_inputs(const Tensor& dy, const OptTensor& dfinal_states, const Tensor& x, const Tensor& B) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  if (dfinal_states) {
+    TORCH_CHECK(dfinal_states->sizes() == at::IntArrayRef({x.size(0), x.size(2), x.size(3), B.size(3)}),
+                "dfinal_states must have shape (batch, nheads, headdim, dstate), got ", dfinal_states->sizes());
+  }
+}
+
 std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal_states, const Tensor& x,
                                        const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
                                        const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                                        const OptTensor& initial_states, const OptTensor& seq_idx, int64_t chunk_size,
                                        bool dt_softplus, double dt_min, double dt_max) {
   auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
-  if (dfinal_states) {
-    TORCH_CHECK(dfinal_states->sizes() == at::IntArrayRef({x.size(0), x.size(2), x.size(3), B.size(3)}),
-                "dfinal_states must have shape (batch, nheads, headdim, dstate), got ", dfinal_states->sizes());
-  }
+  check_backward_inputs(dy, dfinal_states, x, B);
   auto opt = make_options(chunk_size, dt_softplus, dt_min, dt_max);
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(x.device());
@@ -174,6 +179,87 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal
   return cpu::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
 }
 
+
+#ifdef SUBQ_WITH_CUDA
+// The tensor-core backward: the forward's operand layouts (see fused_forward), dy in x's dtype, float32 dfinal_states.
+// Gradients come back in their inputs' dtypes, as the composite returns them.
+std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const cpu::SsdInputs& in,
+                                   const cpu::SsdOptions& opt) {
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const Tensor x = in.x.contiguous(), B = in.B.contiguous(), C = in.C.contiguous();
+  const Tensor dt = f32(in.dt), A = f32(in.A);
+  const Tensor D = in.D ? f32(*in.D) : Tensor(), dt_bias = in.dt_bias ? f32(*in.dt_bias) : Tensor();
+  const Tensor z = in.z ? in.z->contiguous() : Tensor();
+  const Tensor init = in.initial_states ? f32(*in.initial_states) : Tensor();
+  const Tensor seq = in.seq_idx ? in.seq_idx->to(at::kInt).contiguous() : Tensor();
+  const Tensor g_out = dy.to(x.scalar_type()).contiguous();
+  const Tensor dfinal = dfinal_states ? f32(*dfinal_states) : Tensor();
+
+  SsdBackwardParams p;
+  p.dtype = x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.shape = {x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), opt.chunk_size};
+  p.dt_softplus = opt.dt_softplus;
+  p.has_dt_limit = opt.has_dt_limit;
+  p.dt_lo = static_cast<float>(opt.dt_min);
+  p.dt_hi = static_cast<float>(opt.dt_max);
+  p.x = x.data_ptr();
+  p.dt = dt.data_ptr<float>();
+  p.A = A.data_ptr<float>();
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
+  p.D_per_channel = D.defined() && D.dim() == 2;
+  p.z = z.defined() ? z.data_ptr() : nullptr;
+  p.dt_bias = dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr;
+  p.initial_states = init.defined() ? init.data_ptr<float>() : nullptr;
+  p.seq_idx = seq.defined() ? seq.data_ptr<int32_t>() : nullptr;
+  p.dy = g_out.data_ptr();
+  p.dfinal_states = dfinal.defined() ? dfinal.data_ptr<float>() : nullptr;
+
+  auto f32_like = [](const Tensor& t) { return at::empty(t.sizes(), t.options().dtype(at::kFloat)); };
+  Tensor dx = at::empty_like(x), dB = at::empty_like(B), dC = at::empty_like(C);
+  Tensor ddt = f32_like(dt), dA = f32_like(A);
+  Tensor dD = D.defined() ? f32_like(D) : Tensor(), dz = z.defined() ? at::empty_like(z) : Tensor();
+  Tensor ddt_bias = dt_bias.defined() ? f32_like(dt_bias) : Tensor();
+  Tensor dinit = init.defined() ? f32_like(init) : Tensor();
+  Tensor workspace = at::empty({static_cast<int64_t>(ssd_backward_workspace_bytes(p.shape))},
+                               x.options().dtype(at::kByte));
+  p.dx = dx.data_ptr();
+  p.ddt = ddt.data_ptr<float>();
+  p.dA = dA.data_ptr<float>();
+  p.dB = dB.data_ptr();
+  p.dC = dC.data_ptr();
+  p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
+  p.dz = dz.defined() ? dz.data_ptr() : nullptr;
+  p.ddt_bias = ddt_bias.defined() ? ddt_bias.data_ptr<float>() : nullptr;
+  p.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
+  p.workspace = workspace.data_ptr();
+  const Status status = run_ssd_backward(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == Status::kSuccess, "subq ssd_chunk_scan CUDA backward failed: ", status_string(status));
+
+  auto like = [&](const std::optional<Tensor>& input, const Tensor& grad) {
+    return input ? grad.to(input->scalar_type()) : x.new_empty({0});
+  };
+  return {dx, ddt.to(in.dt.scalar_type()), dA.to(in.A.scalar_type()), dB, dC, like(in.D, dD), like(in.z, dz),
+          like(in.dt_bias, ddt_bias), like(in.initial_states, dinit)};
+}
+
+std::vector<Tensor> ssd_chunk_scan_bwd_cuda(const Tensor& dy, const OptTensor& dfinal_states, const Tensor& x,
+                                            const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+                                            const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                                            const OptTensor& initial_states, const OptTensor& seq_idx,
+                                            int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (fused_kernels_enabled() && half && x.numel() > 0) {
+    auto in = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
+    check_backward_inputs(dy, dfinal_states, x, B);
+    return fused_backward(dy, dfinal_states, in, make_options(chunk_size, dt_softplus, dt_min, dt_max));
+  }
+  return ssd_chunk_scan_bwd(dy, dfinal_states, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
+                            dt_softplus, dt_min, dt_max);
+}
+#endif
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -193,10 +279,11 @@ TORCH_LIBRARY_IMPL(subq, CPU, m) {
 TORCH_LIBRARY_IMPL(subq, CUDA, m) {
 #ifdef SUBQ_WITH_CUDA
   m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd_cuda);
+  m.impl("ssd_chunk_scan_bwd", &ssd_chunk_scan_bwd_cuda);
 #else
   m.impl("ssd_chunk_scan_fwd", &ssd_chunk_scan_fwd);
-#endif
   m.impl("ssd_chunk_scan_bwd", &ssd_chunk_scan_bwd);
+#endif
 }
 
 }  // namespace subq::glue
