@@ -1,5 +1,6 @@
-// FLASH mixed-chunk attention forward and backward on tensor cores (Hua et al. 2022), plain C++ API (raw device pointers, a CUDA
-// stream; no framework types). The sequence is split into G = ceil(L / C) chunks; three kernels:
+// FLASH mixed-chunk attention forward and backward on tensor cores (Hua et al. 2022), plain C++ API (raw device
+// pointers, a CUDA stream; no framework types). The sequence is split into G = ceil(L / C) chunks; the forward runs
+// three kernels:
 //   chunk_states   K_lin,gᵀ V_g (S x E) per chunk g into a float32 workspace (G x S x E per batch row);
 //   state_prefix   in place over the chunks: the exclusive prefix sum (causal: strictly earlier chunks) or the
 //                  total (bidirectional: every chunk, left in chunk 0's slot), times lin_scale;
@@ -7,7 +8,7 @@
 //                  and keys after the query when causal) + Q_lin state, times u; written in the input dtype.
 // The backward (flash_chunk_attention_bwd.cu) recomputes the states with the same two kernels, and the states'
 // gradients with them too (on Q_lin and dO, the prefix reversed); then per chunk the score gradients, the value
-// gradient and the four feature gradients (see run_flash_chunk_attention_bwd).
+// gradient and the four feature gradients (the list is at the top of that file).
 // The math, scaling and masking are those of the ATen composite (csrc/flash/flash_attention_cpu.cpp).
 // Inputs are 16-bit (float16 / bfloat16) and contiguous; products accumulate in float32.
 // Every function returns a Status and never throws.

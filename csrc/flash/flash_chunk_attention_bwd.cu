@@ -161,7 +161,7 @@ __device__ __forceinline__ int64_t state_offset(const Dims& d, bool causal, cons
   return (c.b * d.G + (causal ? c.g : 0)) * d.S * d.E;
 }
 
-// ---- gate_gradient: dO = dout ⊙ u ---------------------------------------------------------------------------------
+// ---- gate_gradient: dO = dout ⊙ u -----------------------------------------------------------------------------------
 template <typename T>
 __global__ void gate_gradient_kernel(const T* __restrict__ dout, const T* __restrict__ u, int64_t n,
                                      T* __restrict__ d_out_gated) {
@@ -243,7 +243,7 @@ __global__ void score_gradient_kernel(Tensors<T> t) {
   }
 }
 
-// ---- output_gradient: du = dout ⊙ (P V + Q_lin state) ------------------------------------------------------------
+// ---- output_gradient: du = dout ⊙ (P V + Q_lin state) ---------------------------------------------------------------
 // grid (B * G, C / 64, ceil(E / 128)): chunk, query tile, value tile.
 template <typename T>
 __global__ void output_gradient_kernel(Tensors<T> t) {
@@ -279,7 +279,7 @@ __global__ void output_gradient_kernel(Tensors<T> t) {
   });
 }
 
-// ---- value_gradient: dV = Pᵀ dO + K_lin dstate -----------------------------------------------------------------------
+// ---- value_gradient: dV = Pᵀ dO + K_lin dstate ----------------------------------------------------------------------
 // grid (B * G, C / 64, ceil(E / 128)): chunk, key tile, value tile.
 template <typename T>
 __global__ void value_gradient_kernel(Tensors<T> t) {
@@ -312,7 +312,7 @@ __global__ void value_gradient_kernel(Tensors<T> t) {
   });
 }
 
-// ---- feature_gradient: one of the four (B, L, S) gradients --------------------------------------------------------
+// ---- feature_gradient: one of the four (B, L, S) gradients ----------------------------------------------------------
 enum class Feature { kQuadQuery, kQuadKey, kLinQuery, kLinKey };
 
 // grid (B * G, C / 64, ceil(S / 64)): chunk, position tile, feature tile.
@@ -371,7 +371,7 @@ __global__ void feature_gradient_kernel(Tensors<T> t) {
   });
 }
 
-// ---- workspace and launch ------------------------------------------------------------------------------------------
+// ---- workspace and launch -------------------------------------------------------------------------------------------
 
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
