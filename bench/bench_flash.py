@@ -1,5 +1,5 @@
 """FLASH mixed-chunk attention, side by side in one process: subq.ops.flash_chunk_attention (the composite, and as
-subq_fused its tensor-core forward, opt-in with SUBQ_EXPERIMENTAL_FLASH_KERNELS=1) vs the chunked PyTorch
+subq_fused its tensor-core forward and backward, opt-in with SUBQ_EXPERIMENTAL_FLASH_KERNELS=1) vs the chunked PyTorch
 reference (eager and torch.compile, same dtype) vs scaled_dot_product_attention of a Transformer layer of the same
 width (d_model split into heads of 64 and of 128 dims), bidirectional and causal.
 
@@ -15,8 +15,9 @@ and 3x that for forward+backward. SDPA's: 4*B*L²*d per forward (half of it caus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +34,22 @@ PASSES = ("fwd", "fwd+bwd")
 MODES = ("bidirectional", "causal")
 SDPA_HEADDIMS = (64, 128)
 FUSED_FLAG = "SUBQ_EXPERIMENTAL_FLASH_KERNELS"
+GRAD_KEYS = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "u")  # the inputs fwd+bwd differentiates
+
+
+@contextlib.contextmanager
+def fused_kernels() -> Iterator[None]:
+    """The fused forward and backward for the duration (opt-in until verified on a GPU); the previous value of the
+    flag comes back after, so the calls nest."""
+    previous = os.environ.get(FUSED_FLAG)
+    os.environ[FUSED_FLAG] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FUSED_FLAG]
+        else:
+            os.environ[FUSED_FLAG] = previous
 
 
 def make_inputs(args, seqlen, dtype, device):
@@ -63,12 +80,9 @@ def implementations(args, causal: bool) -> dict[str, Callable]:
     def subq_fn(inp):
         return flash_chunk_attention(*(inp[k] for k in keys), chunk_size=args.chunk_size, causal=causal)
 
-    def subq_fused(inp):  # the tensor-core forward, opt-in until verified on a GPU (its backward is the composite)
-        os.environ[FUSED_FLAG] = "1"
-        try:
+    def subq_fused(inp):  # the tensor-core forward; make_call keeps the flag on through its backward too
+        with fused_kernels():
             return subq_fn(inp)
-        finally:
-            del os.environ[FUSED_FLAG]
 
     def reference(inp):
         return flash_chunked_ref(*(inp[k] for k in keys), chunk_size=args.chunk_size, causal=causal)
@@ -90,12 +104,14 @@ def make_call(fn, inp, pass_name, name):
             with torch.no_grad():
                 return fn(inp)
         return forward
-    leaves = [inp["x"]] if name.startswith("sdpa") else [inp[k] for k in ("q_quad", "k_quad", "q_lin", "k_lin",
-                                                                           "v", "u")]
+    leaves = [inp["x"]] if name.startswith("sdpa") else [inp[k] for k in GRAD_KEYS]
+    # autograd.grad runs subq_fused's backward after subq_fused has returned: the flag stays on around both
+    context = fused_kernels if name == "subq_fused" else contextlib.nullcontext
 
     def forward_backward():
-        out = fn(inp)
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        with context():
+            out = fn(inp)
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
     return forward_backward
 
 
@@ -105,17 +121,26 @@ def time_impl(fn, inp, pass_name, name, device, repeats):
 
 def check(args, device) -> dict:
     """subq and subq_fused in the benchmarked dtype against the float64 chunked reference on the smallest size, both
-    modes (subq_fused is the composite again where the fused forward does not run: CPU, float32)."""
+    modes, and subq_fused's gradients too (subq_fused is the composite again where the fused kernels do not run: CPU,
+    float32)."""
     inp = make_inputs(args, min(args.seqlen), h.DTYPES[args.dtype], device)
     keys = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "u", "rel_bias")
-    rel = {"subq": 0.0, "subq_fused": 0.0}
-    with torch.no_grad():
-        for causal in (False, True):
-            impls = implementations(args, causal)
-            ref = flash_chunked_ref(*(inp[k].double() for k in keys), chunk_size=args.chunk_size, causal=causal)
-            for name in rel:
+    rel = {"subq": 0.0, "subq_fused": 0.0, "subq_fused_grads": 0.0}
+    for causal in (False, True):
+        impls = implementations(args, causal)
+        leaves64 = {k: inp[k].detach().double().requires_grad_(k in GRAD_KEYS) for k in keys}
+        ref = flash_chunked_ref(*leaves64.values(), chunk_size=args.chunk_size, causal=causal)
+        with torch.no_grad():
+            for name in ("subq", "subq_fused"):
                 out = impls[name](inp)
                 rel[name] = max(rel[name], ((out.double() - ref).norm() / ref.norm()).item())
+        dout = torch.randn_like(inp["v"])
+        with fused_kernels():
+            out = impls["subq_fused"](inp)
+            grads = torch.autograd.grad(out, [inp[k] for k in GRAD_KEYS], dout)
+        grads_ref = torch.autograd.grad(ref, [leaves64[k] for k in GRAD_KEYS], dout.double())
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            rel["subq_fused_grads"] = max(rel["subq_fused_grads"], ((g.double() - g_ref).norm() / g_ref.norm()).item())
     tol = 1e-2 if args.dtype in ("bf16", "fp16") else 1e-4
     worst = max(rel.values())
     return {"rel_err": worst, "rel_err_by_impl": rel, "tol": tol, "ok": worst <= tol}

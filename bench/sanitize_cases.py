@@ -84,18 +84,22 @@ def run_causal_conv1d(dtype: torch.dtype) -> None:
 
 
 def run_flash_fused(dtype: torch.dtype) -> None:
-    """The fused flash_chunk_attention forward (opt-in flag set here): a short last chunk with a query tile wholly
-    past L, L < C, S off the 32-feature step, E off the value tiles, gate and bias, both modes."""
+    """The fused flash_chunk_attention forward and backward (opt-in flag set here): a short last chunk with a query
+    tile wholly past L, L < C, S off the 32-feature step, E off the value tiles, with gate and bias (the first shape)
+    and without (the second), both modes."""
     from subq.ops import flash_chunk_attention
 
     os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"] = "1"
     try:
-        for batch, seqlen, s, e, chunk in ((2, 150, 40, 130, 128), (1, 50, 8, 24, 64)):
-            qk = [torch.randn(batch, seqlen, s, device="cuda", dtype=dtype) for _ in range(4)]
-            v, u = (torch.randn(batch, seqlen, e, device="cuda", dtype=dtype) for _ in range(2))
-            rel_bias = torch.randn(2 * chunk - 1, device="cuda")
+        for batch, seqlen, s, e, chunk, gated in ((2, 150, 40, 130, 128, True), (1, 50, 8, 24, 64, False)):
+            kw = dict(device="cuda", dtype=dtype, requires_grad=True)
+            qk = [torch.randn(batch, seqlen, s, **kw) for _ in range(4)]
+            v = torch.randn(batch, seqlen, e, **kw)
+            u = torch.randn(batch, seqlen, e, **kw) if gated else None
+            rel_bias = torch.randn(2 * chunk - 1, device="cuda", requires_grad=True) if gated else None
             for causal in (False, True):
-                flash_chunk_attention(*qk, v, u, rel_bias, chunk_size=chunk, causal=causal)
+                out = flash_chunk_attention(*qk, v, u, rel_bias, chunk_size=chunk, causal=causal)
+                out.backward(torch.randn_like(out))
     finally:
         del os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"]
     torch.cuda.synchronize()

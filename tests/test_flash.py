@@ -371,7 +371,7 @@ def test_largest_sizes_gpu(causal):
         assert_within_budget(g, g_ref, g_plain, f"d{name}")
 
 
-# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 until verified on a GPU) ----------------------------
+# ---- the fused CUDA forward and backward (SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 until verified on a GPU) ---------------
 
 # (batch, seqlen, S, E, chunk_size, gate, bias): every C; L < C, L % C != 0 and an exact multiple; S off the
 # 32-feature step and E off the 64/128-value tiles; the largest S; one position.
@@ -412,3 +412,32 @@ def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
     monkeypatch.delenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS")
     composite = flash_chunk_attention(**args, chunk_size=C, causal=causal)
     assert max_err(out, composite) <= 2 * max_err(plain, ref) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+def test_fused_cuda_backward(case, causal, dtype, monkeypatch):
+    """Every gradient of the fused backward (the forward fused too) against float64 autograd through the quadratic
+    formula, within the error budget of autograd through the plain chunked PyTorch in the same dtype; the gradients
+    are allocated from NaN-poisoned memory, so an unwritten element fails."""
+    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    batch, seqlen, S, E, C, gate, bias = case
+    args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
+    leaves = {k: v.requires_grad_() for k, v in args.items()}
+    out = flash_chunk_attention(**leaves, chunk_size=C, causal=causal)
+    dout = torch.randn_like(out)
+    _poison_cuda_allocator()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        grads = torch.autograd.grad(out, list(leaves.values()), dout)
+        torch.cuda.synchronize()
+    assert any("score_gradient_kernel" in e.name for e in prof.events()), "the fused backward did not run"
+    leaves64 = {k: v.detach().double().requires_grad_() for k, v in args.items()}
+    ref = flash_quadratic_ref(**leaves64, chunk_size=C, causal=causal)
+    grads_ref = torch.autograd.grad(ref, list(leaves64.values()), dout.double())
+    plain = flash_chunked_ref(**leaves, chunk_size=C, causal=causal)
+    grads_plain = torch.autograd.grad(plain, list(leaves.values()), dout)
+    for name, g, g_ref, g_plain in zip(leaves, grads, grads_ref, grads_plain, strict=True):
+        assert g.dtype == leaves[name].dtype, f"d{name}: dtype {g.dtype}"
+        assert_within_budget(g, g_ref, g_plain, f"fused d{name} {dtype} causal={causal}")

@@ -1,10 +1,14 @@
-// FLASH mixed-chunk attention forward on tensor cores (Hua et al. 2022), plain C++ API (raw device pointers, a CUDA
-// stream; no framework types). The sequence is split into G = ceil(L / C) chunks; three kernels:
+// FLASH mixed-chunk attention forward and backward on tensor cores (Hua et al. 2022), plain C++ API (raw device
+// pointers, a CUDA stream; no framework types). The sequence is split into G = ceil(L / C) chunks; the forward runs
+// three kernels:
 //   chunk_states   K_lin,gᵀ V_g (S x E) per chunk g into a float32 workspace (G x S x E per batch row);
 //   state_prefix   in place over the chunks: the exclusive prefix sum (causal: strictly earlier chunks) or the
 //                  total (bidirectional: every chunk, left in chunk 0's slot), times lin_scale;
 //   chunk_output   per chunk, query tile and E tile: relu(quad_scale Q_quad K_quadᵀ + bias)² V (keys past L masked,
 //                  and keys after the query when causal) + Q_lin state, times u; written in the input dtype.
+// The backward (flash_chunk_attention_bwd.cu) recomputes the states with the same two kernels, and the states'
+// gradients with them too (on Q_lin and dO, the prefix reversed); then per chunk the score gradients, the value
+// gradient and the four feature gradients (the list is at the top of that file).
 // The math, scaling and masking are those of the ATen composite (csrc/flash/flash_attention_cpu.cpp).
 // Inputs are 16-bit (float16 / bfloat16) and contiguous; products accumulate in float32.
 // Every function returns a Status and never throws.
@@ -49,5 +53,39 @@ size_t flash_chunk_workspace_bytes(const FlashChunkShape& shape);
 // a missing pointer); an empty batch or sequence does nothing. kUnsupported for float32 inputs (the caller takes
 // its composite path).
 Status run_flash_chunk_attention_fwd(const FlashChunkParams& params, cudaStream_t stream);
+
+// The forward's inputs and options, the output's gradient, and the gradients to write. Gradients are overwritten,
+// not accumulated into.
+struct FlashChunkBackwardParams {
+  DType dtype = DType::kBFloat16;  // the 16-bit tensors below: kFloat16 or kBFloat16
+  FlashChunkShape shape;
+  bool causal = false;
+  float quad_scale = 1.f;
+  float lin_scale = 1.f;
+
+  const void* q_quad = nullptr;     // (B, L, S)
+  const void* k_quad = nullptr;     // (B, L, S)
+  const void* q_lin = nullptr;      // (B, L, S)
+  const void* k_lin = nullptr;      // (B, L, S)
+  const void* v = nullptr;          // (B, L, E)
+  const void* u = nullptr;          // (B, L, E) output gate; nullptr: none
+  const float* rel_bias = nullptr;  // (2C - 1,) as in FlashChunkParams; nullptr: none
+  const void* dout = nullptr;       // (B, L, E): the gradient of the forward's output
+
+  void* dq_quad = nullptr;          // (B, L, S), written
+  void* dk_quad = nullptr;          // (B, L, S), written
+  void* dq_lin = nullptr;           // (B, L, S), written
+  void* dk_lin = nullptr;           // (B, L, S), written
+  void* dv = nullptr;               // (B, L, E), written
+  void* du = nullptr;               // (B, L, E), written when u is given (required then)
+  float* drel_bias = nullptr;       // (2C - 1,) float32, written when rel_bias is given (required then)
+  void* workspace = nullptr;        // flash_chunk_backward_workspace_bytes(shape) bytes, 256-byte aligned
+};
+
+size_t flash_chunk_backward_workspace_bytes(const FlashChunkShape& shape);
+
+// The same shape limits, statuses and empty-input behaviour as run_flash_chunk_attention_fwd; kInvalidArgument also
+// for a missing gradient pointer (du with u, drel_bias with rel_bias).
+Status run_flash_chunk_attention_bwd(const FlashChunkBackwardParams& params, cudaStream_t stream);
 
 }  // namespace subq

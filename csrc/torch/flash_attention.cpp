@@ -1,7 +1,7 @@
 // Torch glue for FLASH: schemas, argument checks, and the implementations of subq::flash_chunk_attention_fwd/bwd,
 // subq::gau_attention_fwd/bwd and subq::flash_step. The ATen composites (csrc/flash/flash_attention_cpu.cpp) serve
-// both devices; the fused CUDA forward of flash_chunk_attention (csrc/flash/flash_chunk_attention.h) runs for 16-bit
-// inputs when SUBQ_EXPERIMENTAL_FLASH_KERNELS=1.
+// both devices; the fused CUDA forward and backward of flash_chunk_attention (csrc/flash/flash_chunk_attention.h) run
+// for 16-bit inputs when SUBQ_EXPERIMENTAL_FLASH_KERNELS=1.
 #include <algorithm>
 #include <array>
 #include <cstdlib>
@@ -94,59 +94,103 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 }
 
 #ifdef SUBQ_WITH_CUDA
-// Opt-in: the fused forward was written and compiled without a GPU, so the composite stays the default until the
-// GPU tests (tests/test_flash.py::test_fused_cuda_forward) have passed on one.
-bool fused_forward_enabled() {
+// Opt-in: the fused kernels were written and compiled without a GPU, so the composite stays the default until the
+// GPU tests (tests/test_flash.py::test_fused_cuda_forward and test_fused_cuda_backward) have passed on one.
+bool fused_kernels_enabled() {
   const char* flag = std::getenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS");
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
 // The shapes and dtypes the kernels take (csrc/flash/flash_chunk_attention.h); the composite serves the rest.
-bool fused_forward_takes(const cpu::FlashChunkInputs& in) {
+bool fused_kernels_take(const cpu::FlashChunkInputs& in) {
   const auto dtype = in.v.scalar_type();
   const int64_t S = in.q_quad.size(2), E = in.v.size(2);
   return (dtype == at::kHalf || dtype == at::kBFloat16) && in.v.numel() > 0 && S >= 1 && S <= 256 && E <= 4096 &&
          in.v.size(0) <= 65535;
 }
 
-// Dense 16-bit features, values and gate; the bias as float32.
-Tensor fused_forward(const cpu::FlashChunkInputs& in, const cpu::FlashChunkOptions& opt) {
-  const c10::cuda::CUDAGuard guard(in.v.device());
-  const Tensor q_quad = in.q_quad.contiguous(), k_quad = in.k_quad.contiguous();
-  const Tensor q_lin = in.q_lin.contiguous(), k_lin = in.k_lin.contiguous(), v = in.v.contiguous();
-  const Tensor u = in.u ? in.u->contiguous() : Tensor();
-  const Tensor rel_bias = in.rel_bias ? in.rel_bias->to(at::kFloat).contiguous() : Tensor();
+// The inputs as the kernels read them: dense 16-bit features, values and gate; the bias as float32.
+struct DenseInputs {
+  Tensor q_quad, k_quad, q_lin, k_lin, v, u, rel_bias;  // u, rel_bias undefined when absent
+};
 
-  FlashChunkParams p;
-  p.dtype = v.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  p.shape = {v.size(0), v.size(1), q_quad.size(2), v.size(2), opt.chunk_size};
+DenseInputs dense_inputs(const cpu::FlashChunkInputs& in) {
+  return {in.q_quad.contiguous(), in.k_quad.contiguous(), in.q_lin.contiguous(), in.k_lin.contiguous(),
+          in.v.contiguous(), in.u ? in.u->contiguous() : Tensor(),
+          in.rel_bias ? in.rel_bias->to(at::kFloat).contiguous() : Tensor()};
+}
+
+// The fields FlashChunkParams and FlashChunkBackwardParams share: dtype, shape, options and input pointers.
+template <typename Params>
+void fill_inputs(Params& p, const DenseInputs& in, const cpu::FlashChunkOptions& opt) {
+  p.dtype = in.v.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.shape = {in.v.size(0), in.v.size(1), in.q_quad.size(2), in.v.size(2), opt.chunk_size};
   p.causal = opt.causal;
   p.quad_scale = static_cast<float>(opt.quad_scale);
   p.lin_scale = static_cast<float>(opt.lin_scale);
-  p.q_quad = q_quad.data_ptr();
-  p.k_quad = k_quad.data_ptr();
-  p.q_lin = q_lin.data_ptr();
-  p.k_lin = k_lin.data_ptr();
-  p.v = v.data_ptr();
-  p.u = u.defined() ? u.data_ptr() : nullptr;
-  p.rel_bias = rel_bias.defined() ? rel_bias.data_ptr<float>() : nullptr;
-  Tensor out = at::empty(v.sizes(), v.options());
-  Tensor workspace = at::empty({static_cast<int64_t>(flash_chunk_workspace_bytes(p.shape))},
-                               v.options().dtype(at::kByte));
+  p.q_quad = in.q_quad.data_ptr();
+  p.k_quad = in.k_quad.data_ptr();
+  p.q_lin = in.q_lin.data_ptr();
+  p.k_lin = in.k_lin.data_ptr();
+  p.v = in.v.data_ptr();
+  p.u = in.u.defined() ? in.u.data_ptr() : nullptr;
+  p.rel_bias = in.rel_bias.defined() ? in.rel_bias.data_ptr<float>() : nullptr;
+}
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+Tensor fused_forward(const cpu::FlashChunkInputs& inputs, const cpu::FlashChunkOptions& opt) {
+  const c10::cuda::CUDAGuard guard(inputs.v.device());
+  const DenseInputs in = dense_inputs(inputs);
+  FlashChunkParams p;
+  fill_inputs(p, in, opt);
+  Tensor out = at::empty(in.v.sizes(), in.v.options());
+  Tensor ws = workspace(flash_chunk_workspace_bytes(p.shape), in.v);
   p.out = out.data_ptr();
-  p.workspace = workspace.data_ptr();
+  p.workspace = ws.data_ptr();
   const Status status = run_flash_chunk_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == Status::kSuccess, "subq flash_chunk_attention CUDA forward failed: ", status_string(status));
   return out;
+}
+
+// The composite's gradients (same order, dtypes and empty tensors for absent inputs) from the fused backward.
+std::vector<Tensor> fused_backward(const Tensor& dout, const cpu::FlashChunkInputs& inputs,
+                                   const cpu::FlashChunkOptions& opt) {
+  const c10::cuda::CUDAGuard guard(inputs.v.device());
+  TORCH_CHECK(dout.device() == inputs.v.device(), "dout is on ", dout.device(), " but v is on ", inputs.v.device());
+  const DenseInputs in = dense_inputs(inputs);
+  const Tensor d_out = dout.to(in.v.scalar_type()).contiguous();
+  FlashChunkBackwardParams p;
+  fill_inputs(p, in, opt);
+  p.dout = d_out.data_ptr();
+  Tensor dq_quad = at::empty_like(in.q_quad), dk_quad = at::empty_like(in.k_quad);
+  Tensor dq_lin = at::empty_like(in.q_lin), dk_lin = at::empty_like(in.k_lin), dv = at::empty_like(in.v);
+  Tensor du = in.u.defined() ? at::empty_like(in.u) : in.v.new_empty({0});
+  Tensor drel_bias = in.rel_bias.defined() ? at::empty_like(in.rel_bias) : in.v.new_empty({0});
+  Tensor ws = workspace(flash_chunk_backward_workspace_bytes(p.shape), in.v);
+  p.dq_quad = dq_quad.data_ptr();
+  p.dk_quad = dk_quad.data_ptr();
+  p.dq_lin = dq_lin.data_ptr();
+  p.dk_lin = dk_lin.data_ptr();
+  p.dv = dv.data_ptr();
+  p.du = in.u.defined() ? du.data_ptr() : nullptr;
+  p.drel_bias = in.rel_bias.defined() ? drel_bias.data_ptr<float>() : nullptr;
+  p.workspace = ws.data_ptr();
+  const Status status = run_flash_chunk_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == Status::kSuccess, "subq flash_chunk_attention CUDA backward failed: ", status_string(status));
+  if (inputs.rel_bias) drel_bias = drel_bias.to(inputs.rel_bias->scalar_type());
+  return {dq_quad, dk_quad, dq_lin, dk_lin, dv, du, drel_bias};
 }
 
 Tensor flash_chunk_attention_fwd_cuda(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
                                       const Tensor& k_lin, const Tensor& v, const OptTensor& u,
                                       const OptTensor& rel_bias, int64_t chunk_size, bool causal, double quad_scale,
                                       double lin_scale) {
-  if (fused_forward_enabled()) {
+  if (fused_kernels_enabled()) {
     auto in = check_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size);
-    if (fused_forward_takes(in)) return fused_forward(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+    if (fused_kernels_take(in)) return fused_forward(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
   }
   return flash_chunk_attention_fwd(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size, causal, quad_scale,
                                    lin_scale);
@@ -164,6 +208,23 @@ std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const Tensor& 
 #endif
   return cpu::flash_chunk_attention_bwd(dout, in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
 }
+
+#ifdef SUBQ_WITH_CUDA
+std::vector<Tensor> flash_chunk_attention_bwd_cuda(const Tensor& dout, const Tensor& q_quad, const Tensor& k_quad,
+                                                   const Tensor& q_lin, const Tensor& k_lin, const Tensor& v,
+                                                   const OptTensor& u, const OptTensor& rel_bias, int64_t chunk_size,
+                                                   bool causal, double quad_scale, double lin_scale) {
+  if (fused_kernels_enabled()) {
+    auto in = check_chunk_inputs(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size);
+    TORCH_CHECK(dout.sizes() == v.sizes(), "dout must have v's shape ", v.sizes(), ", got ", dout.sizes());
+    if (fused_kernels_take(in)) {
+      return fused_backward(dout, in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+    }
+  }
+  return flash_chunk_attention_bwd(dout, q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size, causal,
+                                   quad_scale, lin_scale);
+}
+#endif
 
 Tensor gau_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& u,
                          const OptTensor& rel_bias, bool causal, double scale) {
@@ -256,10 +317,11 @@ TORCH_LIBRARY_IMPL(subq, CPU, m) {
 TORCH_LIBRARY_IMPL(subq, CUDA, m) {
 #ifdef SUBQ_WITH_CUDA
   m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd_cuda);
+  m.impl("flash_chunk_attention_bwd", &flash_chunk_attention_bwd_cuda);
 #else
   m.impl("flash_chunk_attention_fwd", &flash_chunk_attention_fwd);
-#endif
   m.impl("flash_chunk_attention_bwd", &flash_chunk_attention_bwd);
+#endif
   m.impl("gau_attention_fwd", &gau_attention_fwd);
   m.impl("gau_attention_bwd", &gau_attention_bwd);
   m.impl("flash_step", &flash_step);
