@@ -147,7 +147,11 @@ __device__ __forceinline__ float real_sample(const float2* z, int64_t t) {
 // the twiddle diagonal the factorisation puts next to it: T_axis after a forward stage (none after the last), and
 // conj(T_{axis-1}) after an inverse one (none after the first axis, which the inverse does last).
 // T_a[k, r] = W_{N_a}^{k r}, k the axis-a index and r the flat index of the later axes, N_a = n_a * stride_a.
-__device__ inline void dft_stage(float2* z, const float2* roots, const Plan& plan, int axis, bool inverse) {
+// A call, not inlined: its register tile (kMaxItems complex outputs, 64 registers) and loop state come close to the
+// 128 registers a 512-thread CTA allows, and inlined into the backward's kernels, with their row pointers live
+// across the stages, it made ptxas spill; as a call, ptxas keeps the two apart without spilling (-Xptxas -v).
+__device__ __noinline__ inline void dft_stage(float2* z, const float2* roots, const Plan& plan, int axis,
+                                              bool inverse) {
   const int n = plan.n[axis], stride = plan.stride[axis];
   const float2* w = roots + axis * kMonarchConvMaxFactor;
   const int twiddle_axis = inverse ? axis - 1 : (axis + 1 < plan.r ? axis : -1);
