@@ -10,8 +10,9 @@ same gating and skip, in the same dtype:
 
 Implementations: subq (the default, algorithm="auto": ATen's FFT on CPU, the Monarch DFT on CUDA), subq_monarch
 (algorithm="monarch" on either device: batched small DFT matmuls, no FFT library), subq_fused (the default with
-SUBQ_EXPERIMENTAL_CONV_KERNELS=1: on CUDA the fused Monarch-DFT forward kernel for M <= 32K, the composite beyond
-and for the backward; on CPU the same as subq) and torch_fft. Reports per length
+SUBQ_EXPERIMENTAL_CONV_KERNELS=1 around its forward and backward calls: on CUDA the fused Monarch-DFT forward and
+backward kernels for M <= 32K where the device's shared memory holds a row (the backward also needs its workspace,
+B H (M/2 + 1) complex, within 8 GiB), the composite beyond; on CPU the same as subq) and torch_fft. Reports per length
 and pass (fwd, fwd+bwd): time of each, the speedup of each subq one over torch_fft (torch_fft ms / its ms), the peak
 memory each allocates beyond its inputs (GPU only) and its ratio to torch_fft's. All run transforms in float32
 (torch.fft has no bfloat16 and only power-of-two float16); subq pads to fft_size(L) >= 2L, torch_fft to exactly 2L.
@@ -22,6 +23,7 @@ the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +40,8 @@ MAX_TOKENS = 64 * 16384  # batch * seqlen cap: the batch shrinks from L = 16K on
 PASSES = ("fwd", "fwd+bwd")
 GRAD_INPUTS = ("u", "k", "k_rev", "pregate", "postgate", "D")
 SUBQ_IMPLS = ("subq", "subq_monarch", "subq_fused")
-FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"  # read by the op on every call
+FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"  # read by the op on every forward and backward call
+FUSED_IMPL = "subq_fused"
 
 
 def batch_for(args, seqlen: int) -> int:
@@ -67,35 +70,41 @@ def implementations() -> dict[str, Callable]:
                                 postgate=inp["postgate"], D=inp["D"], algorithm=algorithm)
         return run
 
-    def subq_fused(inp):
-        previous = os.environ.get(FUSED_FLAG)
-        os.environ[FUSED_FLAG] = "1"
-        try:
-            return subq_fn("auto")(inp)
-        finally:
-            if previous is None:
-                del os.environ[FUSED_FLAG]
-            else:
-                os.environ[FUSED_FLAG] = previous
-
     def torch_fft(inp):
         return monarch_conv_fft_ref(inp["u"], inp["k"], inp.get("k_rev"), inp["pregate"], inp["postgate"], inp["D"])
 
-    return {"subq": subq_fn("auto"), "subq_monarch": subq_fn("monarch"), "subq_fused": subq_fused,
+    return {"subq": subq_fn("auto"), "subq_monarch": subq_fn("monarch"), FUSED_IMPL: subq_fn("auto"),
             "torch_fft": torch_fft}
 
 
-def make_call(fn, inp, pass_name):
+@contextlib.contextmanager
+def fused_flag(name: str):
+    """For subq_fused, the fused kernels' opt-in flag set over the whole call, forward and backward; for the
+    others, the environment as it is."""
+    previous = os.environ.get(FUSED_FLAG)
+    if name == FUSED_IMPL:
+        os.environ[FUSED_FLAG] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FUSED_FLAG, None)
+        else:
+            os.environ[FUSED_FLAG] = previous
+
+
+def make_call(name, fn, inp, pass_name):
     if pass_name == "fwd":
         def forward():
-            with torch.no_grad():
+            with fused_flag(name), torch.no_grad():
                 return fn(inp)
         return forward
     leaves = [inp[k] for k in GRAD_INPUTS if k in inp]
 
     def forward_backward():
-        out = fn(inp)
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        with fused_flag(name):
+            out = fn(inp)
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
     return forward_backward
 
 
@@ -111,8 +120,8 @@ def peak_extra_bytes(call, device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def measure(fn, inp, pass_name, device, repeats):
-    call = make_call(fn, inp, pass_name)
+def measure(name, fn, inp, pass_name, device, repeats):
+    call = make_call(name, fn, inp, pass_name)
     try:
         return h.median_ms(call, device, repeats), peak_extra_bytes(call, device), None
     except (RuntimeError, torch.OutOfMemoryError) as err:
@@ -123,18 +132,25 @@ def measure(fn, inp, pass_name, device, repeats):
 
 def check(args, device) -> dict:
     """Each subq implementation in the benchmarked dtype against the float64 torch.fft form, smallest size, all
-    gates."""
+    gates: the output, and the gradients of every input (the worst relative error of the six) for one random dy."""
     seqlen = min(args.seqlen)
     inp = make_inputs(args, batch_for(args, seqlen), seqlen, h.DTYPES[args.dtype], device)
     tol = 1e-2 if args.dtype in ("bf16", "fp16") else 1e-4
+    names = [k for k in GRAD_INPUTS if k in inp]
+    inp64 = {k: inp[k].detach().double().requires_grad_() for k in names}
+    ref = monarch_conv_fft_ref(*(inp64.get(k) for k in ("u", "k", "k_rev", "pregate", "postgate", "D")))
+    dy = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, [inp64[k] for k in names], dy)
     impls = implementations()
     out = {}
-    with torch.no_grad():
-        ref = monarch_conv_fft_ref(*(None if inp.get(k) is None else inp[k].double()
-                                     for k in ("u", "k", "k_rev", "pregate", "postgate", "D")))
-        for name in SUBQ_IMPLS:
-            rel = ((impls[name](inp).double() - ref).norm() / ref.norm()).item()
-            out[name] = {"rel_err": rel, "tol": tol, "ok": rel <= tol}
+    for name in SUBQ_IMPLS:
+        with fused_flag(name):
+            y = impls[name](inp)
+            grads = torch.autograd.grad(y, [inp[k] for k in names], dy.to(y.dtype))
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        grad_rel = max(((g.double() - g_ref).norm() / g_ref.norm()).item()
+                       for g, g_ref in zip(grads, grads_ref, strict=True))
+        out[name] = {"rel_err": rel, "grad_rel_err": grad_rel, "tol": tol, "ok": max(rel, grad_rel) <= tol}
     return out
 
 
@@ -150,8 +166,8 @@ def main() -> None:
     print(f"{env['device_name']} | torch {env['torch']} | subq cuda_built={env['subq_cuda_built']} | {env['timer']}")
     correctness = check(args, device)
     for name, c in correctness.items():
-        print(f"check {name} vs float64 torch.fft: rel err {c['rel_err']:.2e} ({'ok' if c['ok'] else 'FAIL'}, "
-              f"tol {c['tol']})")
+        print(f"check {name} vs float64 torch.fft: rel err {c['rel_err']:.2e}, gradients {c['grad_rel_err']:.2e} "
+              f"({'ok' if c['ok'] else 'FAIL'}, tol {c['tol']})")
     impls = implementations()
     mode = "bidirectional" if args.bidirectional else "causal"
     print(f"{mode}, {args.dtype}, H={args.heads}; speedup = torch_fft ms / ms, mem = MiB / torch_fft MiB")
@@ -166,7 +182,7 @@ def main() -> None:
             print(f"!!! L={seqlen}: inputs do not fit: {str(err).splitlines()[0][:120]}")
             continue
         for pass_name in PASSES:
-            timed = {name: measure(fn, inp, pass_name, device, args.repeats) for name, fn in impls.items()}
+            timed = {name: measure(name, fn, inp, pass_name, device, args.repeats) for name, fn in impls.items()}
             ms = {name: t[0] for name, t in timed.items()}
             mem = {name: t[1] for name, t in timed.items()}
             row = {

@@ -106,22 +106,27 @@ def run_flash_fused(dtype: torch.dtype) -> None:
 
 
 def run_monarch_conv_fused(dtype: torch.dtype) -> None:
-    """The fused Monarch-DFT forward (opt-in flag set): 1, 2 and 3 stages (L = 2, 100, 4097), odd lengths, both
-    filter forms, gates and D, a precomputed spectrum; the backward (the composite) once."""
+    """The fused Monarch-DFT forward and backward (opt-in flag set): 1, 2 and 3 stages (L = 2, 100, 4097), odd
+    lengths, filters shorter than L, both filter forms, with and without gates and D (the backward's first pass
+    for the filter gradient alone, or skipped), a precomputed spectrum (no filter gradient)."""
     from subq.ops import monarch_conv, monarch_conv_filter
 
     previous = os.environ.get("SUBQ_EXPERIMENTAL_CONV_KERNELS")
     os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"] = "1"
     try:
-        for seqlen, bidirectional in ((2, True), (100, False), (4097, True)):
+        for seqlen, filter_len, bidirectional, gated in ((2, 1, True, True), (100, 60, False, False),
+                                                          (4097, 4097, True, True)):
             u = torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(3, seqlen, device="cuda", requires_grad=True)
-            k_rev = torch.randn(3, seqlen, device="cuda") if bidirectional else None
-            gates = [torch.randn(2, 3, seqlen, device="cuda", dtype=dtype) for _ in range(2)]
-            D = torch.randn(3, device="cuda")
+            k = torch.randn(3, filter_len, device="cuda", requires_grad=True)
+            k_rev = torch.randn(3, filter_len, device="cuda", requires_grad=True) if bidirectional else None
+            gates = [torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True) if gated else None
+                     for _ in range(2)]
+            D = torch.randn(3, device="cuda", requires_grad=True) if gated else None
             y = monarch_conv(u, k, k_rev=k_rev, pregate=gates[0], postgate=gates[1], D=D)
             y.backward(torch.randn_like(y))
-            monarch_conv(u.detach(), filter_spectrum=monarch_conv_filter(k.detach(), seqlen, k_rev=k_rev))
+            spectrum = monarch_conv_filter(k, seqlen, k_rev=k_rev)
+            y = monarch_conv(u, filter_spectrum=spectrum, pregate=gates[0], postgate=gates[1], D=D)
+            y.backward(torch.randn_like(y))
     finally:
         if previous is None:
             del os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"]

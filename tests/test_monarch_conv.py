@@ -390,19 +390,23 @@ def _poison_cuda_allocator():
     del junk
 
 
-def _run_profiled(fn):
-    """fn's result, and whether the fused kernel ran in it."""
+def _run_profiled(fn, kernel="monarch_conv_fused"):
+    """fn's result, and whether a kernel whose name contains `kernel` ran in it."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = fn()
         torch.cuda.synchronize()
-    return out, any("monarch_conv_fused" in e.name for e in prof.events())
+    return out, any(kernel in e.name for e in prof.events())
+
+
+def _ref_fn(seqlen):
+    """The float64 reference: direct for short rows, torch.fft (exact to float64 round-off) where the (H, L, L)
+    Toeplitz matrix would be large."""
+    return monarch_conv_ref if seqlen <= 128 else monarch_conv_fft_ref
 
 
 def _ref64(args):
-    """The float64 reference: direct for short rows, torch.fft (exact to float64 round-off) where the (H, L, L)
-    Toeplitz matrix would be large."""
     args64 = {k: v.double() for k, v in args.items()}
-    return ref_call(args64, monarch_conv_ref if args["u"].shape[-1] <= 128 else monarch_conv_fft_ref)
+    return ref_call(args64, _ref_fn(args["u"].shape[-1]))
 
 
 @pytest.mark.gpu
@@ -424,26 +428,18 @@ def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_cuda_forward_spectrum_fallback_and_backward(monkeypatch):
-    """A precomputed spectrum feeds the kernel; gradients flow through the composite backward; a size beyond the
-    kernel's shared memory (M/2 > 16384) and algorithm="fft" take the composite."""
+def test_fused_cuda_forward_spectrum_and_fallback(monkeypatch):
+    """A precomputed spectrum feeds the kernel; a size beyond the kernel's shared memory (M/2 > 16384) and
+    algorithm="fft" take the composite."""
     monkeypatch.setenv(FUSED_FLAG, "1")
     args = make_inputs(2, 8, 1000, 300, "cuda", torch.float32, options=("k_rev", "pregate", "postgate", "D"))
-    leaves = {k: v.requires_grad_() for k, v in args.items()}
     y_ref, y_plain = _ref64(args), ref_call(args, monarch_conv_fft_ref)
     spec = monarch_conv_filter(args["k"], 1000, k_rev=args["k_rev"])
     inference = {k: v for k, v in args.items() if k not in ("k", "k_rev")}
     y_spec, ran = _run_profiled(lambda: monarch_conv(**inference, filter_spectrum=spec))
     assert ran
     assert_within_budget(y_spec, y_ref, y_plain, "y from a precomputed spectrum")
-    y = monarch_conv(**leaves)
-    grads = torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y))
-    monkeypatch.delenv(FUSED_FLAG)
-    y_composite = monarch_conv(**leaves)
-    grads_composite = torch.autograd.grad(y_composite, list(leaves.values()), torch.ones_like(y))
-    assert all(torch.equal(g, g_c) for g, g_c in zip(grads, grads_composite, strict=True))
 
-    monkeypatch.setenv(FUSED_FLAG, "1")
     _, ran = _run_profiled(lambda: monarch_conv(**args, algorithm="fft"))
     assert not ran
     long = make_inputs(1, 2, 20000, 100, "cuda", torch.float32, options=("D",))
@@ -451,3 +447,74 @@ def test_fused_cuda_forward_spectrum_fallback_and_backward(monkeypatch):
     y_long, ran = _run_profiled(lambda: monarch_conv(**long))
     assert not ran
     assert_within_budget(y_long, _ref64(long), ref_call(long, monarch_conv_fft_ref), "y beyond the kernel")
+
+
+def _fused_grads_within_budget(args, dy, spectrum=None):
+    """The gradients of every leaf of args through monarch_conv for the output gradient dy (float64; the fused
+    backward, checked to have run, on a NaN-poisoned allocator), each within the error budget against float64
+    autograd through the reference; with spectrum, the op gets it in place of k and k_rev (which then get no
+    gradient). Returns the gradients."""
+    dtype = args["u"].dtype
+    names = [n for n in args if spectrum is None or n not in ("k", "k_rev")]
+    leaves = {n: args[n].detach().clone().requires_grad_(n in names) for n in args}
+    op_args = {n: t for n, t in leaves.items() if n in names}
+    y = monarch_conv(**op_args, filter_spectrum=spectrum) if spectrum is not None else monarch_conv(**op_args)
+    _poison_cuda_allocator()
+    grads, ran = _run_profiled(lambda: torch.autograd.grad(y, [leaves[n] for n in names], dy.to(dtype)),
+                               "monarch_conv_fused_bwd")
+    assert ran, "the fused backward did not run"
+
+    args64 = {n: t.detach().double().requires_grad_() for n, t in args.items()}
+    grads_ref = torch.autograd.grad(ref_call(args64, _ref_fn(y.shape[-1])), [args64[n] for n in names], dy)
+    plain = {n: t.detach().requires_grad_() for n, t in args.items()}
+    grads_plain = torch.autograd.grad(ref_call(plain, monarch_conv_fft_ref), [plain[n] for n in names],
+                                      dy.to(dtype))
+    for name, g, g_ref, g_plain in zip(names, grads, grads_ref, grads_plain, strict=True):
+        assert g.dtype == args[name].dtype and g.shape == args[name].shape, name
+        assert_within_budget(g, g_ref, g_plain, f"d{name} {dtype} L={y.shape[-1]}")
+    return dict(zip(names, grads, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seqlen", [2, 3, 100, 1000, 4097])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gates-D"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+def test_fused_cuda_backward(bidirectional, gated, seqlen, dtype, monkeypatch):
+    """Every gradient (u, k, k_rev, pregate, postgate, D) of the fused backward: 1, 2 and 3 Monarch stages
+    (M = 4 ... 8232), prime and odd lengths, a filter shorter than L (one tap at L = 2), float32 parameters."""
+    monkeypatch.setenv(FUSED_FLAG, "1")
+    options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
+    filter_len = max(1, 2 * seqlen // 3)
+    args = make_inputs(4, 16, seqlen, filter_len, "cuda", dtype, options=options, param_dtype=torch.float32)
+    _fused_grads_within_budget(args, torch.randn(4, 16, seqlen, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_cuda_backward_spectrum_params_and_determinism(dtype, monkeypatch):
+    """A precomputed spectrum (gradients of u, the gates and D only); filters and D in the input dtype; two runs
+    give bit-identical gradients (the batch sums run in a fixed order, no atomics)."""
+    monkeypatch.setenv(FUSED_FLAG, "1")
+    options = ("k_rev", "pregate", "postgate", "D")
+    args = make_inputs(3, 8, 700, 500, "cuda", dtype, options=options, param_dtype=dtype)
+    dy = torch.randn(3, 8, 700, device="cuda", dtype=torch.float64)
+    _fused_grads_within_budget(args, dy, monarch_conv_filter(args["k"], 700, k_rev=args["k_rev"]))
+    first = _fused_grads_within_budget(args, dy)
+    second = _fused_grads_within_budget(args, dy)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+@pytest.mark.gpu
+def test_fused_cuda_backward_fallback(monkeypatch):
+    """algorithm="fft" and a size beyond the kernels' shared memory (M/2 > 16384) take the composite backward."""
+    monkeypatch.setenv(FUSED_FLAG, "1")
+
+    def backward_ran(args, algorithm):
+        leaves = [t.requires_grad_() for t in args.values()]
+        y = monarch_conv(**args, algorithm=algorithm)
+        _, ran = _run_profiled(lambda: torch.autograd.grad(y, leaves, torch.ones_like(y)), "monarch_conv_fused_bwd")
+        return ran
+
+    assert not backward_ran(make_inputs(2, 4, 300, 300, "cuda", torch.float32, options=("k_rev", "D")), "fft")
+    assert not backward_ran(make_inputs(1, 2, 20000, 100, "cuda", torch.float32, options=("D",)), "auto")

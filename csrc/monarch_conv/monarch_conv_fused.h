@@ -1,5 +1,6 @@
-// The fused Monarch-DFT long convolution forward on CUDA, plain C++ API (raw device pointers, a CUDA stream; no
-// framework types). One CTA per (batch, channel) row computes, with the row held in shared memory throughout,
+// The fused Monarch-DFT long convolution on CUDA, forward and backward, plain C++ API (raw device pointers, a CUDA
+// stream; no framework types). One CTA per (batch, channel) row computes, with the row held in shared memory
+// throughout,
 //
 //   v = pregate * u;   y = postgate * (irfft(rfft(v, M) * K, M)[:L] + D * v)
 //
@@ -16,9 +17,22 @@
 // conflicts and the TF32 / 16-bit rounding of the DFT matrices need measurements and an error check on a device that
 // this version did not have. Opt-in until verified (SUBQ_EXPERIMENTAL_CONV_KERNELS, csrc/torch/monarch_conv.cpp).
 //
+// The backward (monarch_conv_cpu.cpp's, by the same transforms) is two kernels. With g = postgate * dy:
+//   rows    one CTA per (b, h) row, one M/2 buffer in shared memory used twice (so the backward takes every size
+//           the forward takes): V = rfft(v), kept in the workspace row; conv(v) = irfft(V K) for
+//           dpostgate = dy (conv(v) + D v); then G = rfft(g), the workspace row becomes G conj(V) (the filter
+//           gradient's per-row spectrum), and dv = irfft(G conj(K))[:L] + D g (the adjoint of the convolution: the
+//           correlation with the same filter) gives du = pregate dv and dpregate = u dv; sum_t g v, the row's share
+//           of dD, goes to the workspace too.
+//   filter  one CTA per channel h: the sum over b of the rows' spectra (in order: deterministic, no atomics), one
+//           irfft to dc (H, M), read at the filter's taps: dk[j] = dc[j], dk_rev[j] = dc[M-1-j] (j < min(Lk, L-1),
+//           zero beyond, as the combined filter places k_rev); and dD[h] = the sum over b of the rows' shares.
+// A precomputed spectrum gets no gradient (as the composite: the filter kernel then only sums dD).
+//
 // Every function returns a Status and never throws.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -55,5 +69,40 @@ bool monarch_conv_fused_fwd_supports(int64_t fft_size);
 // kUnsupported where monarch_conv_fused_fwd_supports is false (the caller takes its composite path);
 // kInvalidArgument for inconsistent sizes, factors or missing pointers; B == 0 does nothing.
 Status run_monarch_conv_fused_fwd(const MonarchConvFusedParams& params, cudaStream_t stream);
+
+// The workspace the backward may ask for: B H (M/2 + 1) complex64 (the rows' product spectra, 8 B H (M/2 + 1)
+// bytes) plus B H floats (the rows' shares of dD). 8 GiB holds B = 64, H = 768 at M = 32K (6.4 GB), the largest
+// the kernel takes at the benchmark's shapes; beyond it the backward is kUnsupported (the caller's composite then
+// runs, which needs several buffers of that size itself, so a call there is memory-bound either way) rather than
+// make one surprising allocation.
+constexpr size_t kMonarchConvFusedBwdMaxWorkspace = size_t{8} << 30;
+
+struct MonarchConvFusedBwdParams {
+  // The forward call's sizes and inputs, as run_monarch_conv_fused_fwd takes them; forward.y is not read.
+  MonarchConvFusedParams forward;
+  const void* dy = nullptr;         // (B, H, L) in forward.dtype, contiguous
+  // The filter's length Lk (1 <= Lk <= L) when the forward had k (and k_rev); 0 when it had a precomputed spectrum,
+  // which gets no gradient (dk, dk_rev unused).
+  int64_t filter_len = 0;
+  // Each written, and non-null exactly where the forward's input is (dk: filter_len > 0; dk_rev: bidirectional k).
+  void* du = nullptr;               // (B, H, L) in forward.dtype
+  void* dpregate = nullptr;         // (B, H, L) in forward.dtype
+  void* dpostgate = nullptr;        // (B, H, L) in forward.dtype
+  float* dk = nullptr;              // (H, Lk)
+  float* dk_rev = nullptr;          // (H, Lk)
+  float* dD = nullptr;              // (H,)
+  void* workspace = nullptr;        // monarch_conv_fused_bwd_workspace_bytes(*this) bytes, 8-byte aligned
+};
+
+// The workspace run_monarch_conv_fused_bwd needs for these sizes (see kMonarchConvFusedBwdMaxWorkspace).
+size_t monarch_conv_fused_bwd_workspace_bytes(const MonarchConvFusedBwdParams& params);
+
+// Whether the backward takes these sizes on the current device: the forward's FFT sizes (the same one buffer in
+// shared memory) and a workspace within kMonarchConvFusedBwdMaxWorkspace.
+bool monarch_conv_fused_bwd_supports(const MonarchConvFusedBwdParams& params);
+
+// kUnsupported where monarch_conv_fused_bwd_supports is false; kInvalidArgument for inconsistent sizes, factors or
+// pointers. B == 0 writes zero filter and dD gradients. Deterministic: no atomics.
+Status run_monarch_conv_fused_bwd(const MonarchConvFusedBwdParams& params, cudaStream_t stream);
 
 }  // namespace subq

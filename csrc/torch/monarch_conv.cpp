@@ -1,9 +1,9 @@
 // Torch glue for the Monarch long convolution: schemas, argument checks, and the implementations of
 // subq::monarch_conv_fwd/bwd, subq::monarch_conv_filter and the internal subq::monarch_rfft/irfft. Both devices run
 // the ATen composite (csrc/monarch_conv/monarch_conv_cpu.cpp); its transforms are ATen's FFT on CPU and the Monarch
-// DFT on CUDA unless the caller picks one (algorithm). The fused Monarch-DFT CUDA forward
-// (csrc/monarch_conv/monarch_conv_fused.h) replaces the composite's forward for the sizes it supports when
-// SUBQ_EXPERIMENTAL_CONV_KERNELS=1, until it has been verified on a GPU; the backward stays the composite.
+// DFT on CUDA unless the caller picks one (algorithm). The fused Monarch-DFT CUDA forward and backward
+// (csrc/monarch_conv/monarch_conv_fused.h) replace the composite's for the sizes they support when
+// SUBQ_EXPERIMENTAL_CONV_KERNELS=1, until they have been verified on a GPU.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -92,54 +92,110 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
 }
 
 #ifdef SUBQ_WITH_CUDA
-// Opt-in: the kernel was written and compiled without a GPU; it becomes the default once test_fused_cuda_forward
-// and the sanitizer cases have passed on one.
-bool fused_forward_enabled() {
+// Opt-in: the fused kernels were written and compiled without a GPU; they become the default once
+// test_fused_cuda_forward, test_fused_cuda_backward and the sanitizer cases have passed on one.
+bool fused_kernels_enabled() {
   const char* flag = std::getenv("SUBQ_EXPERIMENTAL_CONV_KERNELS");
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// The fused forward for 16- and 32-bit u on CUDA, or nullopt where it does not take the size (M/2 complex values
-// beyond the device's shared memory): the caller then runs the composite. The filter's spectrum is the
-// precomputed one, or made here by the composite's Monarch DFT (H rows: small next to the B H rows of the op).
-std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
+// What both fused kernels read: contiguous inputs (held here while a kernel runs) and the params pointing at them.
+struct FusedInputs {
+  Tensor u, pregate, postgate, D, spectrum;
+  MonarchConvFusedParams params;
+};
+
+// The fused kernels' inputs for 16- and 32-bit u on CUDA, or nullopt where they do not apply (float64,
+// algorithm="fft", no rows (B = 0 or H = 0), an FFT size beyond the kernels' shared memory): the caller then runs
+// the composite. The filter's spectrum is the precomputed one, or made here by the composite's Monarch DFT (H rows:
+// small next to the B H rows of the op).
+std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
   const Tensor& u_in = in.u;
-  if (u_in.scalar_type() == at::kDouble || in.algorithm != DftAlgorithm::kMonarch || u_in.size(0) == 0) {
+  if (u_in.scalar_type() == at::kDouble || in.algorithm != DftAlgorithm::kMonarch || u_in.numel() == 0) {
     return std::nullopt;
   }
-  const int64_t B = u_in.size(0), H = u_in.size(1), L = u_in.size(2), M = monarch_conv::fft_size(L);
+  const int64_t L = u_in.size(2), M = monarch_conv::fft_size(L);
   if (!monarch_conv_fused_fwd_supports(M)) return std::nullopt;
-  const Tensor spectrum = (in.filter_spectrum ? *in.filter_spectrum
-                                              : cpu::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
-                              .contiguous();
-  const Tensor u = u_in.contiguous();
-  const Tensor pregate = in.pregate ? in.pregate->contiguous() : Tensor();
-  const Tensor postgate = in.postgate ? in.postgate->contiguous() : Tensor();
-  const Tensor D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
-  Tensor y = at::empty_like(u);
+  FusedInputs f;
+  f.spectrum = (in.filter_spectrum ? *in.filter_spectrum
+                                   : cpu::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
+                   .contiguous();
+  f.u = u_in.contiguous();
+  f.pregate = in.pregate ? in.pregate->contiguous() : Tensor();
+  f.postgate = in.postgate ? in.postgate->contiguous() : Tensor();
+  f.D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
 
-  MonarchConvFusedParams p;
-  p.dtype = u.scalar_type() == at::kFloat ? DType::kFloat32
-            : u.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  p.batch = B;
-  p.heads = H;
+  MonarchConvFusedParams& p = f.params;
+  p.dtype = u_in.scalar_type() == at::kFloat ? DType::kFloat32
+            : u_in.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  p.batch = u_in.size(0);
+  p.heads = u_in.size(1);
   p.seqlen = L;
   p.fft_size = M;
   const std::vector<int64_t> factors = monarch_conv::monarch_factors(M / 2);
   TORCH_CHECK(factors.size() <= kMonarchConvMaxStages, "monarch_conv: ", factors.size(), " Monarch stages for M = ",
-              M, ", the fused kernel takes at most ", kMonarchConvMaxStages);
+              M, ", the fused kernels take at most ", kMonarchConvMaxStages);
   p.num_factors = static_cast<int>(factors.size());
   std::copy(factors.begin(), factors.end(), p.factors);
-  p.u = u.data_ptr();
-  p.pregate = pregate.defined() ? pregate.data_ptr() : nullptr;
-  p.postgate = postgate.defined() ? postgate.data_ptr() : nullptr;
-  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
-  p.filter_spectrum = reinterpret_cast<const float*>(spectrum.data_ptr<c10::complex<float>>());
-  p.y = y.data_ptr();
-  const Status status = run_monarch_conv_fused_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  p.u = f.u.data_ptr();
+  p.pregate = f.pregate.defined() ? f.pregate.data_ptr() : nullptr;
+  p.postgate = f.postgate.defined() ? f.postgate.data_ptr() : nullptr;
+  p.D = f.D.defined() ? f.D.data_ptr<float>() : nullptr;
+  p.filter_spectrum = reinterpret_cast<const float*>(f.spectrum.data_ptr<c10::complex<float>>());
+  return f;
+}
+
+std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
+  auto f = fused_inputs(in);
+  if (!f) return std::nullopt;
+  Tensor y = at::empty_like(f->u);
+  f->params.y = y.data_ptr();
+  const Status status = run_monarch_conv_fused_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
   TORCH_CHECK(status == Status::kSuccess, "subq monarch_conv fused CUDA forward failed: ", status_string(status));
   return y;
+}
+
+// The fused backward, or nullopt where it does not apply (fused_inputs; a dy of another dtype than u, which the
+// kernel would read rounded; a workspace beyond its cap): the composite's gradients, in the same dtypes.
+std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const cpu::MonarchConvInputs& in) {
+  if (dy_in.scalar_type() != in.u.scalar_type()) return std::nullopt;
+  auto f = fused_inputs(in);
+  if (!f) return std::nullopt;
+  MonarchConvFusedBwdParams p;
+  p.forward = f->params;
+  p.filter_len = in.k ? in.k->size(1) : 0;
+  if (!monarch_conv_fused_bwd_supports(p)) return std::nullopt;  // the workspace's size: from filter_len and D
+  const Tensor dy = dy_in.contiguous();
+  const int64_t H = f->u.size(1);
+  const auto fp32 = f->u.options().dtype(at::kFloat);
+  Tensor du = at::empty_like(f->u);
+  Tensor dpregate = f->pregate.defined() ? at::empty_like(f->pregate) : Tensor();
+  Tensor dpostgate = f->postgate.defined() ? at::empty_like(f->postgate) : Tensor();
+  Tensor dk = in.k ? at::empty({H, p.filter_len}, fp32) : Tensor();
+  Tensor dk_rev = in.k_rev ? at::empty({H, p.filter_len}, fp32) : Tensor();
+  Tensor dD = in.D ? at::empty({H}, fp32) : Tensor();
+  const auto workspace_bytes = static_cast<int64_t>(monarch_conv_fused_bwd_workspace_bytes(p));
+  Tensor workspace = at::empty({workspace_bytes}, f->u.options().dtype(at::kByte));
+  auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; };
+  p.dy = dy.data_ptr();
+  p.du = du.data_ptr();
+  p.dpregate = ptr(dpregate);
+  p.dpostgate = ptr(dpostgate);
+  p.dk = static_cast<float*>(ptr(dk));
+  p.dk_rev = static_cast<float*>(ptr(dk_rev));
+  p.dD = static_cast<float*>(ptr(dD));
+  p.workspace = ptr(workspace);
+  const Status status = run_monarch_conv_fused_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  if (status == Status::kUnsupported) return std::nullopt;
+  TORCH_CHECK(status == Status::kSuccess, "subq monarch_conv fused CUDA backward failed: ", status_string(status));
+  // Parameter gradients in their parameter's dtype, as the composite returns them; absent ones empty.
+  auto in_dtype_of = [&](const Tensor& grad, const OptTensor& param) {
+    return grad.defined() ? grad.to(param->scalar_type()) : in.u.new_empty({0});
+  };
+  return std::vector<Tensor>{du, in_dtype_of(dk, in.k), in_dtype_of(dk_rev, in.k_rev),
+                             dpregate.defined() ? dpregate : in.u.new_empty({0}),
+                             dpostgate.defined() ? dpostgate : in.u.new_empty({0}), in_dtype_of(dD, in.D)};
 }
 #endif
 
@@ -149,7 +205,7 @@ Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_
   auto in = check_inputs(u, k, k_rev, filter_spectrum, pregate, postgate, D, algorithm);
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(u.device());
-  if (u.is_cuda() && fused_forward_enabled()) {
+  if (u.is_cuda() && fused_kernels_enabled()) {
     if (auto y = fused_forward(in)) return *y;
   }
 #endif
@@ -164,6 +220,9 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const Op
   TORCH_CHECK(dy.device() == u.device(), "dy is on ", dy.device(), " but u is on ", u.device());
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(u.device());
+  if (u.is_cuda() && fused_kernels_enabled()) {
+    if (auto grads = fused_backward(dy, in)) return *grads;
+  }
 #endif
   return cpu::monarch_conv_bwd(dy, in);
 }
