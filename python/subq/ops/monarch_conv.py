@@ -3,9 +3,9 @@
 
 Backed by ``torch.ops.subq.monarch_conv_fwd/bwd`` and ``torch.ops.subq.monarch_conv_filter``
 (csrc/torch/monarch_conv.cpp). Both devices run one ATen composite by default, its transforms by ATen's FFT on CPU
-and by the FFT-free Monarch DFT (csrc/monarch_conv/monarch_dft.h) on CUDA. A fused Monarch-DFT CUDA forward
-(csrc/monarch_conv/monarch_conv_fused_fwd.cu, same FFT size rule, :func:`fft_size`) is opt-in with
-``SUBQ_EXPERIMENTAL_CONV_KERNELS=1`` until it has been verified on a GPU; the backward is the composite either way.
+and by the FFT-free Monarch DFT (csrc/monarch_conv/monarch_dft.h) on CUDA. Fused Monarch-DFT CUDA kernels, forward and
+backward (csrc/monarch_conv/monarch_conv_fused_{fwd,bwd}.cu, same FFT size rule, :func:`fft_size`), are opt-in with
+``SUBQ_EXPERIMENTAL_CONV_KERNELS=1`` until they have been verified on a GPU.
 The Monarch transforms alone are exposed for tests and benchmarks as :func:`_monarch_rfft` / :func:`_monarch_irfft`.
 """
 
