@@ -100,35 +100,52 @@ bool fused_kernels_enabled() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// The tensor-core forward: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
-std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const cpu::SsdOptions& opt) {
-  const c10::cuda::CUDAGuard guard(in.x.device());
-  auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const Tensor x = in.x.contiguous(), B = in.B.contiguous(), C = in.C.contiguous();
-  const Tensor dt = f32(in.dt), A = f32(in.A);
-  const Tensor D = in.D ? f32(*in.D) : Tensor(), dt_bias = in.dt_bias ? f32(*in.dt_bias) : Tensor();
-  const Tensor z = in.z ? in.z->contiguous() : Tensor();
-  const Tensor init = in.initial_states ? f32(*in.initial_states) : Tensor();
-  const Tensor seq = in.seq_idx ? in.seq_idx->to(at::kInt).contiguous() : Tensor();
+// The kernels' operand layouts: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
+struct DenseInputs {
+  Tensor x, dt, A, B, C, D, z, dt_bias, init, seq;
+};
 
-  SsdForwardParams p;
-  p.dtype = x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  p.shape = {x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), opt.chunk_size};
+DenseInputs dense_inputs(const cpu::SsdInputs& in) {
+  auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  DenseInputs t;
+  t.x = in.x.contiguous(), t.B = in.B.contiguous(), t.C = in.C.contiguous();
+  t.dt = f32(in.dt), t.A = f32(in.A);
+  t.D = in.D ? f32(*in.D) : Tensor(), t.dt_bias = in.dt_bias ? f32(*in.dt_bias) : Tensor();
+  t.z = in.z ? in.z->contiguous() : Tensor();
+  t.init = in.initial_states ? f32(*in.initial_states) : Tensor();
+  t.seq = in.seq_idx ? in.seq_idx->to(at::kInt).contiguous() : Tensor();
+  return t;
+}
+
+// The fields SsdForwardParams and SsdBackwardParams share: dtype, shape, dt options and the forward's inputs.
+template <typename Params>
+void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
+  p.dtype = t.x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.shape = {t.x.size(0), t.x.size(1), t.x.size(2), t.x.size(3), t.B.size(2), t.B.size(3), opt.chunk_size};
   p.dt_softplus = opt.dt_softplus;
   p.has_dt_limit = opt.has_dt_limit;
   p.dt_lo = static_cast<float>(opt.dt_min);
   p.dt_hi = static_cast<float>(opt.dt_max);
-  p.x = x.data_ptr();
-  p.dt = dt.data_ptr<float>();
-  p.A = A.data_ptr<float>();
-  p.B = B.data_ptr();
-  p.C = C.data_ptr();
-  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
-  p.D_per_channel = D.defined() && D.dim() == 2;
-  p.z = z.defined() ? z.data_ptr() : nullptr;
-  p.dt_bias = dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr;
-  p.initial_states = init.defined() ? init.data_ptr<float>() : nullptr;
-  p.seq_idx = seq.defined() ? seq.data_ptr<int32_t>() : nullptr;
+  p.x = t.x.data_ptr();
+  p.dt = t.dt.data_ptr<float>();
+  p.A = t.A.data_ptr<float>();
+  p.B = t.B.data_ptr();
+  p.C = t.C.data_ptr();
+  p.D = t.D.defined() ? t.D.data_ptr<float>() : nullptr;
+  p.D_per_channel = t.D.defined() && t.D.dim() == 2;
+  p.z = t.z.defined() ? t.z.data_ptr() : nullptr;
+  p.dt_bias = t.dt_bias.defined() ? t.dt_bias.data_ptr<float>() : nullptr;
+  p.initial_states = t.init.defined() ? t.init.data_ptr<float>() : nullptr;
+  p.seq_idx = t.seq.defined() ? t.seq.data_ptr<int32_t>() : nullptr;
+}
+
+// The tensor-core forward.
+std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const cpu::SsdOptions& opt) {
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  const DenseInputs t = dense_inputs(in);
+  const Tensor &x = t.x, &B = t.B;
+  SsdForwardParams p;
+  fill_inputs(p, t, opt);
   Tensor y = at::empty_like(x);
   Tensor final_states = at::empty({x.size(0), x.size(2), x.size(3), B.size(3)}, x.options().dtype(at::kFloat));
   Tensor workspace = at::empty({static_cast<int64_t>(ssd_forward_workspace_bytes(p.shape))},
@@ -186,34 +203,14 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal
 std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const cpu::SsdInputs& in,
                                    const cpu::SsdOptions& opt) {
   const c10::cuda::CUDAGuard guard(in.x.device());
-  auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const Tensor x = in.x.contiguous(), B = in.B.contiguous(), C = in.C.contiguous();
-  const Tensor dt = f32(in.dt), A = f32(in.A);
-  const Tensor D = in.D ? f32(*in.D) : Tensor(), dt_bias = in.dt_bias ? f32(*in.dt_bias) : Tensor();
-  const Tensor z = in.z ? in.z->contiguous() : Tensor();
-  const Tensor init = in.initial_states ? f32(*in.initial_states) : Tensor();
-  const Tensor seq = in.seq_idx ? in.seq_idx->to(at::kInt).contiguous() : Tensor();
+  const DenseInputs t = dense_inputs(in);
+  const Tensor &x = t.x, &B = t.B, &C = t.C, &dt = t.dt, &A = t.A, &D = t.D, &z = t.z, &dt_bias = t.dt_bias,
+               &init = t.init;
   const Tensor g_out = dy.to(x.scalar_type()).contiguous();
-  const Tensor dfinal = dfinal_states ? f32(*dfinal_states) : Tensor();
+  const Tensor dfinal = dfinal_states ? dfinal_states->to(at::kFloat).contiguous() : Tensor();
 
   SsdBackwardParams p;
-  p.dtype = x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  p.shape = {x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), opt.chunk_size};
-  p.dt_softplus = opt.dt_softplus;
-  p.has_dt_limit = opt.has_dt_limit;
-  p.dt_lo = static_cast<float>(opt.dt_min);
-  p.dt_hi = static_cast<float>(opt.dt_max);
-  p.x = x.data_ptr();
-  p.dt = dt.data_ptr<float>();
-  p.A = A.data_ptr<float>();
-  p.B = B.data_ptr();
-  p.C = C.data_ptr();
-  p.D = D.defined() ? D.data_ptr<float>() : nullptr;
-  p.D_per_channel = D.defined() && D.dim() == 2;
-  p.z = z.defined() ? z.data_ptr() : nullptr;
-  p.dt_bias = dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr;
-  p.initial_states = init.defined() ? init.data_ptr<float>() : nullptr;
-  p.seq_idx = seq.defined() ? seq.data_ptr<int32_t>() : nullptr;
+  fill_inputs(p, t, opt);
   p.dy = g_out.data_ptr();
   p.dfinal_states = dfinal.defined() ? dfinal.data_ptr<float>() : nullptr;
 
