@@ -8,6 +8,9 @@ CPU timings are ``time.perf_counter`` medians of a few calls, meant only for smo
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +36,23 @@ __all__ = [
     "default_out", "device_name", "do_bench", "environment", "fmt", "input_set_count", "matmul_peak_tflops",
     "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json", "comparison",
 ]
+
+
+@contextlib.contextmanager
+def env_flag(name: str, on: bool = True) -> Iterator[None]:
+    """Environment variable ``name`` set to "1" for the duration (when ``on``), its previous value or absence back
+    after, so the calls nest. The ops read their opt-in flags (SUBQ_EXPERIMENTAL_*_KERNELS) on every forward and
+    backward call, so a backward run by autograd must run inside it too."""
+    previous = os.environ.get(name)
+    if on:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def default_out(prefix: str, device: torch.device) -> Path:

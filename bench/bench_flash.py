@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,19 +36,9 @@ FUSED_FLAG = "SUBQ_EXPERIMENTAL_FLASH_KERNELS"
 GRAD_KEYS = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "u")  # the inputs fwd+bwd differentiates
 
 
-@contextlib.contextmanager
-def fused_kernels() -> Iterator[None]:
-    """The fused forward and backward for the duration (opt-in until verified on a GPU); the previous value of the
-    flag comes back after, so the calls nest."""
-    previous = os.environ.get(FUSED_FLAG)
-    os.environ[FUSED_FLAG] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[FUSED_FLAG]
-        else:
-            os.environ[FUSED_FLAG] = previous
+def fused_kernels() -> contextlib.AbstractContextManager[None]:
+    """The fused forward and backward for the duration (opt-in until verified on a GPU)."""
+    return h.env_flag(FUSED_FLAG)
 
 
 def make_inputs(args, seqlen, dtype, device):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,20 +76,10 @@ def implementations() -> dict[str, Callable]:
             "torch_fft": torch_fft}
 
 
-@contextlib.contextmanager
-def fused_flag(name: str):
+def fused_flag(name: str) -> contextlib.AbstractContextManager[None]:
     """For subq_fused, the fused kernels' opt-in flag set over the whole call, forward and backward; for the
     others, the environment as it is."""
-    previous = os.environ.get(FUSED_FLAG)
-    if name == FUSED_IMPL:
-        os.environ[FUSED_FLAG] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(FUSED_FLAG, None)
-        else:
-            os.environ[FUSED_FLAG] = previous
+    return h.env_flag(FUSED_FLAG, on=name == FUSED_IMPL)
 
 
 def make_call(name, fn, inp, pass_name):

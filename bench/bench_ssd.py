@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,11 +103,8 @@ def with_fused_flag(call):
     """The call with the fused kernels switched on for all of it: the backward reads the flag when autograd runs
     it, after the forward has returned."""
     def flagged():
-        os.environ[FUSED_FLAG] = "1"
-        try:
+        with h.env_flag(FUSED_FLAG):
             return call()
-        finally:
-            del os.environ[FUSED_FLAG]
     return flagged
 
 

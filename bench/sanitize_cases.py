@@ -3,10 +3,9 @@
 Sizes are chosen to hit partial tiles, the token padding of the Monarch intermediate and the strided epilogue.
 """
 
-import os
-
 import torch
 
+from _harness import env_flag
 from subq.ops import blockdiag_matmul, monarch_matmul, rmsnorm_gated, ssd_step
 
 
@@ -89,8 +88,7 @@ def run_flash_fused(dtype: torch.dtype) -> None:
     and without (the second), both modes."""
     from subq.ops import flash_chunk_attention
 
-    os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"] = "1"
-    try:
+    with env_flag("SUBQ_EXPERIMENTAL_FLASH_KERNELS"):
         for batch, seqlen, s, e, chunk, gated in ((2, 150, 40, 130, 128, True), (1, 50, 8, 24, 64, False)):
             kw = dict(device="cuda", dtype=dtype, requires_grad=True)
             qk = [torch.randn(batch, seqlen, s, **kw) for _ in range(4)]
@@ -100,8 +98,6 @@ def run_flash_fused(dtype: torch.dtype) -> None:
             for causal in (False, True):
                 out = flash_chunk_attention(*qk, v, u, rel_bias, chunk_size=chunk, causal=causal)
                 out.backward(torch.randn_like(out))
-    finally:
-        del os.environ["SUBQ_EXPERIMENTAL_FLASH_KERNELS"]
     torch.cuda.synchronize()
 
 
@@ -111,9 +107,7 @@ def run_monarch_conv_fused(dtype: torch.dtype) -> None:
     for the filter gradient alone, or skipped), a precomputed spectrum (no filter gradient)."""
     from subq.ops import monarch_conv, monarch_conv_filter
 
-    previous = os.environ.get("SUBQ_EXPERIMENTAL_CONV_KERNELS")
-    os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"] = "1"
-    try:
+    with env_flag("SUBQ_EXPERIMENTAL_CONV_KERNELS"):
         for seqlen, filter_len, bidirectional, gated in ((2, 1, True, True), (100, 60, False, False),
                                                           (4097, 4097, True, True)):
             u = torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True)
@@ -127,11 +121,6 @@ def run_monarch_conv_fused(dtype: torch.dtype) -> None:
             spectrum = monarch_conv_filter(k, seqlen, k_rev=k_rev)
             y = monarch_conv(u, filter_spectrum=spectrum, pregate=gates[0], postgate=gates[1], D=D)
             y.backward(torch.randn_like(y))
-    finally:
-        if previous is None:
-            del os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"]
-        else:
-            os.environ["SUBQ_EXPERIMENTAL_CONV_KERNELS"] = previous
     torch.cuda.synchronize()
 
 
@@ -140,9 +129,7 @@ def run_ssd_fused(dtype: torch.dtype) -> None:
     groups, per-channel D, z, the dt chain, initial and final states, seq_idx; then a case without D or z."""
     from subq.ops import ssd_chunk_scan
 
-    previous = os.environ.get("SUBQ_EXPERIMENTAL_SSD_KERNELS")
-    os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"] = "1"
-    try:
+    with env_flag("SUBQ_EXPERIMENTAL_SSD_KERNELS"):
         batch, seqlen, heads, head_dim, groups, dstate = 2, 150, 4, 40, 2, 24
         kw = dict(device="cuda", dtype=dtype, requires_grad=True)
         x, z = (torch.randn(batch, seqlen, heads, head_dim, **kw) for _ in range(2))
@@ -160,11 +147,6 @@ def run_ssd_fused(dtype: torch.dtype) -> None:
         torch.autograd.backward((y, final), (torch.randn_like(y), torch.randn_like(final)))
         y = ssd_chunk_scan(x, dt, A, B, C, chunk_size=128)
         y.backward(torch.randn_like(y))
-    finally:
-        if previous is None:
-            del os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"]
-        else:
-            os.environ["SUBQ_EXPERIMENTAL_SSD_KERNELS"] = previous
     torch.cuda.synchronize()
 
 
