@@ -11,6 +11,8 @@
 
 #include <mma.h>
 
+#include "common/wmma_fragments.cuh"
+
 #include "common/convert.cuh"
 #include "flash/flash_chunk_attention.h"
 
@@ -48,22 +50,6 @@ bool shape_supported(const FlashChunkShape& s) {
 
 // float32 K_lin,gᵀ V_g states, one S x E matrix per (batch row, chunk).
 size_t state_bytes(const Dims& d) { return sizeof(float) * d.B * d.G * d.S * d.E; }
-
-template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragAcol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-template <typename T>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragBcol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-template <int M, int N>
-__device__ __forceinline__ void zero(FragAcc (&acc)[M][N]) {
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-}
 
 // Positions of chunk g that exist: C, or fewer in a short last chunk.
 __device__ __forceinline__ int64_t chunk_length(const Dims& d, int64_t g) {

@@ -8,6 +8,8 @@
 
 #include <mma.h>
 
+#include "common/wmma_fragments.cuh"
+
 namespace subq {
 namespace {
 
@@ -37,21 +39,6 @@ Dims make_dims(const SsdShape& s) {
 __device__ __forceinline__ int32_t seq_at(const int32_t* seq_idx, const Dims& d, int64_t b, int64_t pos) {
   if (seq_idx == nullptr) return 0;
   return seq_idx[b * d.L + (pos < d.L ? pos : d.L - 1)];
-}
-
-template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragAcol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-template <typename T>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragBcol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-__device__ __forceinline__ void zero(FragAcc (&acc)[2][2]) {
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 }
 
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
