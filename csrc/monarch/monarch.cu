@@ -95,6 +95,10 @@ int64_t monarch_padded_tokens(int64_t tokens) { return (tokens + 7) / 8 * 8; }
 
 int64_t monarch_intermediate_elements(const MonarchShape& s) { return s.k * s.q * monarch_padded_tokens(s.tokens); }
 
+int64_t monarch_fwd_workspace_elements(const MonarchShape& s) {
+  return s.l > 1 && s.s % 8 == 0 ? s.tokens * s.l * s.s : 0;
+}
+
 int64_t monarch_bwd_workspace_elements(const MonarchShape& s) {
   const int64_t padded = monarch_padded_tokens(s.tokens);
   const int64_t x_copy = padded == s.tokens ? 0 : padded * s.k * s.p;
@@ -114,7 +118,16 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
                             mat(p.x, p.x_row_stride, 1, s.p),
                             mat(p.w1, 1, s.p, s.q * s.p),
                             mat(p.intermediate, 1, padded, s.q * padded), stream));
-  // y(t, s'*l + j) = o_j(t, s') = sum_m u_j(t, m) w2_j(s', m): P^T is the output's strides (l*s, l), batch 1
+  // o_j(t, s') = sum_m u_j(t, m) w2_j(s', m), and y(t, s'*l + j) = o_j(t, s') applies P^T. With scratch, o is stored
+  // block-major (tokens, l, s) with vector stores and transposed within each token row; without, the GEMM writes y
+  // directly at strides (l*s, l), batch stride 1.
+  if (p.workspace != nullptr && monarch_fwd_workspace_elements(s) > 0) {
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.s, s.r, s.l,
+                              mat(p.intermediate, 1, s.l * padded, padded),
+                              mat(p.w2, 1, s.r, s.s * s.r),
+                              mat(p.workspace, s.l * s.s, 1, s.s), stream));
+    return from_cuda(transpose_within_rows(p.workspace, p.y, s.tokens, s.s, s.l, int(dtype_size(p.dtype)), stream));
+  }
   return gemm(p.dtype, p.math, s.tokens, s.s, s.r, s.l,
               mat(p.intermediate, 1, s.l * padded, padded),
               mat(p.w2, 1, s.r, s.s * s.r),
@@ -138,7 +151,7 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
   // padded tokens (zero rows) so that K is a multiple of the vector width.
   void* d_out = g.workspace;
   void* d_inter = offset(d_out, padded * n_out, p.dtype);
-  SUBQ_RETURN_IF_ERROR(from_cuda(unpermute_blocks(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
+  SUBQ_RETURN_IF_ERROR(from_cuda(transpose_within_rows(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
   SUBQ_RETURN_IF_ERROR(from_cuda(
       cudaMemsetAsync(offset(d_out, s.tokens * n_out, p.dtype), 0, (padded - s.tokens) * n_out * esize, stream)));
 

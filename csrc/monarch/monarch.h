@@ -50,6 +50,10 @@ struct MonarchShape {
 // unit stride, and the permutation P is folded into the second factor's addressing instead of a transpose pass.
 int64_t monarch_padded_tokens(int64_t tokens);
 int64_t monarch_intermediate_elements(const MonarchShape& shape);
+// Forward scratch: the second factor's output block-major, (tokens, l, s), which one transpose pass then turns into
+// y. Storing it with a unit stride and permuting afterwards is several times faster on H100 than scattering the
+// GEMM's stores at stride l. 0 when no pass is needed (l == 1) or s is not a multiple of 8 (no vector stores).
+int64_t monarch_fwd_workspace_elements(const MonarchShape& shape);
 // Backward scratch: the un-permuted output gradient (padded tokens, l, s), the gradient of the intermediate, and,
 // when tokens is not a multiple of 8, x copied to padded tokens (the weight gradients reduce over padded tokens).
 int64_t monarch_bwd_workspace_elements(const MonarchShape& shape);
@@ -64,6 +68,8 @@ struct MonarchParams {
   const void* w2 = nullptr;          // (l, s, r)
   void* y = nullptr;                 // (tokens, l*s); written by monarch_fwd
   void* intermediate = nullptr;      // monarch_intermediate_elements(shape); written by fwd, read by bwd
+  void* workspace = nullptr;         // monarch_fwd_workspace_elements(shape) elements, or nullptr: the forward
+                                     // then stores y directly at stride l (slower, no scratch)
 };
 
 struct MonarchGrads {

@@ -1,4 +1,6 @@
-// The output permutation P^T undone on a gradient: out[t, j, c] = in[t, c*l + j] for each token row.
+// The Monarch permutation as a copy: each row (token) of `in`, viewed as a (cols, blocks) matrix, is written
+// transposed, out[t, j*cols + c] = in[t, c*blocks + j]. With (blocks, cols) = (l, s) it undoes the output
+// permutation P^T on a gradient; with (s, l) it applies P^T to a block-major forward output.
 #pragma once
 
 #include <cstdint>
@@ -6,8 +8,8 @@
 
 namespace subq {
 
-// Copies elements of `element_size` bytes (2 or 4). rows: tokens; blocks: l; block_size: s.
-cudaError_t unpermute_blocks(const void* in, void* out, int64_t rows, int64_t blocks, int64_t block_size,
-                             int element_size, cudaStream_t stream);
+// Copies elements of `element_size` bytes (2 or 4).
+cudaError_t transpose_within_rows(const void* in, void* out, int64_t rows, int64_t blocks, int64_t cols,
+                                  int element_size, cudaStream_t stream);
 
 }  // namespace subq

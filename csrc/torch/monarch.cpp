@@ -187,8 +187,10 @@ std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, cons
   MonarchParams p = monarch_params(x, w1, w2);
   at::Tensor y = at::empty({x.size(0), w2.size(0) * w2.size(1)}, x.options());
   at::Tensor intermediate = at::empty({w1.size(0) * w1.size(1), monarch_padded_tokens(x.size(0))}, x.options());
+  at::Tensor workspace = at::empty({monarch_fwd_workspace_elements(p.shape)}, x.options());
   p.y = y.data_ptr();
   p.intermediate = intermediate.data_ptr();
+  p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
   if (!ran(monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) return cpu::monarch_fwd(x, w1, w2);
   return {y, intermediate};
 }
