@@ -1,6 +1,7 @@
 """Order-2 Monarch matmul, side by side in one process: subq vs HazyResearch m2's two-bmm formulation vs a dense
 linear layer of the same size, forward and forward+backward, against the matmul peak and copy bandwidth measured in
-the same run.
+the same run. subq_sm90 is subq with SUBQ_EXPERIMENTAL_SM90_GEMM=1: on an H100 with an sm_90a build its 16-bit GEMMs
+run on the wgmma kernels; anywhere else it runs the same kernels as subq.
 
     python bench/bench_monarch.py                          # full sweep: 16K tokens, n 1024/4096/8192, nblocks 4/16/64
     python bench/bench_monarch.py --quick --device cpu     # smoke run
@@ -26,7 +27,8 @@ from subq.reference import monarch_matmul_ref
 FULL = {"tokens": 16384, "n": [1024, 4096, 8192], "nblocks": [4, 16, 64]}
 QUICK = {"tokens": 256, "n": [256], "nblocks": [4, 16]}
 PASSES = ("fwd", "fwd+bwd")
-IMPLS = ("subq", "two_bmm", "dense")
+IMPLS = ("subq", "subq_sm90", "two_bmm", "dense")
+SM90_FLAG = "SUBQ_EXPERIMENTAL_SM90_GEMM"  # read by the op on every forward and backward call
 REFERENCE_TOL = 1e-4  # fp32 two-bmm vs the float64 reference
 
 
@@ -44,7 +46,7 @@ class Inputs:
     def operands(self, impl: str) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
         if impl == "dense":
             return F.linear, (self.x, self.dense_w)
-        fn = subq.ops.monarch_matmul if impl == "subq" else two_bmm
+        fn = two_bmm if impl == "two_bmm" else subq.ops.monarch_matmul
         return fn, (self.x, self.w1, self.w2)
 
 
@@ -77,10 +79,11 @@ def output_and_grads(fn: Callable[..., torch.Tensor], x: torch.Tensor, w1: torch
 
 
 def compare(fn: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], inp: Inputs, ref_dtype: torch.dtype,
-            tol: float) -> dict:
+            tol: float, sm90_gemm: bool = False) -> dict:
     """Relative errors of fn's output and gradients against ref run on the same inputs cast to ref_dtype."""
     try:
-        got = output_and_grads(fn, inp.x, inp.w1, inp.w2, inp.dy)
+        with h.env_flag(SM90_FLAG, sm90_gemm):
+            got = output_and_grads(fn, inp.x, inp.w1, inp.w2, inp.dy)
         cast = [t.detach().to(ref_dtype).requires_grad_() for t in (inp.x, inp.w1, inp.w2)]
         want = output_and_grads(ref, *cast, inp.dy)
     except RuntimeError as err:  # a failing kernel is reported with the timings, not allowed to end the sweep
@@ -115,12 +118,17 @@ def report_check(what: str, check: dict) -> None:
 
 def make_call(impl: str, inp: Inputs, pass_name: str) -> Callable[[], object]:
     fn, args = inp.operands(impl)
+    sm90_gemm = impl == "subq_sm90"
     if pass_name == "fwd":
         def forward() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), h.env_flag(SM90_FLAG, sm90_gemm):
                 return fn(*args)
         return forward
-    return lambda: torch.autograd.grad(fn(*args), args, inp.dy)
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        with h.env_flag(SM90_FLAG, sm90_gemm):  # the backward reads the flag too
+            return torch.autograd.grad(fn(*args), args, inp.dy)
+    return forward_backward
 
 
 def time_impl(impl: str, sets: list[Inputs], pass_name: str, device: torch.device,
@@ -138,7 +146,7 @@ def flops(tokens: int, n: int, nblocks: int) -> dict[str, float]:
     """Useful forward FLOPs: Monarch 2*T*(k*q*p + l*s*r), dense 2*T*n*n."""
     block = n // nblocks
     monarch = 2 * tokens * 2 * nblocks * block * block
-    return {"subq": monarch, "two_bmm": monarch, "dense": 2 * tokens * n * n}
+    return {"subq": monarch, "subq_sm90": monarch, "two_bmm": monarch, "dense": 2 * tokens * n * n}
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -149,8 +157,10 @@ def bench_config(args: argparse.Namespace, n: int, nblocks: int, peak: float) ->
     device, dtype = args.device, h.DTYPES[args.dtype]
     first = make_inputs(args.tokens, n, nblocks, dtype, device)
     check = compare(subq.ops.monarch_matmul, two_bmm, first, dtype, low_precision_tol(dtype))
-    if not check["ok"]:
-        report_check(f"subq vs two_bmm ({args.dtype}) at n={n} nblocks={nblocks}", check)
+    check_sm90 = compare(subq.ops.monarch_matmul, two_bmm, first, dtype, low_precision_tol(dtype), sm90_gemm=True)
+    for name, c in (("subq", check), ("subq_sm90", check_sm90)):
+        if not c["ok"]:
+            report_check(f"{name} vs two_bmm ({args.dtype}) at n={n} nblocks={nblocks}", c)
     count = h.input_set_count(first.nbytes(), device)
     sets = [first] + [make_inputs(args.tokens, n, nblocks, dtype, device) for _ in range(count - 1)]
     rows = []
@@ -164,8 +174,11 @@ def bench_config(args: argparse.Namespace, n: int, nblocks: int, peak: float) ->
             "input_sets": count, "ms": ms, "tflops": tf,
             "pct_peak": {impl: None if v is None else 100 * v / peak for impl, v in tf.items()},
             "speedup_subq_vs": {"two_bmm": ratio(ms["two_bmm"], ms["subq"]), "dense": ratio(ms["dense"], ms["subq"])},
+            "speedup_subq_sm90_vs": {"two_bmm": ratio(ms["two_bmm"], ms["subq_sm90"]),
+                                     "dense": ratio(ms["dense"], ms["subq_sm90"])},
             "errors": {impl: t[1] for impl, t in timed.items() if t[1] is not None},
             "check_subq_vs_two_bmm": check,
+            "check_subq_sm90_vs_two_bmm": check_sm90,
         })
         print(table_row(rows[-1]), flush=True)
     return rows
@@ -173,18 +186,23 @@ def bench_config(args: argparse.Namespace, n: int, nblocks: int, peak: float) ->
 
 # ---- output ----------------------------------------------------------------------------------------------------------
 
-HEADER = (f"{'n':>5} {'nb':>3} {'pass':<7} {'subq ms':>9} {'2bmm ms':>9} {'dense ms':>9} {'subq TF/s':>9} "
-          f"{'%peak':>6} {'vs 2bmm':>8} {'vs dense':>8}  check")
+HEADER = (f"{'n':>5} {'nb':>3} {'pass':<7} {'subq ms':>9} {'sm90 ms':>9} {'2bmm ms':>9} {'dense ms':>9} "
+          f"{'subq TF/s':>9} {'%peak':>6} {'vs 2bmm':>8} {'vs dense':>8} {'sm90 %pk':>8} {'sm90/2bmm':>9}  check")
+
+
+def check_flag(check: dict) -> str:
+    errs = check["max_rel_err"]
+    return ("ok " if check["ok"] else "FAIL ") + (f"{max(errs.values()):.1e}" if errs else "error")
 
 
 def table_row(row: dict) -> str:
-    ms, speed, check = row["ms"], row["speedup_subq_vs"], row["check_subq_vs_two_bmm"]
-    errs = check["max_rel_err"]
-    flag = ("ok " if check["ok"] else "FAIL ") + (f"{max(errs.values()):.1e}" if errs else "error")
+    ms, speed, sm90 = row["ms"], row["speedup_subq_vs"], row["speedup_subq_sm90_vs"]
     cells = [f"{row['n']:>5}", f"{row['nblocks']:>3}", f"{row['pass']:<7}",
              *(f"{h.fmt(ms[impl], '.3f'):>9}" for impl in IMPLS), f"{h.fmt(row['tflops']['subq'], '.4g'):>9}",
              f"{h.fmt(row['pct_peak']['subq'], '.1f'):>5}%", f"{h.fmt(speed['two_bmm'], '.2f'):>7}x",
-             f"{h.fmt(speed['dense'], '.2f'):>7}x", f" {flag}"]
+             f"{h.fmt(speed['dense'], '.2f'):>7}x", f"{h.fmt(row['pct_peak']['subq_sm90'], '.1f'):>7}%",
+             f"{h.fmt(sm90['two_bmm'], '.2f'):>8}x",
+             f" {check_flag(row['check_subq_vs_two_bmm'])} / {check_flag(row['check_subq_sm90_vs_two_bmm'])}"]
     return " ".join(cells)
 
 
@@ -193,7 +211,8 @@ def summarize(rows: list[dict], reference_check: dict) -> bool:
     for row in rows:
         for impl, err in row["errors"].items():
             print(f"!!! {impl} failed at n={row['n']} nblocks={row['nblocks']} {row['pass']}: {err}")
-    bad = {(r["n"], r["nblocks"]) for r in rows if not r["check_subq_vs_two_bmm"]["ok"]}
+    bad = {(r["n"], r["nblocks"]) for r in rows
+           if not (r["check_subq_vs_two_bmm"]["ok"] and r["check_subq_sm90_vs_two_bmm"]["ok"])}
     if bad:
         print(f"!!! subq FAILS or DISAGREES with two_bmm beyond tolerance at (n, nblocks) = {sorted(bad)}: timings "
               "there are not comparable !!!")
@@ -245,7 +264,8 @@ def main() -> None:
     print(f"{env['device_name']} | torch {env['torch']} CUDA {env['cuda']} | subq cuda_built={env['subq_cuda_built']} "
           f"archs='{env['subq_cuda_archs']}' | timer {env['timer']}")
     print(f"measured peak: matmul {peak:.1f} TFLOP/s ({args.dtype}), copy {h.fmt(copy_gbs, '.0f')} GB/s (read+write)")
-    print(f"tokens={args.tokens} dtype={args.dtype}; speedups are other_ms / subq_ms; check = subq vs two_bmm rel err")
+    print(f"tokens={args.tokens} dtype={args.dtype}; speedups are other_ms / subq_ms; check = subq / subq_sm90 vs "
+          "two_bmm rel err")
 
     smallest = make_inputs(args.tokens, min(args.n), min(args.nblocks), torch.float32, device)
     reference_check = compare(two_bmm, monarch_matmul_ref, smallest, torch.float64, REFERENCE_TOL)

@@ -24,7 +24,8 @@ fi
 python3 -c "import subq, torch; print('subq', subq.cuda_built(), subq.cuda_archs(), torch.cuda.get_device_name())"
 
 if [[ $STEPS == *test* ]]; then
-  python3 -m pytest tests -q -x -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+  # No -x: most fused kernels have never run, and one run should report every failure, not the first.
+  python3 -m pytest tests -q -rf -p no:cacheprovider >"$OUT/pytest.log" 2>&1
   step tests "exit $? ($(tail -n 1 "$OUT/pytest.log"))"
 fi
 

@@ -22,6 +22,21 @@ def run(dtype: torch.dtype, tf32: bool) -> None:
     torch.cuda.synchronize()
 
 
+def run_monarch_sm90(dtype: torch.dtype) -> None:
+    """The Hopper wgmma GEMMs (opt-in flag set; the portable kernels elsewhere): 40 tokens put every GEMM on them,
+    37 sends the token-contiguous ones back to the portable kernels; partial 128-wide tiles throughout."""
+    with env_flag("SUBQ_EXPERIMENTAL_SM90_GEMM"):
+        for tokens in (40, 37):
+            x = torch.randn(tokens, 64, device="cuda", dtype=dtype, requires_grad=True)
+            w1 = torch.randn(4, 24, 16, device="cuda", dtype=dtype, requires_grad=True)
+            w2 = torch.randn(8, 16, 12, device="cuda", dtype=dtype, requires_grad=True)
+            y = monarch_matmul(x, w1, w2)
+            y.backward(torch.randn_like(y))
+            z = blockdiag_matmul(x, w1)
+            z.backward(torch.randn_like(z))
+    torch.cuda.synchronize()
+
+
 def run_grouped_matmul(dtype: torch.dtype, tf32: bool) -> None:
     """grouped_matmul forward and backward: partial tiles, empty groups (k = 0 problems in the weight gradient), a
     zero tail with a bias (the zero-row C), no groups at all, and K, N off the vector width (the padded path)."""
@@ -159,6 +174,7 @@ if __name__ == "__main__":
         run_causal_conv1d(dtype)
         run_monarch_conv_fused(dtype)
     for dtype in (torch.bfloat16, torch.float16):
+        run_monarch_sm90(dtype)
         run_flash_fused(dtype)
         run_ssd_fused(dtype)
     print("sanitize cases ran")

@@ -372,3 +372,45 @@ def test_cuda_large_batch_and_blocks():
     plain = monarch_matmul_ref(x, w1, w2)
     ref = monarch_matmul_ref(x.double(), w1.double(), w2.double())
     assert_within_budget(y, ref, plain, "y")
+
+
+# ---- the Hopper wgmma GEMMs (SUBQ_EXPERIMENTAL_SM90_GEMM=1 until verified on an H100) ------------------------------
+
+
+def _ran_sm90_kernel(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("sm90" in e.name.lower() for e in prof.events())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, tokens", [
+    ((4, 64, 64, 4, 64, 64), 512),        # every GEMM aligned: all on the wgmma kernels
+    ((4, 256, 128, 8, 64, 128), 1000),    # rectangular, tokens not a multiple of the 128-row tile
+    ((4, 32, 16, 8, 24, 16), 100),        # tokens not a multiple of 8: token-contiguous GEMMs fall back
+    ((16, 128, 128, 16, 128, 128), 4096), # a bench-like size
+])
+def test_hopper_gemm_path(monkeypatch, dtype, shape, tokens):
+    if not subq.cuda_built() or "90a" not in subq.cuda_archs().split(";"):
+        pytest.skip("this build has no sm_90a kernels")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
+    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SM90_GEMM", "1")
+    x, w1, w2 = _low_precision_case("cuda", dtype, shape, tokens)
+    inputs64 = [t.detach().double().requires_grad_() for t in (x, w1, w2)]
+    y = monarch_matmul(x, w1, w2)
+    plain, ref = monarch_matmul_ref(x, w1, w2), monarch_matmul_ref(*inputs64)
+    assert_within_budget(y, ref, plain, "y")
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w1, w2), dy)
+    plain_grads = torch.autograd.grad(plain, (x, w1, w2), dy)
+    ref_grads = torch.autograd.grad(ref, inputs64, dy.double())
+    for name, g, pg, rg in zip(("dx", "dw1", "dw2"), got, plain_grads, ref_grads, strict=True):
+        assert_within_budget(g, rg, pg, name)
+    w = w1.detach().requires_grad_()
+    yb = blockdiag_matmul(x, w)
+    assert_within_budget(yb, blockdiag_matmul_ref(inputs64[0], inputs64[1]), blockdiag_matmul_ref(x, w), "blockdiag y")
+    if tokens % 8 == 0:
+        assert _ran_sm90_kernel(lambda: monarch_matmul(x, w1, w2).sum().backward())

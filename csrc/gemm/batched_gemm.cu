@@ -5,6 +5,9 @@
 #include "gemm/batched_gemm.h"
 #include "gemm/batched_gemm_launch.cuh"
 #include "gemm/instantiations/extern.h"
+#ifdef SUBQ_WITH_SM90A
+#include "gemm/instantiations/extern_sm90.h"
+#endif
 
 namespace subq {
 namespace {
@@ -62,6 +65,39 @@ Status dispatch_layouts(const BatchedGemmParams& p, cudaStream_t stream) {
   return Status::kMisaligned;
 }
 
+#ifdef SUBQ_WITH_SM90A
+bool on_hopper() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+  return major == 9 && minor == 0;  // sm_90a code runs on exactly 9.0
+}
+
+// The wgmma kernels for 16-bit inputs and row-major D. kMisaligned means "not for this path": the caller then runs
+// the portable kernels, which take more layouts (strided D) and alignments.
+template <typename Element>
+Status dispatch_sm90(const BatchedGemmParams& p, cudaStream_t stream) {
+  const Major a = major_of(p.a), b = major_of(p.b);
+  constexpr int kVector = 8, kSize = 2;
+  if (a == Major::kNeither || b == Major::kNeither || major_of(p.d) != Major::kRow) return Status::kMisaligned;
+  if (!aligned(p.a, a, kVector, kSize) || !aligned(p.b, b, kVector, kSize) || !aligned(p.d, Major::kRow, kVector, kSize)) {
+    return Status::kMisaligned;
+  }
+  if (a == Major::kRow && b == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, RowMajor, RowMajor>(p, stream);
+  if (a == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, RowMajor, ColumnMajor>(p, stream);
+  if (b == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, ColumnMajor, RowMajor>(p, stream);
+  return gemm::launch_batched_gemm_sm90<Element, ColumnMajor, ColumnMajor>(p, stream);
+}
+
+Status try_sm90(const BatchedGemmParams& p, cudaStream_t stream) {
+  if (p.path != GemmPath::kHopperWhenAvailable || !on_hopper()) return Status::kMisaligned;
+  if (p.dtype == DType::kBFloat16) return dispatch_sm90<cutlass::bfloat16_t>(p, stream);
+  if (p.dtype == DType::kFloat16) return dispatch_sm90<cutlass::half_t>(p, stream);
+  return Status::kMisaligned;
+}
+#endif
+
 }  // namespace
 
 Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
@@ -76,6 +112,10 @@ Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
     p.b = b;
     p.d = transposed(p.d);
   }
+#ifdef SUBQ_WITH_SM90A
+  const Status hopper = try_sm90(p, stream);
+  if (hopper != Status::kMisaligned) return hopper;
+#endif
   switch (p.dtype) {
     case DType::kBFloat16: return dispatch_layouts<gemm::TensorOpBF16>(p, stream);
     case DType::kFloat16: return dispatch_layouts<gemm::TensorOpF16>(p, stream);

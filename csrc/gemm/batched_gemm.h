@@ -20,9 +20,15 @@ struct StridedMatrix {
   int64_t batch_stride = 0;
 };
 
+// Which kernels run a 16-bit GEMM. kPortable: CUTLASS 2 mma.sync kernels, the same on sm_80, sm_89 and sm_90a.
+// kHopperWhenAvailable: CUTLASS 3 TMA + wgmma kernels on a compute capability 9.0 device in a build that includes
+// sm_90a, for operands the TMA can address (16-byte aligned, row-major D); kPortable otherwise.
+enum class GemmPath { kPortable, kHopperWhenAvailable };
+
 struct BatchedGemmParams {
   DType dtype = DType::kBFloat16;
   MathMode math = MathMode::kExact;  // float32 only
+  GemmPath path = GemmPath::kPortable;
   int64_t m = 0, n = 0, k = 0, batch = 0;
   StridedMatrix a, b, d;
 };

@@ -13,11 +13,12 @@ StridedMatrix mat(const void* ptr, int64_t row, int64_t col, int64_t batch) {
   return StridedMatrix{const_cast<void*>(ptr), row, col, batch};
 }
 
-Status gemm(DType dtype, MathMode math, int64_t m, int64_t n, int64_t k, int64_t batch, StridedMatrix a,
+Status gemm(DType dtype, MathMode math, GemmPath path, int64_t m, int64_t n, int64_t k, int64_t batch, StridedMatrix a,
             StridedMatrix b, StridedMatrix d, cudaStream_t stream) {
   BatchedGemmParams params;
   params.dtype = dtype;
   params.math = math;
+  params.path = path;
   params.m = m;
   params.n = n;
   params.k = k;
@@ -62,7 +63,7 @@ Status blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream) {
   if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
   const int64_t n_out = p.nblocks * p.out_block;
   // y_j (t, o) = sum_i x_j(t, i) w_j(o, i)
-  return gemm(p.dtype, p.math, p.tokens, p.out_block, p.in_block, p.nblocks,
+  return gemm(p.dtype, p.math, p.gemm_path, p.tokens, p.out_block, p.in_block, p.nblocks,
               mat(p.x, p.x_row_stride, 1, p.in_block),
               mat(p.w, 1, p.in_block, p.out_block * p.in_block),
               mat(p.y, n_out, 1, p.out_block), stream);
@@ -72,7 +73,7 @@ Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStre
   if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
   const int64_t n_in = p.nblocks * p.in_block, n_out = p.nblocks * p.out_block;
   if (g.dx) {  // dx_j (t, i) = sum_o dy_j(t, o) w_j(o, i)
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.tokens, p.in_block, p.out_block, p.nblocks,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, p.tokens, p.in_block, p.out_block, p.nblocks,
                               mat(g.dy, n_out, 1, p.out_block),
                               mat(p.w, p.in_block, 1, p.out_block * p.in_block),
                               mat(g.dx, n_in, 1, p.in_block), stream));
@@ -81,7 +82,7 @@ Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStre
     if (p.tokens == 0) {
       return from_cuda(cudaMemsetAsync(g.dw, 0, p.nblocks * p.out_block * p.in_block * dtype_size(p.dtype), stream));
     }
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.out_block, p.in_block, p.tokens, p.nblocks,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, p.out_block, p.in_block, p.tokens, p.nblocks,
                               mat(g.dy, 1, n_out, p.out_block),
                               mat(p.x, p.x_row_stride, 1, p.in_block),
                               mat(g.dw, p.in_block, 1, p.out_block * p.in_block), stream));
@@ -114,7 +115,7 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
   const int64_t padded = monarch_padded_tokens(s.tokens);
   SUBQ_RETURN_IF_ERROR(zero_token_padding(p.intermediate, s.k * s.q, s.tokens, p.dtype, stream));
   // t_i (t, c) = sum_pp x_i(t, pp) w1_i(c, pp), stored transposed
-  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.q, s.p, s.k,
+  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.q, s.p, s.k,
                             mat(p.x, p.x_row_stride, 1, s.p),
                             mat(p.w1, 1, s.p, s.q * s.p),
                             mat(p.intermediate, 1, padded, s.q * padded), stream));
@@ -122,13 +123,13 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
   // block-major (tokens, l, s) with vector stores and transposed within each token row; without, the GEMM writes y
   // directly at strides (l*s, l), batch stride 1.
   if (p.workspace != nullptr && monarch_fwd_workspace_elements(s) > 0) {
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.s, s.r, s.l,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.s, s.r, s.l,
                               mat(p.intermediate, 1, s.l * padded, padded),
                               mat(p.w2, 1, s.r, s.s * s.r),
                               mat(p.workspace, s.l * s.s, 1, s.s), stream));
     return from_cuda(transpose_within_rows(p.workspace, p.y, s.tokens, s.s, s.l, int(dtype_size(p.dtype)), stream));
   }
-  return gemm(p.dtype, p.math, s.tokens, s.s, s.r, s.l,
+  return gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.s, s.r, s.l,
               mat(p.intermediate, 1, s.l * padded, padded),
               mat(p.w2, 1, s.r, s.s * s.r),
               mat(p.y, s.l * s.s, s.l, 1), stream);
@@ -156,7 +157,7 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
       cudaMemsetAsync(offset(d_out, s.tokens * n_out, p.dtype), 0, (padded - s.tokens) * n_out * esize, stream)));
 
   if (g.dw2) {  // dw2_j (s', m) = sum_t dO_j(t, s') u_j(t, m)
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.s, s.r, padded, s.l,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.s, s.r, padded, s.l,
                               mat(d_out, 1, s.l * s.s, s.s),
                               mat(p.intermediate, 1, s.l * padded, padded),
                               mat(g.dw2, s.r, 1, s.s * s.r), stream));
@@ -165,12 +166,12 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
   // du_j (t, m) = sum_s' dO_j(t, s') w2_j(s', m), stored feature-major like the forward intermediate, which
   // applies P^T for free: dT[m*l + j][t].
   SUBQ_RETURN_IF_ERROR(zero_token_padding(d_inter, s.k * s.q, s.tokens, p.dtype, stream));
-  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.r, s.s, s.l,
+  SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.r, s.s, s.l,
                             mat(d_out, s.l * s.s, 1, s.s),
                             mat(p.w2, s.r, 1, s.s * s.r),
                             mat(d_inter, 1, s.l * padded, padded), stream));
   if (g.dx) {  // dx_i (t, pp) = sum_c dT_i(t, c) w1_i(c, pp)
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.tokens, s.p, s.q, s.k,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.p, s.q, s.k,
                               mat(d_inter, 1, padded, s.q * padded),
                               mat(p.w1, s.p, 1, s.q * s.p),
                               mat(g.dx, s.k * s.p, 1, s.p), stream));
@@ -187,7 +188,7 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
       x = x_padded;
       x_row_stride = n_in;
     }
-    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, s.q, s.p, padded, s.k,
+    SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.q, s.p, padded, s.k,
                               mat(d_inter, padded, 1, s.q * padded),
                               mat(x, x_row_stride, 1, s.p),
                               mat(g.dw1, s.p, 1, s.q * s.p), stream));

@@ -14,6 +14,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "gemm/batched_gemm.h"
 
 namespace subq {
 
@@ -22,6 +23,7 @@ namespace subq {
 struct BlockdiagParams {
   DType dtype = DType::kBFloat16;
   MathMode math = MathMode::kExact;  // float32 only
+  GemmPath gemm_path = GemmPath::kPortable;  // 16-bit only: see gemm/batched_gemm.h
   int64_t tokens = 0, nblocks = 0, in_block = 0, out_block = 0;
   const void* x = nullptr;           // (tokens, nblocks*in_block), row stride x_row_stride
   int64_t x_row_stride = 0;
@@ -61,6 +63,7 @@ int64_t monarch_bwd_workspace_elements(const MonarchShape& shape);
 struct MonarchParams {
   DType dtype = DType::kBFloat16;
   MathMode math = MathMode::kExact;  // float32 only
+  GemmPath gemm_path = GemmPath::kPortable;  // 16-bit only: see gemm/batched_gemm.h
   MonarchShape shape;
   const void* x = nullptr;           // (tokens, k*p), row stride x_row_stride
   int64_t x_row_stride = 0;

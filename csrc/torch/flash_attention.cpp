@@ -4,14 +4,13 @@
 // for 16-bit inputs when SUBQ_EXPERIMENTAL_FLASH_KERNELS=1.
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 #include <torch/library.h>
 
 #include "flash/flash_attention_cpu.h"
 #include "torch/checks.h"
+#include "torch/experimental_flags.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -96,10 +95,7 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 #ifdef SUBQ_WITH_CUDA
 // Opt-in: the fused kernels were written and compiled without a GPU, so the composite stays the default until the
 // GPU tests (tests/test_flash.py::test_fused_cuda_forward and test_fused_cuda_backward) have passed on one.
-bool fused_kernels_enabled() {
-  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
+bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_FLASH_KERNELS"); }
 
 // The shapes and dtypes the kernels take (csrc/flash/flash_chunk_attention.h); the composite serves the rest.
 bool fused_kernels_take(const cpu::FlashChunkInputs& in) {

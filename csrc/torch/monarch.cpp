@@ -4,6 +4,7 @@
 
 #include "monarch/monarch_cpu.h"
 #include "torch/checks.h"
+#include "torch/experimental_flags.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -115,8 +116,14 @@ bool ran(Status status, const char* op) {
   return true;
 }
 
+// Opt-in until tests/test_monarch.py::test_hopper_gemm_path has passed on an H100: the wgmma GEMMs for 16-bit inputs.
+GemmPath gemm_path() {
+  return experimental_flag("SUBQ_EXPERIMENTAL_SM90_GEMM") ? GemmPath::kHopperWhenAvailable : GemmPath::kPortable;
+}
+
 BlockdiagParams blockdiag_params(const at::Tensor& x, const at::Tensor& w) {
   BlockdiagParams p;
+  p.gemm_path = gemm_path();
   p.dtype = to_dtype(x.scalar_type());
   p.math = math_mode(x.scalar_type());
   p.tokens = x.size(0);
@@ -162,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
 
 MonarchParams monarch_params(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   MonarchParams p;
+  p.gemm_path = gemm_path();
   p.dtype = to_dtype(x.scalar_type());
   p.math = math_mode(x.scalar_type());
   p.shape.tokens = x.size(0);

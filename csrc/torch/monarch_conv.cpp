@@ -5,8 +5,6 @@
 // (csrc/monarch_conv/monarch_conv_fused.h) replace the composite's for the sizes they support when
 // SUBQ_EXPERIMENTAL_CONV_KERNELS=1, until they have been verified on a GPU.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include <torch/library.h>
 
@@ -14,6 +12,7 @@
 #include "monarch_conv/monarch_conv_cpu.h"
 #include "monarch_conv/monarch_dft.h"
 #include "torch/checks.h"
+#include "torch/experimental_flags.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -94,10 +93,7 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
 #ifdef SUBQ_WITH_CUDA
 // Opt-in: the fused kernels were written and compiled without a GPU; they become the default once
 // test_fused_cuda_forward, test_fused_cuda_backward and the sanitizer cases have passed on one.
-bool fused_kernels_enabled() {
-  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_CONV_KERNELS");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
+bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_CONV_KERNELS"); }
 
 // What both fused kernels read: contiguous inputs (held here while a kernel runs) and the params pointing at them.
 struct FusedInputs {

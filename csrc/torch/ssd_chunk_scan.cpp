@@ -4,13 +4,12 @@
 // inputs only when SUBQ_EXPERIMENTAL_SSD_KERNELS=1: they were written without a GPU, and stay opt-in until their
 // tests (tests/test_ssd.py, test_fused_cuda_*) and compute-sanitizer have passed on one.
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include <torch/library.h>
 
 #include "ssd/ssd_chunk_scan_cpu.h"
 #include "torch/checks.h"
+#include "torch/experimental_flags.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -95,10 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 }
 
 #ifdef SUBQ_WITH_CUDA
-bool fused_kernels_enabled() {
-  const char* flag = std::getenv("SUBQ_EXPERIMENTAL_SSD_KERNELS");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
+bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_SSD_KERNELS"); }
 
 // The kernels' operand layouts: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
 struct DenseInputs {

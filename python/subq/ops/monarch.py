@@ -28,7 +28,9 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None = 
 
     Dtypes: float16, bfloat16, float32 (TF32 on CUDA when ``torch.backends.cuda.matmul.allow_tf32``) and float64;
     all arguments share one dtype and device. CUDA runs CUTLASS tensor-core kernels with fp32 accumulation when
-    block sizes are multiples of 8 (4 for TF32); other shapes and float64 take an ATen composite path. Any batch
+    block sizes are multiples of 8 (4 for TF32); other shapes and float64 take an ATen composite path. On an H100
+    with a build for sm_90a, ``SUBQ_EXPERIMENTAL_SM90_GEMM=1`` runs the 16-bit products on Hopper ``wgmma`` kernels
+    (opt-in until they have been verified on a GPU). Any batch
     shape (including empty) and any strides are accepted. NaN and Inf propagate as in ``torch.matmul``.
     Differentiable in ``x``, ``w1`` and ``w2``. Inside ``torch.autocast`` the operands are cast to the autocast dtype
     first, as for ``torch.matmul``.
