@@ -67,7 +67,7 @@ def extensions():
         archs = os.environ.get("SUBQ_CUDA_ARCHS", DEFAULT_ARCHS)
         include_dirs.append(str(cutlass_include_dir()))
         defines = ["-DSUBQ_WITH_CUDA", f'-DSUBQ_CUDA_ARCHS_STRING="{archs}"']
-        if "90a" in archs.split(";"):
+        if "90a" in (a.strip() for a in archs.split(";")):
             defines.append("-DSUBQ_WITH_SM90A")  # compiles and enables the Hopper wgmma GEMMs
         nvcc = [
             "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",

@@ -118,7 +118,8 @@ def _low_precision_case(device, dtype, shape, tokens):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("shape", [(2, 8, 8, 4, 16, 4), (4, 16, 8, 8, 8, 8), (4, 3, 5, 6, 7, 2)])
+# l == 1 (a single output block: no output permutation, one GEMM batch) is its own store path on CUDA.
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4, 16, 4), (4, 16, 8, 8, 8, 8), (4, 3, 5, 6, 7, 2), (4, 16, 8, 1, 16, 64)])
 @pytest.mark.parametrize("tokens", [1, 37, 256])
 def test_monarch_low_precision_error_budget(device, dtype, shape, tokens):
     x, w1, w2 = _low_precision_case(device, dtype, shape, tokens)

@@ -74,6 +74,14 @@ bool on_hopper() {
   return major == 9 && minor == 0;  // sm_90a code runs on exactly 9.0
 }
 
+bool tma_strides(const StridedMatrix& m) {
+  constexpr int64_t kLimit = (int64_t{1} << 40) / 2;  // elements of 2 bytes
+  for (int64_t stride : {m.row_stride, m.col_stride, m.batch_stride}) {
+    if (stride < 0 || stride >= kLimit) return false;
+  }
+  return true;
+}
+
 // The wgmma kernels for 16-bit inputs and row-major D. kMisaligned means "not for this path": the caller then runs
 // the portable kernels, which take more layouts (strided D) and alignments.
 template <typename Element>
@@ -84,6 +92,9 @@ Status dispatch_sm90(const BatchedGemmParams& p, cudaStream_t stream) {
   if (!aligned(p.a, a, kVector, kSize) || !aligned(p.b, b, kVector, kSize) || !aligned(p.d, Major::kRow, kVector, kSize)) {
     return Status::kMisaligned;
   }
+  // The TMA descriptor takes strides in [0, 2^40) bytes; CUTLASS reports a rejected descriptor only by an assert
+  // that NDEBUG removes, so anything else must not reach it.
+  if (!tma_strides(p.a) || !tma_strides(p.b) || !tma_strides(p.d)) return Status::kMisaligned;
   if (a == Major::kRow && b == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, RowMajor, RowMajor>(p, stream);
   if (a == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, RowMajor, ColumnMajor>(p, stream);
   if (b == Major::kRow) return gemm::launch_batched_gemm_sm90<Element, ColumnMajor, RowMajor>(p, stream);
@@ -104,6 +115,9 @@ Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
   if (params.m < 0 || params.n < 0 || params.k < 1 || params.batch < 0) return Status::kInvalidArgument;
   if (params.m == 0 || params.n == 0 || params.batch == 0) return Status::kSuccess;
   BatchedGemmParams p = params;
+  // A single batch has no batch stride: zero it so an arbitrary value (e.g. monarch_fwd's 1 when l == 1) does not
+  // fail the vector-alignment checks and push an aligned GEMM onto the scalar-store kernels.
+  if (p.batch == 1) p.a.batch_stride = p.b.batch_stride = p.d.batch_stride = 0;
   // A column-major D is the row-major D^T = B^T A^T: one set of kernels serves both.
   if (major_of(p.d) == Major::kColumn) {
     std::swap(p.m, p.n);

@@ -90,7 +90,8 @@ Status launch_batched_gemm_sm90(const BatchedGemmParams& p, cudaStream_t stream)
 
 }  // namespace subq::gemm
 
-// Explicit instantiation (in instantiations/*.cu) and the matching extern declaration (instantiations/extern.h).
+// Explicit instantiation (in instantiations/batched_gemm_sm90_*.cu) and the matching extern declaration
+// (instantiations/extern_sm90.h).
 #define SUBQ_BATCHED_GEMM_SM90_SIGNATURE(Element, LayoutA, LayoutB)                                                \
   template subq::Status subq::gemm::launch_batched_gemm_sm90<Element, subq::gemm::LayoutA, subq::gemm::LayoutB>( \
       const subq::BatchedGemmParams&, cudaStream_t)

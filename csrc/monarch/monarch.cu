@@ -122,7 +122,9 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
   // o_j(t, s') = sum_m u_j(t, m) w2_j(s', m), and y(t, s'*l + j) = o_j(t, s') applies P^T. With scratch, o is stored
   // block-major (tokens, l, s) with vector stores and transposed within each token row; without, the GEMM writes y
   // directly at strides (l*s, l), batch stride 1.
-  if (p.workspace != nullptr && monarch_fwd_workspace_elements(s) > 0) {
+  const bool block_major = p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
+                           monarch_fwd_workspace_elements(s) > 0;
+  if (block_major) {
     SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.s, s.r, s.l,
                               mat(p.intermediate, 1, s.l * padded, padded),
                               mat(p.w2, 1, s.r, s.s * s.r),

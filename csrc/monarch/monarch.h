@@ -71,8 +71,8 @@ struct MonarchParams {
   const void* w2 = nullptr;          // (l, s, r)
   void* y = nullptr;                 // (tokens, l*s); written by monarch_fwd
   void* intermediate = nullptr;      // monarch_intermediate_elements(shape); written by fwd, read by bwd
-  void* workspace = nullptr;         // monarch_fwd_workspace_elements(shape) elements, or nullptr: the forward
-                                     // then stores y directly at stride l (slower, no scratch)
+  void* workspace = nullptr;         // monarch_fwd_workspace_elements(shape) elements, 16-byte aligned, or
+                                     // nullptr: the forward then stores y directly at stride l (slower, no scratch)
 };
 
 struct MonarchGrads {
