@@ -3,6 +3,7 @@
 # compute-sanitizer on small cases of every kernel, run the benchmarks and the profiler (default paths, then with
 # every opt-in SUBQ_EXPERIMENTAL_* kernel switched on).
 #   SUBQ_GPU_STEPS="build test sanitize bench profile"   which steps to run (default: all)
+#   SUBQ_GPU_BENCHES="monarch ssd"                         which bench/bench_<name>.py the bench step runs (default: all)
 # The device tool returns at most 8 files from $OUT and stops a command after 10 minutes, so: logs and JSON go to
 # $SUBQ_GPU_WORK (kept between calls on a warm machine), and after every step all of it is packed into one
 # $OUT/gpu_<steps>.tar.gz, which survives a later step running out of time. Split the steps over calls, e.g.
@@ -51,8 +52,10 @@ if [[ $STEPS == *sanitize* ]]; then
 fi
 
 if [[ $STEPS == *bench* ]]; then
-  for script in bench/bench_*.py; do
-    name=$(basename "$script" .py)
+  benches=${SUBQ_GPU_BENCHES:-$(ls bench/bench_*.py | sed 's|bench/bench_||; s|\.py$||')}
+  for bench in $benches; do
+    script=bench/bench_$bench.py
+    name=bench_$bench
     python3 "$script" --out "$WORK/$name.json" >"$WORK/$name.log" 2>&1
     step "$name" "exit $?"
     tail -n 30 "$WORK/$name.log"
