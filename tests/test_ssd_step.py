@@ -143,7 +143,8 @@ def test_strided_inputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("state_fp32", [True, False])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("shape", [(4, 8, 64, 128, 2), (3, 6, 7, 20, 3)])
+# N = 0: state, B and C are empty (null data pointers on CUDA) and y is D x, gated
+@pytest.mark.parametrize("shape", [(4, 8, 64, 128, 2), (3, 6, 7, 20, 3), (2, 4, 8, 0, 2)])
 def test_low_precision_error_budget(shape, dtype, state_fp32, device):
     inputs = make_inputs(shape, OPTIONS[1], dtype, torch.float32, torch.float32 if state_fp32 else dtype, device)
     inputs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -243,6 +244,7 @@ def test_direct_op_calls_are_checked():
         4: (torch.randn(2, 3, 5), "B must be \\(Bt, G, N\\) with G dividing H"),
         3: (torch.randn(4).int(), "A.dtype must be x.dtype"),
         11: (-1.0, "dt_limit must be"),
+        1: (inputs["x"].to(torch.float8_e4m3fn), "x must be float16, bfloat16, float32 or float64"),
     }
     for index, (value, message) in bad.items():
         call = list(args)

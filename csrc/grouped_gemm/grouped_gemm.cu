@@ -252,8 +252,9 @@ bool operands_aligned(const GroupedGemmParams& p, int vector) {
   const bool x = p.product == GroupedProduct::kForward || p.product == GroupedProduct::kWeightGrad;
   const bool w = p.product == GroupedProduct::kForward || p.product == GroupedProduct::kInputGrad;
   const bool dy = p.product != GroupedProduct::kForward;
+  const bool bias = p.product == GroupedProduct::kForward && p.bias;  // only the forward reads it
   return (!x || aligned(p.x, p.x_row_stride, vector, size)) && (!w || aligned(p.w, 0, vector, size)) &&
-         (!dy || aligned(p.dy, p.dy_row_stride, vector, size)) && (!p.bias || aligned(p.bias, 0, vector, size)) &&
+         (!dy || aligned(p.dy, p.dy_row_stride, vector, size)) && (!bias || aligned(p.bias, 0, vector, size)) &&
          aligned(p.out, 0, vector, size);
 }
 
@@ -280,11 +281,14 @@ int64_t out_elements(const GroupedGemmParams& p) {
   return 0;
 }
 
-// CUTLASS problem extents are int; a group count below INT_MAX keeps the setup kernel's row sums from overflowing.
-// Input pointers may be null where their extents are 0 (empty tensors), so only the sizes are checked.
+// CUTLASS problem extents are int and it rounds them up to tiles in int (kernel/gemm_grouped_problem_visitor.h,
+// the K loop count, the problem visitor's 32-problem steps): the margin keeps those sums from overflowing.
+// Input pointers may be null where their extents are 0 (empty tensors), so only the sizes are checked; the
+// workspace must be 256-byte aligned (carve() lays out the zero row and descriptors from it).
 bool valid(const GroupedGemmParams& p) {
-  return p.tokens >= 0 && p.groups >= 0 && p.k >= 0 && p.n >= 0 && p.tokens <= INT_MAX && p.k <= INT_MAX &&
-         p.n <= INT_MAX && p.groups < INT_MAX && p.workspace;
+  constexpr int64_t kMax = INT_MAX - 256;
+  return p.tokens >= 0 && p.groups >= 0 && p.k >= 0 && p.n >= 0 && p.tokens <= kMax && p.k <= kMax &&
+         p.n <= kMax && p.groups <= kMax && p.workspace && reinterpret_cast<uintptr_t>(p.workspace) % 256 == 0;
 }
 
 }  // namespace

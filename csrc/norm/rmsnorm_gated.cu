@@ -314,8 +314,9 @@ struct Bwd {
 };
 
 bool valid(const RMSNormGatedParams& p) {
-  return p.rows >= 0 && p.dim > 0 && p.group_size > 0 && p.dim % p.group_size == 0 && p.x && p.weight &&
-         p.x_row_stride >= 0 && (!p.z || p.z_row_stride >= 0);
+  // No rows: x (and z) may be the null pointer of an empty tensor.
+  return p.rows >= 0 && p.dim > 0 && p.group_size > 0 && p.dim % p.group_size == 0 && (p.rows == 0 || p.x) &&
+         p.weight && p.x_row_stride >= 0 && (!p.z || p.z_row_stride >= 0);
 }
 
 }  // namespace
@@ -337,7 +338,7 @@ Status run_rmsnorm_gated_fwd(const RMSNormGatedParams& p, cudaStream_t stream) {
 }
 
 Status run_rmsnorm_gated_bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t stream) {
-  if (!valid(p) || (g.dz && !p.z) || (g.dweight && !g.workspace && p.rows > 0) ||
+  if (!valid(p) || (g.dz && !p.z && p.rows > 0) || (g.dweight && !g.workspace && p.rows > 0) ||
       (p.rows > 0 && (!g.dy || !p.rstd || g.dy_row_stride < 0))) {
     return Status::kInvalidArgument;
   }

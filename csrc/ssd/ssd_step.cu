@@ -125,7 +125,9 @@ Status run_ssd_step(const SsdStepParams& p, cudaStream_t stream) {
     return Status::kInvalidArgument;
   }
   if (p.batch * p.heads == 0 || p.head_dim == 0) return Status::kSuccess;
-  if (p.batch * p.heads > 0x7fffffff || !p.state || !p.x || !p.dt || !p.A || !p.B || !p.C || !p.y) {
+  // N = 0 leaves state, B and C empty (null data pointers): y is then D x (gated), which the kernel computes.
+  const bool has_state = p.state_dim == 0 || (p.state && p.B && p.C);
+  if (p.batch * p.heads > 0x7fffffff || !has_state || !p.x || !p.dt || !p.A || !p.y) {
     return Status::kInvalidArgument;
   }
   switch (p.dtype) {

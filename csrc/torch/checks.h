@@ -9,8 +9,12 @@
 
 namespace subq::glue {
 
+// The four dtypes every op takes (as the Python wrappers' check_tensor): at::isFloatingType also admits the float8
+// and float4 types, which the glue's dtype mapping would hand to a kernel as 16-bit elements.
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, name,
+              " must be float16, bfloat16, float32 or float64, got ", type);
 }
 
 inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
