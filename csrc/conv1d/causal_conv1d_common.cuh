@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include "common/convert.cuh"
+#include "common/cuda_status.h"
 #include "conv1d/causal_conv1d.h"
 
 namespace subq::conv1d {
@@ -138,7 +139,6 @@ Status dispatch(DType dtype, int width, F&& f) {
   return Status::kUnsupported;
 }
 
-inline Status launch_status() { return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError; }
 
 inline bool valid(const CausalConv1dParams& p) {
   return p.batch >= 0 && p.dim >= 0 && p.seqlen >= 0 && p.width >= 2 && p.width <= 4 &&

@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_status.h"
 #include "flash/flash_chunk_states.cuh"
 
 namespace subq {
@@ -445,7 +446,7 @@ Status launch(const FlashChunkBackwardParams& p, const Dims& d, cudaStream_t str
   feature_gradient_kernel<T, Feature::kQuadKey><<<feature_grid, kThreads, 0, stream>>>(t);
   feature_gradient_kernel<T, Feature::kLinQuery><<<feature_grid, kThreads, 0, stream>>>(t);
   feature_gradient_kernel<T, Feature::kLinKey><<<feature_grid, kThreads, 0, stream>>>(t);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_status.h"
 #include "flash/flash_chunk_states.cuh"
 
 namespace subq {
@@ -166,7 +167,7 @@ Status launch(const FlashChunkParams& p, const Dims& d, cudaStream_t stream) {
   chunk_output_kernel<T><<<dim3(chunks, static_cast<unsigned>(d.C / kQueryTile),
                                 static_cast<unsigned>((d.E + kValueTile - 1) / kValueTile)),
                            kThreads, 0, stream>>>(p, d, states);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace

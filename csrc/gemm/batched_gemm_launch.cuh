@@ -9,6 +9,7 @@
 #include <cutlass/epilogue/thread/linear_combination.h>
 #include <cutlass/gemm/device/gemm_batched.h>
 
+#include "common/cuda_status.h"
 #include "gemm/batched_gemm.h"
 #include "gemm/kernel_families.cuh"
 
@@ -56,7 +57,7 @@ Status launch_batched_gemm(const BatchedGemmParams& p, cudaStream_t stream) {
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return Status::kMisaligned;
   if (gemm(args, nullptr, stream) != cutlass::Status::kSuccess) return Status::kCudaError;
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace subq::gemm

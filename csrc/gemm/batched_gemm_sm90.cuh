@@ -19,6 +19,7 @@
 #include <cutlass/layout/matrix.h>
 
 #include "gemm/batched_gemm.h"
+#include "common/cuda_status.h"
 
 namespace subq::gemm {
 
@@ -85,7 +86,7 @@ Status launch_batched_gemm_sm90(const BatchedGemmParams& p, cudaStream_t stream)
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return Status::kMisaligned;
   if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return Status::kCudaError;
   if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::kCudaError;
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace subq::gemm

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include "common/convert.cuh"
+#include "common/cuda_status.h"
 #include "grouped_gemm/grouped_problems.cuh"
 
 namespace subq {
@@ -224,7 +225,7 @@ Status launch_bias_grad(const GroupedGemmParams& p, const int64_t* starts, cudaS
                   static_cast<unsigned>(p.groups < 65535 ? p.groups : 65535));
   bias_grad<T><<<grid, dim3(kSumColumns, kSumRowLanes), 0, stream>>>(
       static_cast<const T*>(p.dy), p.dy_row_stride, starts, p.groups, p.n, static_cast<T*>(p.out));
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 // ---- dispatch -------------------------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ Status run_grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream) {
   ws.problems.count = static_cast<int>(p.product == GroupedProduct::kWeightGrad ? p.groups : slots);
   ws.problems.add_c = forward_with_bias(p);
   setup_problems<<<1, kSetupThreads, 0, stream>>>(plan_for(p), ws);
-  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  if (launch_status() != Status::kSuccess) return Status::kCudaError;
   if (!gemm) {
     switch (p.dtype) {
       case DType::kBFloat16: return launch_bias_grad<__nv_bfloat16>(p, ws.starts, stream);

@@ -2,6 +2,7 @@
 // paper's indices; the strides are where the permutations live.
 #include "monarch/monarch.h"
 
+#include "common/cuda_status.h"
 #include "gemm/batched_gemm.h"
 #include "monarch/monarch_permute.cuh"
 
@@ -29,7 +30,6 @@ Status gemm(DType dtype, MathMode math, GemmPath path, int64_t m, int64_t n, int
   return run_batched_gemm(params, stream);
 }
 
-Status from_cuda(cudaError_t err) { return err == cudaSuccess ? Status::kSuccess : Status::kCudaError; }
 
 char* offset(void* ptr, int64_t elements, DType dtype) {
   return static_cast<char*>(ptr) + elements * dtype_size(dtype);
@@ -41,7 +41,7 @@ Status zero_token_padding(void* buffer, int64_t features, int64_t tokens, DType 
   const int64_t padded = monarch_padded_tokens(tokens);
   if (padded == tokens || features == 0) return Status::kSuccess;
   const size_t esize = dtype_size(dtype);
-  return from_cuda(cudaMemset2DAsync(offset(buffer, tokens, dtype), padded * esize, 0, (padded - tokens) * esize,
+  return cuda_status(cudaMemset2DAsync(offset(buffer, tokens, dtype), padded * esize, 0, (padded - tokens) * esize,
                                      features, stream));
 }
 
@@ -80,7 +80,7 @@ Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStre
   }
   if (g.dw) {  // dw_j (o, i) = sum_t dy_j(t, o) x_j(t, i)
     if (p.tokens == 0) {
-      return from_cuda(cudaMemsetAsync(g.dw, 0, p.nblocks * p.out_block * p.in_block * dtype_size(p.dtype), stream));
+      return cuda_status(cudaMemsetAsync(g.dw, 0, p.nblocks * p.out_block * p.in_block * dtype_size(p.dtype), stream));
     }
     SUBQ_RETURN_IF_ERROR(gemm(p.dtype, p.math, p.gemm_path, p.out_block, p.in_block, p.tokens, p.nblocks,
                               mat(g.dy, 1, n_out, p.out_block),
@@ -129,7 +129,7 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
                               mat(p.intermediate, 1, s.l * padded, padded),
                               mat(p.w2, 1, s.r, s.s * s.r),
                               mat(p.workspace, s.l * s.s, 1, s.s), stream));
-    return from_cuda(transpose_within_rows(p.workspace, p.y, s.tokens, s.s, s.l, int(dtype_size(p.dtype)), stream));
+    return cuda_status(transpose_within_rows(p.workspace, p.y, s.tokens, s.s, s.l, int(dtype_size(p.dtype)), stream));
   }
   return gemm(p.dtype, p.math, p.gemm_path, s.tokens, s.s, s.r, s.l,
               mat(p.intermediate, 1, s.l * padded, padded),
@@ -142,8 +142,8 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
   if (!valid(s)) return Status::kInvalidArgument;
   const size_t esize = dtype_size(p.dtype);
   if (s.tokens == 0) {
-    if (g.dw1) SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(g.dw1, 0, s.k * s.q * s.p * esize, stream)));
-    if (g.dw2) SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(g.dw2, 0, s.l * s.s * s.r * esize, stream)));
+    if (g.dw1) SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(g.dw1, 0, s.k * s.q * s.p * esize, stream)));
+    if (g.dw2) SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(g.dw2, 0, s.l * s.s * s.r * esize, stream)));
     return Status::kSuccess;
   }
   const int64_t padded = monarch_padded_tokens(s.tokens);
@@ -154,8 +154,8 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
   // padded tokens (zero rows) so that K is a multiple of the vector width.
   void* d_out = g.workspace;
   void* d_inter = offset(d_out, padded * n_out, p.dtype);
-  SUBQ_RETURN_IF_ERROR(from_cuda(transpose_within_rows(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
-  SUBQ_RETURN_IF_ERROR(from_cuda(
+  SUBQ_RETURN_IF_ERROR(cuda_status(transpose_within_rows(g.dy, d_out, s.tokens, s.l, s.s, int(esize), stream)));
+  SUBQ_RETURN_IF_ERROR(cuda_status(
       cudaMemsetAsync(offset(d_out, s.tokens * n_out, p.dtype), 0, (padded - s.tokens) * n_out * esize, stream)));
 
   if (g.dw2) {  // dw2_j (s', m) = sum_t dO_j(t, s') u_j(t, m)
@@ -183,9 +183,9 @@ Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t s
     int64_t x_row_stride = p.x_row_stride;
     if (padded != s.tokens) {
       void* x_padded = offset(d_inter, monarch_intermediate_elements(s), p.dtype);
-      SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemcpy2DAsync(x_padded, n_in * esize, p.x, p.x_row_stride * esize,
+      SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemcpy2DAsync(x_padded, n_in * esize, p.x, p.x_row_stride * esize,
                                                        n_in * esize, s.tokens, cudaMemcpyDeviceToDevice, stream)));
-      SUBQ_RETURN_IF_ERROR(from_cuda(cudaMemsetAsync(offset(x_padded, s.tokens * n_in, p.dtype), 0,
+      SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(offset(x_padded, s.tokens * n_in, p.dtype), 0,
                                                      (padded - s.tokens) * n_in * esize, stream)));
       x = x_padded;
       x_row_stride = n_in;

@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_status.h"
 #include "monarch_conv/monarch_dft_smem.cuh"
 
 namespace subq {
@@ -202,7 +203,7 @@ Status launch(const MonarchConvFusedBwdParams& p, const Plan& plan, cudaStream_t
     const auto channels = static_cast<unsigned>(p.forward.heads);
     monarch_conv_fused_bwd_filter_kernel<<<channels, threads, smem, stream>>>(p, plan, ws);
   }
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 // Every gradient non-null exactly where its forward input is (monarch_conv_fused.h).

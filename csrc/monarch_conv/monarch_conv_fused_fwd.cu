@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_status.h"
 #include "monarch_conv/monarch_dft_smem.cuh"
 
 namespace subq {
@@ -74,7 +75,7 @@ Status launch(const MonarchConvFusedParams& p, const Plan& plan, cudaStream_t st
   }
   const auto rows = static_cast<unsigned>(p.batch * p.heads);
   monarch_conv_fused_fwd_kernel<T><<<rows, threads_for(plan.N), smem, stream>>>(p, plan);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 bool valid(const MonarchConvFusedParams& p) { return valid_sizes(p) && p.y; }

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "common/convert.cuh"
+#include "common/cuda_status.h"
 
 #include <type_traits>
 
@@ -222,7 +223,6 @@ __global__ void __launch_bounds__(kReduceFeatures* kReduceSlices)
 
 bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
-Status launched() { return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError; }
 
 unsigned grid_for(int64_t units, int units_per_block) {
   const int64_t blocks = (units + units_per_block - 1) / units_per_block;
@@ -255,7 +255,7 @@ Status fwd(const RMSNormGatedParams& p, cudaStream_t stream) {
     constexpr int kVec = decltype(vec)::value, kGroupThreads = decltype(group_threads)::value;
     const unsigned grid = grid_for(p.rows * (p.dim / p.group_size), kBlockThreads / kGroupThreads);
     rmsnorm_gated_fwd_kernel<T, W, kVec, kGroupThreads><<<grid, kBlockThreads, 0, stream>>>(p);
-    return launched();
+    return launch_status();
   });
 }
 
@@ -276,7 +276,7 @@ Status bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t
       constexpr int kVec = decltype(vec)::value, kGroupThreads = decltype(group_threads)::value;
       const unsigned grid = grid_for(chunks * (p.dim / p.group_size), kBlockThreads / kGroupThreads);
       rmsnorm_gated_bwd_kernel<T, W, kVec, kGroupThreads><<<grid, kBlockThreads, 0, stream>>>(p, g, rpc);
-      return launched();
+      return launch_status();
     });
     if (status != Status::kSuccess) return status;
   }
@@ -284,7 +284,7 @@ Status bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t
   const unsigned grid = unsigned((p.dim + kReduceFeatures - 1) / kReduceFeatures);
   reduce_row_chunks_kernel<W><<<grid, dim3(kReduceFeatures, kReduceSlices), 0, stream>>>(
       g.workspace, static_cast<W*>(g.dweight), chunks, p.dim);
-  return launched();
+  return launch_status();
 }
 
 // Calls fn<T, W>() for the element types of p.

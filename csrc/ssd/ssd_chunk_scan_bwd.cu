@@ -17,6 +17,7 @@
 // chunk, the entering states and the SSM output y_ssm (from which dz and, by g . y_ssm, the t-side of dcum follow).
 // Products are WMMA tiles as in the forward: 16-bit operands staged through shared memory, float32 accumulators.
 #include "ssd/ssd_chunk_scan.h"
+#include "common/cuda_status.h"
 #include "ssd/ssd_chunk_scan_tiles.cuh"
 
 #include "common/convert.cuh"
@@ -663,7 +664,7 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
                                                                                  w.dstates, w.dcb);
   chunk_dt_backward_kernel<T><<<dim3(bc, heads), static_cast<unsigned>(d.Q), 0, stream>>>(
       p, d, g, y_ssm, w.fwd.dtp, w.fwd.cum, w.r_state, w.r_all, w.dcarry, pn_blocks);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // K staged through shared memory 32 (or 64) at a time; every global load is bounds-checked and zero-filled, so
 // the last chunk, P and N need not be tile multiples.
 #include "ssd/ssd_chunk_scan.h"
+#include "common/cuda_status.h"
 #include "ssd/ssd_chunk_scan_tiles.cuh"
 
 #include "common/convert.cuh"
@@ -295,7 +296,7 @@ Status launch(const SsdForwardParams& p, const Dims& d, cudaStream_t stream) {
                                                                                                 w.states);
   chunk_scan_kernel<T><<<dim3(bc, heads, tiles * p_tiles), kThreads, 0, stream>>>(p, d, w.dtp, w.cum, w.cb,
                                                                                   w.states);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 }  // namespace

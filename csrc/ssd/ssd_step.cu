@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "common/convert.cuh"
+#include "common/cuda_status.h"
 
 #include <type_traits>
 
@@ -89,7 +90,7 @@ Status launch_with_lanes(const SsdStepParams& p, cudaStream_t stream) {
   const int64_t tiles = (p.head_dim + kRowsPerBlock - 1) / kRowsPerBlock;
   if (tiles > 65535) return Status::kInvalidArgument;
   ssd_step_kernel<T, S, VEC, kLanes><<<dim3(unsigned(p.batch * p.heads), unsigned(tiles)), kThreads, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return launch_status();
 }
 
 // The smallest team whose vectors cover a state row in one sweep, so short rows (small N) do not idle lanes.

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "conv1d/causal_conv1d.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -135,8 +136,7 @@ Strides3 strides(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1)
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 void check_status(Status status, const char* op) {
-  TORCH_CHECK(status == Status::kSuccess, "subq::", op, " failed: ", status_string(status),
-              status == Status::kCudaError ? std::string(": ") + cudaGetErrorString(cudaGetLastError()) : "");
+  check_cuda_status(status, std::string("subq::") + op);
 }
 
 // Fills everything but the outputs, from the float32 copies of weight and bias that the caller holds.

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "flash/flash_chunk_attention.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 namespace subq::glue {
@@ -147,7 +148,7 @@ Tensor fused_forward(const cpu::FlashChunkInputs& inputs, const cpu::FlashChunkO
   p.out = out.data_ptr();
   p.workspace = ws.data_ptr();
   const Status status = run_flash_chunk_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == Status::kSuccess, "subq flash_chunk_attention CUDA forward failed: ", status_string(status));
+  check_cuda_status(status, "subq flash_chunk_attention CUDA forward");
   return out;
 }
 
@@ -175,7 +176,7 @@ std::vector<Tensor> fused_backward(const Tensor& dout, const cpu::FlashChunkInpu
   p.drel_bias = in.rel_bias.defined() ? drel_bias.data_ptr<float>() : nullptr;
   p.workspace = ws.data_ptr();
   const Status status = run_flash_chunk_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == Status::kSuccess, "subq flash_chunk_attention CUDA backward failed: ", status_string(status));
+  check_cuda_status(status, "subq flash_chunk_attention CUDA backward");
   if (inputs.rel_bias) drel_bias = drel_bias.to(inputs.rel_bias->scalar_type());
   return {dq_quad, dk_quad, dq_lin, dk_lin, dv, du, drel_bias};
 }

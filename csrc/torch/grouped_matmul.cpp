@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "grouped_gemm/grouped_gemm.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -145,8 +146,7 @@ Status try_product(GroupedProduct product, const Shape& s, const Operands& in, c
 }
 
 void check_status(Status status) {
-  TORCH_CHECK(status == Status::kSuccess, "subq::grouped_matmul failed: ", status_string(status),
-              status == Status::kCudaError ? std::string(": ") + cudaGetErrorString(cudaGetLastError()) : "");
+  check_cuda_status(status, "subq::grouped_matmul");
 }
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "monarch/monarch.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 namespace subq::glue {
@@ -111,8 +112,7 @@ int64_t row_stride(const at::Tensor& m) { return m.size(0) <= 1 ? m.size(1) : m.
 // kMisaligned means the shapes or pointers do not fit the vector width: the composite path takes those.
 bool ran(Status status, const char* op) {
   if (status == Status::kMisaligned) return false;
-  TORCH_CHECK(status == Status::kSuccess, "subq::", op, " failed: ", status_string(status),
-              status == Status::kCudaError ? std::string(": ") + cudaGetErrorString(cudaGetLastError()) : "");
+  check_cuda_status(status, std::string("subq::") + op);
   return true;
 }
 

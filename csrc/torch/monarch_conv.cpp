@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "monarch_conv/monarch_conv_fused.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 namespace subq::glue {
@@ -148,7 +149,7 @@ std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
   f->params.y = y.data_ptr();
   const Status status = run_monarch_conv_fused_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
-  TORCH_CHECK(status == Status::kSuccess, "subq monarch_conv fused CUDA forward failed: ", status_string(status));
+  check_cuda_status(status, "subq monarch_conv fused CUDA forward");
   return y;
 }
 
@@ -184,7 +185,7 @@ std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const cpu
   p.workspace = ptr(workspace);
   const Status status = run_monarch_conv_fused_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
-  TORCH_CHECK(status == Status::kSuccess, "subq monarch_conv fused CUDA backward failed: ", status_string(status));
+  check_cuda_status(status, "subq monarch_conv fused CUDA backward");
   // Parameter gradients in their parameter's dtype, as the composite returns them; absent ones empty.
   auto in_dtype_of = [&](const Tensor& grad, const OptTensor& param) {
     return grad.defined() ? grad.to(param->scalar_type()) : in.u.new_empty({0});

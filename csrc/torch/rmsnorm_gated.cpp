@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "norm/rmsnorm_gated.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -82,8 +83,7 @@ at::Tensor rows_unit_stride(const at::Tensor& m) {
 int64_t row_stride(const at::Tensor& m) { return m.size(0) <= 1 ? m.size(1) : m.stride(0); }
 
 void check_status(Status status, const char* op) {
-  TORCH_CHECK(status == Status::kSuccess, "subq::", op, " failed: ", status_string(status),
-              status == Status::kCudaError ? std::string(": ") + cudaGetErrorString(cudaGetLastError()) : "");
+  check_cuda_status(status, std::string("subq::") + op);
 }
 
 RMSNormGatedParams params(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z, double eps,

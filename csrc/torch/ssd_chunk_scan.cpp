@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "ssd/ssd_chunk_scan.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 namespace subq::glue {
@@ -150,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const
   p.final_states = final_states.data_ptr<float>();
   p.workspace = workspace.data_ptr();
   const Status status = run_ssd_forward(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == Status::kSuccess, "subq ssd_chunk_scan CUDA forward failed: ", status_string(status));
+  check_cuda_status(status, "subq ssd_chunk_scan CUDA forward");
   return {y, final_states, at::empty({0, x.size(2), x.size(3), B.size(3)}, final_states.options())};
 }
 
@@ -229,7 +230,7 @@ std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_sta
   p.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
   p.workspace = workspace.data_ptr();
   const Status status = run_ssd_backward(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == Status::kSuccess, "subq ssd_chunk_scan CUDA backward failed: ", status_string(status));
+  check_cuda_status(status, "subq ssd_chunk_scan CUDA backward");
 
   auto like = [&](const std::optional<Tensor>& input, const Tensor& grad) {
     return input ? grad.to(input->scalar_type()) : x.new_empty({0});

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "ssd/ssd_step.h"
+#include "torch/cuda_status_check.h"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -144,8 +145,7 @@ at::Tensor ssd_step_cuda(const at::Tensor& state, const at::Tensor& x, const at:
   p.dt_bias = fp32_data(dt_bias, bias_f);
   p.y = y.data_ptr();
   const Status status = run_ssd_step(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == Status::kSuccess, "subq::ssd_step failed: ", status_string(status),
-              status == Status::kCudaError ? std::string(": ") + cudaGetErrorString(cudaGetLastError()) : "");
+  check_cuda_status(status, "subq::ssd_step");
   return y;
 }
 
