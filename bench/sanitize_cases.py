@@ -9,9 +9,10 @@ from _harness import env_flag
 from subq.ops import blockdiag_matmul, monarch_matmul, rmsnorm_gated, ssd_step
 
 
-def run(dtype: torch.dtype, tf32: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    x = torch.randn(37, 64, device="cuda", dtype=dtype, requires_grad=True)
+def monarch_and_blockdiag(dtype: torch.dtype, tokens: int) -> None:
+    """Monarch and block-diagonal products, forward and backward: partial tiles, 8 output blocks (the forward's
+    transpose pass), and with tokens not a multiple of 8 the intermediate's token padding."""
+    x = torch.randn(tokens, 64, device="cuda", dtype=dtype, requires_grad=True)
     w1 = torch.randn(4, 24, 16, device="cuda", dtype=dtype, requires_grad=True)
     w2 = torch.randn(8, 16, 12, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.randn(4, 24, 16, device="cuda", dtype=dtype, requires_grad=True)
@@ -19,21 +20,20 @@ def run(dtype: torch.dtype, tf32: bool) -> None:
     y.backward(torch.randn_like(y))
     z = blockdiag_matmul(x, w)
     z.backward(torch.randn_like(z))
+
+
+def run(dtype: torch.dtype, tf32: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    monarch_and_blockdiag(dtype, 37)
     torch.cuda.synchronize()
 
 
 def run_monarch_sm90(dtype: torch.dtype) -> None:
     """The Hopper wgmma GEMMs (opt-in flag set; the portable kernels elsewhere): 40 tokens put every GEMM on them,
-    37 sends the token-contiguous ones back to the portable kernels; partial 128-wide tiles throughout."""
+    37 sends the token-contiguous ones back to the portable kernels."""
     with env_flag("SUBQ_EXPERIMENTAL_SM90_GEMM"):
         for tokens in (40, 37):
-            x = torch.randn(tokens, 64, device="cuda", dtype=dtype, requires_grad=True)
-            w1 = torch.randn(4, 24, 16, device="cuda", dtype=dtype, requires_grad=True)
-            w2 = torch.randn(8, 16, 12, device="cuda", dtype=dtype, requires_grad=True)
-            y = monarch_matmul(x, w1, w2)
-            y.backward(torch.randn_like(y))
-            z = blockdiag_matmul(x, w1)
-            z.backward(torch.randn_like(z))
+            monarch_and_blockdiag(dtype, tokens)
     torch.cuda.synchronize()
 
 
