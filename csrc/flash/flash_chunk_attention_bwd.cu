@@ -74,6 +74,16 @@ constexpr int tile_bytes() {
   return M * (N + kOutPad) * static_cast<int>(sizeof(float));
 }
 
+// The block's shared memory for an M x N product: accumulate_product's operand staging, reused once it is done for
+// `kTiles` float32 M x N output tiles (store_tile). A static array: one per kernel that calls this.
+template <typename T, int M, int N, int kTiles = 1>
+__device__ __forceinline__ unsigned char* product_smem() {
+  constexpr int kStageBytes = stage_bytes<T, M, N>();
+  constexpr int kTilesBytes = kTiles * tile_bytes<M, N>();
+  __shared__ __align__(32) unsigned char smem[kStageBytes > kTilesBytes ? kStageBytes : kTilesBytes];
+  return smem;
+}
+
 // acc += A B for the block's M x N tile, over the reduction index k in [k_begin, k_end), kStep at a time; warp
 // (wr, wc) of the 2 x 2 holds rows wr * M/2.., columns wc * N/2... load_a(r, k) and load_b(k, c) return the
 // operands' elements, zero for a row r or column c outside the operand (k is always in range). LayoutA / LayoutB name
@@ -195,9 +205,7 @@ __global__ void score_gradient_kernel(Tensors<T> t) {
 
   // The staging tiles, then the float32 scores and dP (dP becomes ds in place, which the bias sum reads).
   constexpr int kTileFloats = kRowTile * (kRowTile + kOutPad);
-  constexpr int kStageBytes = stage_bytes<T, kRowTile, kRowTile>();
-  constexpr int kTilesBytes = 2 * tile_bytes<kRowTile, kRowTile>();
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kTilesBytes ? kStageBytes : kTilesBytes];
+  unsigned char* smem = product_smem<T, kRowTile, kRowTile, 2>();
   T* stage = reinterpret_cast<T*>(smem);
   float* sScore = reinterpret_cast<float*>(smem);
   float* sGrad = sScore + kTileFloats;
@@ -253,9 +261,7 @@ __global__ void output_gradient_kernel(Tensors<T> t) {
   const int i0 = static_cast<int>(blockIdx.y) * kRowTile;
   const int64_t e0 = static_cast<int64_t>(blockIdx.z) * kValueTile;
   if (i0 >= ch.len) return;  // every query of the tile is past L
-  constexpr int kStageBytes = stage_bytes<T, kRowTile, kValueTile>();
-  constexpr int kTileBytes = tile_bytes<kRowTile, kValueTile>();
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+  unsigned char* smem = product_smem<T, kRowTile, kValueTile>();
   T* stage = reinterpret_cast<T*>(smem);
   const T zero_t = from_float<T>(0.f);
   const int64_t first = ch.first, len = ch.len;
@@ -289,9 +295,7 @@ __global__ void value_gradient_kernel(Tensors<T> t) {
   const int j0 = static_cast<int>(blockIdx.y) * kRowTile;
   const int64_t e0 = static_cast<int64_t>(blockIdx.z) * kValueTile;
   if (j0 >= ch.len) return;  // every key of the tile is past L
-  constexpr int kStageBytes = stage_bytes<T, kRowTile, kValueTile>();
-  constexpr int kTileBytes = tile_bytes<kRowTile, kValueTile>();
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+  unsigned char* smem = product_smem<T, kRowTile, kValueTile>();
   T* stage = reinterpret_cast<T*>(smem);
   const T zero_t = from_float<T>(0.f);
   const int64_t first = ch.first, len = ch.len;
@@ -324,9 +328,7 @@ __global__ void feature_gradient_kernel(Tensors<T> t) {
   const int r0 = static_cast<int>(blockIdx.y) * kRowTile;  // the tile's positions (queries or keys) in the chunk
   const int64_t s0 = static_cast<int64_t>(blockIdx.z) * kFeatureTile;
   if (r0 >= ch.len) return;  // every position of the tile is past L
-  constexpr int kStageBytes = stage_bytes<T, kRowTile, kFeatureTile>();
-  constexpr int kTileBytes = tile_bytes<kRowTile, kFeatureTile>();
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+  unsigned char* smem = product_smem<T, kRowTile, kFeatureTile>();
   T* stage = reinterpret_cast<T*>(smem);
   const T zero_t = from_float<T>(0.f);
   const int64_t first = ch.first, len = ch.len;
