@@ -243,7 +243,7 @@ __global__ void entering_state_grad_kernel(SsdBackwardParams p, Dims d, const T*
       },
       [&](int64_t t, int col) {
         const int64_t nn = ni * kTile + col, pos = c * d.Q + t;
-        return pos < d.L && nn < d.N ? to_float(C[((b * d.L + pos) * d.G + grp) * d.N + nn]) : 0.f;
+        return to_float(bc_element(C, d, b, pos, grp, nn));
       });
   store_tile(acc, out_tile);
   float* out = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
@@ -472,14 +472,14 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       [&](int r, int64_t s) { return dcb_rows[r * d.Q + s]; },
       [&](int64_t s, int col) {
         const int64_t pos = c * d.Q + s, nn = ni * kTile + col;
-        return pos < d.L && nn < d.N ? to_float(B[((b * d.L + pos) * d.G + grp) * d.N + nn]) : 0.f;
+        return to_float(bc_element(B, d, b, pos, grp, nn));
       });
   store_tile(acc, out_tile);
   T* dC = static_cast<T*>(p.dC);
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
     const int r = i / kTile, col = i % kTile;
     const int64_t pos = c * d.Q + t0 + r, nn = ni * kTile + col;
-    if (pos < d.L && nn < d.N) dC[((b * d.L + pos) * d.G + grp) * d.N + nn] = from_float<T>(out_tile[r][col]);
+    if (pos < d.L && nn < d.N) dC[bc_offset(d, b, pos, grp, nn)] = from_float<T>(out_tile[r][col]);
   }
 }
 
@@ -527,14 +527,14 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
       [&](int r, int64_t t) { return dcb_chunk[t * d.Q + s0 + r]; },
       [&](int64_t t, int col) {
         const int64_t pos = c * d.Q + t, nn = ni * kTile + col;
-        return pos < d.L && nn < d.N ? to_float(C[((b * d.L + pos) * d.G + grp) * d.N + nn]) : 0.f;
+        return to_float(bc_element(C, d, b, pos, grp, nn));
       });
   store_tile(acc, out_tile);
   T* dB = static_cast<T*>(p.dB);
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
     const int r = i / kTile, col = i % kTile;
     const int64_t pos = c * d.Q + s0 + r, nn = ni * kTile + col;
-    if (pos < d.L && nn < d.N) dB[((b * d.L + pos) * d.G + grp) * d.N + nn] = from_float<T>(out_tile[r][col]);
+    if (pos < d.L && nn < d.N) dB[bc_offset(d, b, pos, grp, nn)] = from_float<T>(out_tile[r][col]);
   }
 }
 

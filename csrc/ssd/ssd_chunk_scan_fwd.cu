@@ -59,14 +59,13 @@ __global__ void chunk_cb_kernel(const T* __restrict__ B, const T* __restrict__ C
   const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
   FragAcc acc[2][2];
   zero(acc);
-  const T zero_t = from_float<T>(0.f);
   for (int64_t n0 = 0; n0 < d.N; n0 += kStep) {
     for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
       const int r = i / kStep, k = i % kStep;
       const int64_t n = n0 + k;
       const int64_t tpos = c * d.Q + ti * kTile + r, spos = c * d.Q + si * kTile + r;
-      sC[r][k] = tpos < d.L && n < d.N ? C[((b * d.L + tpos) * d.G + g) * d.N + n] : zero_t;
-      sB[r][k] = spos < d.L && n < d.N ? B[((b * d.L + spos) * d.G + g) * d.N + n] : zero_t;
+      sC[r][k] = bc_element(C, d, b, tpos, g, n);
+      sB[r][k] = bc_element(B, d, b, spos, g, n);
     }
     __syncthreads();
     for (int kk = 0; kk < kStep; kk += 16) {
@@ -105,7 +104,6 @@ __global__ void chunk_state_kernel(SsdForwardParams p, Dims d, const float* dtp,
   const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
   FragAcc acc[2][2];
   zero(acc);
-  const T zero_t = from_float<T>(0.f);
   for (int s0 = 0; s0 < d.Q; s0 += kStep) {
     if (threadIdx.x < kStep) {
       const int s = s0 + threadIdx.x;
@@ -121,7 +119,7 @@ __global__ void chunk_state_kernel(SsdForwardParams p, Dims d, const float* dtp,
       const int64_t pp = pi * kTile + col, nn = ni * kTile + col;
       const float xv = pos < d.L && pp < d.P ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * sW[s] : 0.f;
       sX[s][col] = from_float<T>(xv);
-      sB[s][col] = pos < d.L && nn < d.N ? B[((b * d.L + pos) * d.G + g) * d.N + nn] : zero_t;
+      sB[s][col] = bc_element(B, d, b, pos, g, nn);
     }
     __syncthreads();
     for (int kk = 0; kk < kStep; kk += 16) {

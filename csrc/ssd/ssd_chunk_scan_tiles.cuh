@@ -8,6 +8,7 @@
 
 #include <mma.h>
 
+#include "common/convert.cuh"
 #include "common/wmma_fragments.cuh"
 
 namespace subq {
@@ -33,6 +34,17 @@ Dims make_dims(const SsdShape& s) {
   d.Lp = d.nc * d.Q;
   d.heads_per_group = d.H / d.G;
   return d;
+}
+
+// Offset of element n at position pos, group g, batch b of a (B, L, G, N) tensor: B, C and their gradients.
+__device__ __forceinline__ int64_t bc_offset(const Dims& d, int64_t b, int64_t pos, int64_t g, int64_t n) {
+  return ((b * d.L + pos) * d.G + g) * d.N + n;
+}
+
+// That element of B or C, or zero past the sequence or the state size, where the tiles overhang.
+template <typename T>
+__device__ __forceinline__ T bc_element(const T* m, const Dims& d, int64_t b, int64_t pos, int64_t g, int64_t n) {
+  return pos < d.L && n < d.N ? m[bc_offset(d, b, pos, g, n)] : from_float<T>(0.f);
 }
 
 // Padded positions continue the last sequence (they carry dt = 0 and zero inputs, so they change nothing).
