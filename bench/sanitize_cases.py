@@ -118,13 +118,14 @@ def run_flash_fused(dtype: torch.dtype) -> None:
 
 def run_monarch_conv_fused(dtype: torch.dtype) -> None:
     """The fused Monarch-DFT forward and backward (opt-in flag set): 1, 2 and 3 stages (L = 2, 100, 4097), odd
-    lengths, filters shorter than L, both filter forms, with and without gates and D (the backward's first pass
-    for the filter gradient alone, or skipped), a precomputed spectrum (no filter gradient)."""
+    lengths, stages on tensor cores and on CUDA cores in one row (L = 2048: 8 16 16), filters shorter than L, both
+    filter forms, with and without gates and D (the backward's first pass for the filter gradient alone, or
+    skipped), a precomputed spectrum (no filter gradient)."""
     from subq.ops import monarch_conv, monarch_conv_filter
 
     with env_flag("SUBQ_EXPERIMENTAL_CONV_KERNELS"):
         for seqlen, filter_len, bidirectional, gated in ((2, 1, True, True), (100, 60, False, False),
-                                                          (4097, 4097, True, True)):
+                                                          (2048, 1500, False, True), (4097, 4097, True, True)):
             u = torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(3, filter_len, device="cuda", requires_grad=True)
             k_rev = torch.randn(3, filter_len, device="cuda", requires_grad=True) if bidirectional else None

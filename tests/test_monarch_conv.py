@@ -411,12 +411,13 @@ def _ref64(args):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("seqlen", [2, 3, 100, 1000, 4097, 8192])
+@pytest.mark.parametrize("seqlen", [2, 3, 100, 256, 1000, 2048, 4097, 8192])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gates-D"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
 def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
     """1, 2 and 3 Monarch stages (M = 4 ... 16384), prime and odd lengths; enough rows that the low-precision
-    budget rests on many roundings."""
+    budget rests on many roundings. Stages on CUDA cores only (odd factors), on tensor cores only (256 = 16 16,
+    8192 = 16 16 32), and both (2048 = 8 16 16)."""
     monkeypatch.setenv(FUSED_FLAG, "1")
     options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
     args = make_inputs(4, 16, seqlen, seqlen, "cuda", dtype, options=options, param_dtype=torch.float32)
@@ -477,12 +478,13 @@ def _fused_grads_within_budget(args, dy, spectrum=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("seqlen", [2, 3, 100, 1000, 4097])
+@pytest.mark.parametrize("seqlen", [2, 3, 100, 256, 1000, 2048, 4097])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gates-D"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
 def test_fused_cuda_backward(bidirectional, gated, seqlen, dtype, monkeypatch):
     """Every gradient (u, k, k_rev, pregate, postgate, D) of the fused backward: 1, 2 and 3 Monarch stages
-    (M = 4 ... 8232), prime and odd lengths, a filter shorter than L (one tap at L = 2), float32 parameters."""
+    (M = 4 ... 8232), prime and odd lengths, stages on CUDA cores, tensor cores (256) and both (2048), a filter
+    shorter than L (one tap at L = 2), float32 parameters."""
     monkeypatch.setenv(FUSED_FLAG, "1")
     options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
     filter_len = max(1, 2 * seqlen // 3)

@@ -11,11 +11,13 @@
 // on them in place, and the inverse runs the transposed factorisation (the stages in reverse order, conjugated),
 // which takes digit-reversed bins to natural order: no permutation pass, one M/2 complex64 buffer per CTA.
 //
-// First version, written without a GPU at hand: float32 SIMT arithmetic throughout (every small DFT a dense
-// matrix-vector product on CUDA cores). The next step is the small DFTs as tensor-core matmuls in the real 2x2-block
-// form (several rows per CTA, so each F_n multiplies a tile); not done blind, because its fragment layouts, bank
-// conflicts and the TF32 / 16-bit rounding of the DFT matrices need measurements and an error check on a device that
-// this version did not have. Opt-in until verified (SUBQ_EXPERIMENTAL_CONV_KERNELS, csrc/torch/monarch_conv.cpp).
+// The small DFTs run on tensor cores where an axis is a whole number of 16 x 16 tiles (n = 16 or 32, and the data it
+// multiplies: every stage of the powers of two from M = 512, but two of three at M = 4096): WMMA TF32 products in
+// 3xTF32 (float32 accuracy), with the row
+// as real and imaginary planes so that each part of a tile is one matrix (monarch_dft_tensor_core.cuh). Other axes
+// (odd factors, n = 48 or 64, the 8 in 2048 = 8 16 16) run as matrix-vector products on CUDA cores in float32. Both
+// were written without a GPU at hand and are checked only by a Python transcription of their indexing; opt-in
+// until verified on one (SUBQ_EXPERIMENTAL_CONV_KERNELS, csrc/torch/monarch_conv.cpp).
 //
 // The backward (monarch_conv_cpu.cpp's, by the same transforms) is two kernels. With g = postgate * dy:
 //   rows    one CTA per (b, h) row, one M/2 buffer in shared memory used twice (so the backward takes every size
@@ -48,8 +50,8 @@ struct MonarchConvFusedParams {
   DType dtype = DType::kFloat32;    // u, pregate, postgate, y
   int64_t batch = 0, heads = 0, seqlen = 0;  // B, H, L
   int64_t fft_size = 0;             // M = fft_size(L) (monarch_conv.h): even, M >= 2L
-  // n1 .. nr of the length-M/2 complex DFT: monarch_factors(M / 2) (monarch_dft.h), so that the kernel and the
-  // composite use one factorisation. Their product must be M / 2, each in 2..64; r = 0 for M = 2.
+  // n1 .. nr of the length-M/2 complex DFT: monarch_factors(M / 2) (monarch_dft.h), the composite's factors (the
+  // kernels take them in their own order). Their product must be M / 2, each in 2..64; r = 0 for M = 2.
   int num_factors = 0;
   int factors[kMonarchConvMaxStages] = {};
 
@@ -61,9 +63,11 @@ struct MonarchConvFusedParams {
   void* y = nullptr;                // (B, H, L), contiguous, written
 };
 
-// Whether the kernel takes FFT size M on the current device: M/2 <= 16384 (the per-thread register tile) and the
-// M/2 complex values plus the small DFT matrices within the device's opt-in shared memory per block
-// (cudaDevAttrMaxSharedMemoryPerBlockOptin: M up to 32K on sm_80 / sm_90, up to 16K on sm_89).
+// Whether the kernel takes FFT size M on the current device: M/2 <= 16384 and the M/2 complex values plus the
+// CUDA-core stages' roots within the device's opt-in shared memory per block
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin: M up to 32K on sm_80 / sm_90, up to 16K on sm_89). The tensor-core
+// stages' matrices (at most 10 KB for powers of two) come on top where they fit; where they do not, those axes
+// run on CUDA cores.
 bool monarch_conv_fused_fwd_supports(int64_t fft_size);
 
 // kUnsupported where monarch_conv_fused_fwd_supports is false (the caller takes its composite path);

@@ -62,13 +62,11 @@ __device__ float block_sum(float x, float* warp_sums) {
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kernel(MonarchConvFusedBwdParams p,
                                                                                   Plan plan_param, Workspace ws) {
-  // The stages index the plan by a runtime axis: from shared memory, not a local-memory copy of the parameter.
   __shared__ Plan plan;
   __shared__ float warp_sums[kMaxThreads / 32];
-  if (threadIdx.x == 0) plan = plan_param;
-  extern __shared__ float2 smem[];
-  float2* z = smem;                       // the row, N complex values
-  float2* roots = smem + plan_param.N;    // stage a's W_{n_a}^m at roots[a * kMonarchConvMaxFactor + m]
+  kernel_plan(plan, plan_param);
+  const SmemLayout smem = smem_layout(plan_param.N);
+  const Row& z = smem.z;
   const MonarchConvFusedParams& f = p.forward;
   // 32-bit where they fit (rows < 2^31, L <= M/2 <= 16384): registers are at the 128 cap (-Xptxas -v).
   const int N = plan_param.N, row = blockIdx.x, h = row % static_cast<int>(f.heads), L = static_cast<int>(f.seqlen);
@@ -81,13 +79,13 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
   const float2* K = reinterpret_cast<const float2*>(f.filter_spectrum) + int64_t{h} * (N + 1);
   float2* spectrum_row = ws.spectra ? ws.spectra + int64_t{row} * (N + 1) : nullptr;  // X_V, then X_G conj(X_V)
   const float D = f.D ? f.D[h] : 0.f;
-  load_roots(roots, plan_param);
+  load_dft_constants(smem, plan_param);
 
   // Pass 1, V: only the filter gradient (its X_V) and dpostgate (conv(v)) need it.
   if (spectrum_row || postgate) {
     load_real_row(z, plan_param, u, pregate, L);
     __syncthreads();
-    forward_dft(z, roots, plan);
+    forward_dft(plan);
     multiply_real_bins(z, plan, [&](int k, BinPair v) {
       if (spectrum_row) {
         spectrum_row[k] = v.k;
@@ -97,7 +95,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
     });
     __syncthreads();
     if (postgate) {
-      inverse_dft(z, roots, plan);
+      inverse_dft(plan);
       T* dpostgate = static_cast<T*>(p.dpostgate) + offset;
       for (int t = threadIdx.x; t < L; t += blockDim.x) {
         float pre_gate_out = real_sample(z, t);  // z = conv(v) + D v, the output before the postgate
@@ -111,7 +109,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
   // Pass 2, G: the correlation for dv, and the row's product spectrum.
   load_real_row(z, plan_param, dy, postgate, L);
   __syncthreads();
-  forward_dft(z, roots, plan);
+  forward_dft(plan);
   multiply_real_bins(z, plan, [&](int k, BinPair g) {
     if (spectrum_row) {
       const BinPair v{spectrum_row[k], spectrum_row[N - k]};  // both read first: k == N - k at k = N/2
@@ -121,7 +119,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
     return BinPair{cmul(g.k, cconj(K[k])), cmul(g.nk, cconj(K[N - k]))};
   });
   __syncthreads();
-  inverse_dft(z, roots, plan);
+  inverse_dft(plan);
 
   T* du = static_cast<T*>(p.du) + offset;
   T* dpregate = p.dpregate ? static_cast<T*>(p.dpregate) + offset : nullptr;
@@ -143,10 +141,8 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
 __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_kernel(MonarchConvFusedBwdParams p,
                                                                                     Plan plan_param, Workspace ws) {
   __shared__ Plan plan;
-  if (threadIdx.x == 0) plan = plan_param;
-  extern __shared__ float2 smem[];
-  float2* z = smem;
-  float2* roots = smem + plan_param.N;
+  kernel_plan(plan, plan_param);
+  const SmemLayout smem = smem_layout(plan_param.N);
   const MonarchConvFusedParams& f = p.forward;
   const int N = plan_param.N;
   const int64_t h = blockIdx.x, H = f.heads, B = f.batch;
@@ -159,7 +155,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_ker
   }
   if (p.filter_len == 0) return;  // a precomputed spectrum: no filter gradient
 
-  load_roots(roots, plan_param);
+  load_dft_constants(smem, plan_param);
   // The pairs (k, N-k) as the rows kernel wrote them, summed over b and split back to the half size, digit-reversed
   // for inverse_dft. plan_param, not plan: no barrier yet since thread 0 copied it.
   for (int k = threadIdx.x; k <= N / 2; k += blockDim.x) {
@@ -169,16 +165,16 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_ker
       sum.k = add(sum.k, row[k]);
       sum.nk = add(sum.nk, row[N - k]);
     }
-    store_half_bins(z, plan_param, k, sum);
+    store_half_bins(smem.z, plan_param, k, sum);
   }
   __syncthreads();
-  inverse_dft(z, roots, plan);
+  inverse_dft(plan);
 
   // dc in natural order: k at the offsets 0 .. Lk-1, k_rev reversed at the end (monarch_conv_cpu.h's filter c).
   const int64_t Lk = p.filter_len, M = f.fft_size, rev_taps = Lk < f.seqlen - 1 ? Lk : f.seqlen - 1;
   for (int64_t j = threadIdx.x; j < Lk; j += blockDim.x) {
-    p.dk[h * Lk + j] = real_sample(z, j);
-    if (p.dk_rev) p.dk_rev[h * Lk + j] = j < rev_taps ? real_sample(z, M - 1 - j) : 0.f;
+    p.dk[h * Lk + j] = real_sample(smem.z, j);
+    if (p.dk_rev) p.dk_rev[h * Lk + j] = j < rev_taps ? real_sample(smem.z, M - 1 - j) : 0.f;
   }
 }
 
@@ -190,7 +186,7 @@ bool allow_smem(Kernel kernel, size_t bytes) {
 
 template <typename T>
 Status launch(const MonarchConvFusedBwdParams& p, const Plan& plan, cudaStream_t stream) {
-  const size_t smem = smem_bytes(plan.N);
+  const size_t smem = smem_bytes(plan);
   const int threads = threads_for(plan.N);
   const Workspace ws = carve(p);
   if (p.forward.batch > 0) {
@@ -229,7 +225,7 @@ bool monarch_conv_fused_bwd_supports(const MonarchConvFusedBwdParams& p) {
 Status run_monarch_conv_fused_bwd(const MonarchConvFusedBwdParams& p, cudaStream_t stream) {
   if (!valid(p)) return Status::kInvalidArgument;
   if (!monarch_conv_fused_bwd_supports(p)) return Status::kUnsupported;
-  const Plan plan = make_plan(p.forward);
+  const Plan plan = make_plan(p.forward, dynamic_smem_limit());
   switch (p.forward.dtype) {
     case DType::kFloat32: return launch<float>(p, plan, stream);
     case DType::kFloat16: return launch<__half>(p, plan, stream);

@@ -27,7 +27,7 @@ using namespace monarch_dft_smem;
 
 // The spectrum step: Y = X K per bin of the real transform (multiply_real_bins), in place on the digit-reversed
 // bins.
-__device__ void spectrum_product(float2* z, const float2* spectrum, const Plan& plan) {
+__device__ void spectrum_product(const Row& z, const float2* spectrum, const Plan& plan) {
   const int N = plan.N;
   multiply_real_bins(z, plan, [&](int k, BinPair x) {
     return BinPair{cmul(x.k, spectrum[k]), cmul(x.nk, spectrum[N - k])};
@@ -37,29 +37,26 @@ __device__ void spectrum_product(float2* z, const float2* spectrum, const Plan& 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_fwd_kernel(MonarchConvFusedParams p,
                                                                              Plan plan_param) {
-  // The stages index the plan by a runtime axis: from shared memory, not a local-memory copy of the parameter.
   __shared__ Plan plan;
-  if (threadIdx.x == 0) plan = plan_param;
-  extern __shared__ float2 smem[];
-  float2* z = smem;                       // the row, N complex values
-  float2* roots = smem + plan_param.N;    // stage a's W_{n_a}^m at roots[a * kMonarchConvMaxFactor + m]
+  kernel_plan(plan, plan_param);
+  const SmemLayout smem = smem_layout(plan_param.N);
   const int64_t row = blockIdx.x, h = row % p.heads, L = p.seqlen;
   const T* u = static_cast<const T*>(p.u) + row * L;
   const T* pregate = p.pregate ? static_cast<const T*>(p.pregate) + row * L : nullptr;
 
-  load_roots(roots, plan_param);
-  load_real_row(z, plan_param, u, pregate, L);
+  load_dft_constants(smem, plan_param);
+  load_real_row(smem.z, plan_param, u, pregate, L);
   __syncthreads();
 
-  forward_dft(z, roots, plan);
-  spectrum_product(z, reinterpret_cast<const float2*>(p.filter_spectrum) + h * (plan.N + 1), plan);
+  forward_dft(plan);
+  spectrum_product(smem.z, reinterpret_cast<const float2*>(p.filter_spectrum) + h * (plan.N + 1), plan);
   __syncthreads();
-  inverse_dft(z, roots, plan);
+  inverse_dft(plan);
 
   const T* postgate = p.postgate ? static_cast<const T*>(p.postgate) + row * L : nullptr;
   T* y = static_cast<T*>(p.y) + row * L;
   for (int64_t t = threadIdx.x; t < L; t += blockDim.x) {
-    float out = real_sample(z, t);
+    float out = real_sample(smem.z, t);
     if (p.D) out += p.D[h] * gated(u, pregate, t, L);
     if (postgate) out *= to_float(postgate[t]);
     y[t] = from_float<T>(out);
@@ -68,7 +65,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_fwd_kernel(Mon
 
 template <typename T>
 Status launch(const MonarchConvFusedParams& p, const Plan& plan, cudaStream_t stream) {
-  const size_t smem = smem_bytes(plan.N);
+  const size_t smem = smem_bytes(plan);
   if (cudaFuncSetAttribute(monarch_conv_fused_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
     return Status::kCudaError;
@@ -82,22 +79,19 @@ bool valid(const MonarchConvFusedParams& p) { return valid_sizes(p) && p.y; }
 
 }  // namespace
 
+// The row and the CUDA-core stages' roots must fit; the tensor-core tables come on top where they fit too
+// (make_plan).
 bool monarch_conv_fused_fwd_supports(int64_t fft_size) {
   if (fft_size < 2 || fft_size / 2 > kMaxHalf) return false;
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // not sticky: leave no error behind for the caller's next check
-    return false;
-  }
-  return smem_bytes(fft_size / 2) <= static_cast<size_t>(optin);
+  const auto bytes = static_cast<size_t>(smem_floats(static_cast<int>(fft_size / 2), 0)) * sizeof(float);
+  return bytes <= dynamic_smem_limit();
 }
 
 Status run_monarch_conv_fused_fwd(const MonarchConvFusedParams& p, cudaStream_t stream) {
   if (!valid(p)) return Status::kInvalidArgument;
   if (!monarch_conv_fused_fwd_supports(p.fft_size)) return Status::kUnsupported;
   if (p.batch == 0) return Status::kSuccess;
-  const Plan plan = make_plan(p);
+  const Plan plan = make_plan(p, dynamic_smem_limit());
   switch (p.dtype) {
     case DType::kFloat32: return launch<float>(p, plan, stream);
     case DType::kFloat16: return launch<__half>(p, plan, stream);
