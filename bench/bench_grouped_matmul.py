@@ -8,12 +8,14 @@ dense matmul of the same FLOPs (the ceiling a grouped GEMM aims at), forward and
 Routing: "balanced" splits the rows evenly, "skewed" draws group shares from a Dirichlet(0.3) (some groups near
 empty, a few large). The per-group loop gets its sizes as a Python list (in real use reading them costs a host
 sync, not counted here). FLOPs: 2*T*K*N per forward over the routed rows, 3x that with the backward (dx and dw).
-GPU only: on a CPU the script prints why it skips and exits 0.
+GPU only: on a CPU the script prints why it skips and exits 0. The CUTLASS kernels are opt-in until verified on a
+GPU (SUBQ_EXPERIMENTAL_GROUPED_GEMM=1); this script sets that flag for its whole run, so "subq" is always them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    os.environ["SUBQ_EXPERIMENTAL_GROUPED_GEMM"] = "1"  # read by the op on every call
     if args.device.type != "cuda" or not torch.cuda.is_available():
         print(f"skip: bench_grouped_matmul compares CUDA grouped GEMMs and needs a CUDA device (device={args.device}, "
               f"torch.cuda.is_available()={torch.cuda.is_available()}); the CPU path is covered by the tests")

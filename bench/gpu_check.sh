@@ -21,7 +21,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++
 ARCH=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
 EXPERIMENTAL=(SUBQ_EXPERIMENTAL_SM90_GEMM=1 SUBQ_EXPERIMENTAL_SSD_KERNELS=1 SUBQ_EXPERIMENTAL_CONV_KERNELS=1
-              SUBQ_EXPERIMENTAL_FLASH_KERNELS=1)
+              SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1 SUBQ_EXPERIMENTAL_GROUPED_GEMM=1)
 summary=()
 step() {
   summary+=("$1: $2")

@@ -43,37 +43,39 @@ def run_grouped_matmul(dtype: torch.dtype, tf32: bool) -> None:
     from subq.ops import grouped_matmul
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    for sizes, tail, k, n in (([37, 0, 90, 13], 5, 24, 40), ([13, 29], 3, 7, 9), ([], 4, 16, 8)):
-        x = torch.randn(sum(sizes) + tail, k, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(len(sizes), k, n, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(len(sizes), n, device="cuda", dtype=dtype, requires_grad=True)
-        y = grouped_matmul(x, w, torch.tensor(sizes, device="cuda", dtype=torch.int64), b)
-        y.backward(torch.randn_like(y))
+    with env_flag("SUBQ_EXPERIMENTAL_GROUPED_GEMM"):
+        for sizes, tail, k, n in (([37, 0, 90, 13], 5, 24, 40), ([13, 29], 3, 7, 9), ([], 4, 16, 8)):
+            x = torch.randn(sum(sizes) + tail, k, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(len(sizes), k, n, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(len(sizes), n, device="cuda", dtype=dtype, requires_grad=True)
+            y = grouped_matmul(x, w, torch.tensor(sizes, device="cuda", dtype=torch.int64), b)
+            y.backward(torch.randn_like(y))
     torch.cuda.synchronize()
 
 
 def run_norm_step(dtype: torch.dtype) -> None:
     """rmsnorm_gated: vector and scalar paths, warp and block units, both gate orders; ssd_step: a partial P tile,
     a state row shorter than one team's vectors, fp32 and low-precision state, strided (scalar) state."""
-    for dim, group_size, offset in ((200, 40, 0), (2200, 1100, 0), (129, 43, 1)):
-        base = torch.randn(37, dim + offset, device="cuda", dtype=dtype)
-        x = base[:, offset:].requires_grad_()
-        z = torch.randn(37, dim, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(dim, device="cuda", requires_grad=True)
-        for before in (True, False):
-            y = rmsnorm_gated(x, w, z, group_size=group_size, norm_before_gate=before)
-            y.backward(torch.randn_like(y))
-    for state_dtype, n, contiguous in ((torch.float32, 16, True), (dtype, 40, True), (torch.float32, 24, False)):
-        batch, heads, head_dim, groups = 3, 4, 37, 2
-        state = torch.randn(batch, heads, head_dim, n, device="cuda", dtype=state_dtype)
-        if not contiguous:
-            state = state.transpose(2, 3).contiguous().transpose(2, 3)
-        x = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
-        ssd_step(state, x, torch.rand(batch, heads, device="cuda", dtype=dtype), -torch.rand(heads, device="cuda"),
-                 torch.randn(batch, groups, n, device="cuda", dtype=dtype),
-                 torch.randn(batch, groups, n, device="cuda", dtype=dtype),
-                 D=torch.randn(heads, head_dim, device="cuda"), z=torch.randn_like(x),
-                 dt_bias=torch.randn(heads, device="cuda"), dt_softplus=True)
+    with env_flag("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS"):
+        for dim, group_size, offset in ((200, 40, 0), (2200, 1100, 0), (129, 43, 1)):
+            base = torch.randn(37, dim + offset, device="cuda", dtype=dtype)
+            x = base[:, offset:].requires_grad_()
+            z = torch.randn(37, dim, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(dim, device="cuda", requires_grad=True)
+            for before in (True, False):
+                y = rmsnorm_gated(x, w, z, group_size=group_size, norm_before_gate=before)
+                y.backward(torch.randn_like(y))
+        for state_dtype, n, contiguous in ((torch.float32, 16, True), (dtype, 40, True), (torch.float32, 24, False)):
+            batch, heads, head_dim, groups = 3, 4, 37, 2
+            state = torch.randn(batch, heads, head_dim, n, device="cuda", dtype=state_dtype)
+            if not contiguous:
+                state = state.transpose(2, 3).contiguous().transpose(2, 3)
+            x = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
+            ssd_step(state, x, torch.rand(batch, heads, device="cuda", dtype=dtype), -torch.rand(heads, device="cuda"),
+                     torch.randn(batch, groups, n, device="cuda", dtype=dtype),
+                     torch.randn(batch, groups, n, device="cuda", dtype=dtype),
+                     D=torch.randn(heads, head_dim, device="cuda"), z=torch.randn_like(x),
+                     dt_bias=torch.randn(heads, device="cuda"), dt_softplus=True)
 
 
 def run_causal_conv1d(dtype: torch.dtype) -> None:
@@ -82,18 +84,19 @@ def run_causal_conv1d(dtype: torch.dtype) -> None:
 
     channels_first = torch.randn(2, 37, 70, device="cuda", dtype=dtype)
     channels_last = torch.randn(2, 70, 37, device="cuda", dtype=dtype).transpose(1, 2)
-    for x in (channels_first, channels_last):
-        x.requires_grad_()
-        w = torch.randn(37, 4, device="cuda", requires_grad=True)
-        b = torch.randn(37, device="cuda", requires_grad=True)
-        h = torch.randn(2, 37, 3, device="cuda", dtype=dtype, requires_grad=True)
-        y, final = causal_conv1d(x, w, b, initial_states=h, return_final_states=True, activation="silu")
-        torch.autograd.backward((y, final), (torch.randn_like(y), torch.randn_like(final)))
-        seq_idx = torch.randint(0, 4, (2, 70), device="cuda").sort(dim=1).values.int()
-        y = causal_conv1d(x, w[:, :3], b, seq_idx=seq_idx)
-        y.backward(torch.randn_like(y))
-        state = torch.randn(2, 37, 5, device="cuda", dtype=dtype)
-        causal_conv1d_update(x.detach()[:, :, :3], state, w.detach(), b.detach(), activation="silu")
+    with env_flag("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS"):
+        for x in (channels_first, channels_last):
+            x.requires_grad_()
+            w = torch.randn(37, 4, device="cuda", requires_grad=True)
+            b = torch.randn(37, device="cuda", requires_grad=True)
+            h = torch.randn(2, 37, 3, device="cuda", dtype=dtype, requires_grad=True)
+            y, final = causal_conv1d(x, w, b, initial_states=h, return_final_states=True, activation="silu")
+            torch.autograd.backward((y, final), (torch.randn_like(y), torch.randn_like(final)))
+            seq_idx = torch.randint(0, 4, (2, 70), device="cuda").sort(dim=1).values.int()
+            y = causal_conv1d(x, w[:, :3], b, seq_idx=seq_idx)
+            y.backward(torch.randn_like(y))
+            state = torch.randn(2, 37, 5, device="cuda", dtype=dtype)
+            causal_conv1d_update(x.detach()[:, :, :3], state, w.detach(), b.detach(), activation="silu")
     torch.cuda.synchronize()
 
 

@@ -7,6 +7,8 @@ import zlib
 import pytest
 import torch
 
+import subq
+
 HAS_CUDA = torch.cuda.is_available()
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -23,6 +25,51 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     """Fresh but reproducible random inputs per test."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# CUDA kernels written without a GPU stay opt-in until their GPU tests pass on one. These flags switch on kernels
+# that replace an op's whole CUDA path (not a fused alternative with tests of its own), so every gpu-marked test,
+# the device sweeps included, runs them; each op's test_cuda_kernels_are_opt_in covers the default path.
+REPLACING_KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_GROUPED_GEMM")
+
+
+@pytest.fixture(autouse=True)
+def _opt_in_kernels_on_gpu(request, monkeypatch):
+    if "gpu" in request.node.keywords:
+        for flag in REPLACING_KERNEL_FLAGS:
+            monkeypatch.setenv(flag, "1")
+
+
+def poison_cuda_allocator() -> None:
+    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+
+
+def run_profiled(fn):
+    """fn's result and the names of the CUDA kernels it launched: which implementation ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events()]
+
+
+def launched(names: list[str], part: str) -> bool:
+    """Whether one of the kernel names contains `part` (case-insensitive)."""
+    return any(part.lower() in name.lower() for name in names)
+
+
+def assert_opt_in(monkeypatch, flag: str, kernel: str, run) -> None:
+    """run() (which checks its own results) launches `kernel` with `flag` set, as the gpu tests set it, and takes the
+    op's default CUDA path, without that kernel, once the flag is unset."""
+    for enabled in (True, False):
+        if enabled:
+            monkeypatch.setenv(flag, "1")
+        else:
+            monkeypatch.delenv(flag, raising=False)
+        _, names = run_profiled(run)
+        expected = enabled and subq.cuda_built()
+        assert launched(names, kernel) == expected, f"{flag}={int(enabled)}: {kernel} ran: {not expected}; {names}"
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_opt_in, assert_within_budget, max_err, poison_cuda_allocator
 from subq.ops import causal_conv1d, causal_conv1d_update
 from subq.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -406,12 +406,6 @@ def test_direct_op_calls_are_checked():
 # ---- CUDA specifics -----------------------------------------------------------------------------------------------
 
 
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -419,12 +413,42 @@ def _poison_cuda_allocator():
 def test_cuda_kernels_write_every_element(shape, layout, dtype):
     batch, dim, seqlen = shape
     x, weight, kwargs = make_case(batch, dim, seqlen, 4, "states", layout, dtype, device="cuda")
-    _poison_cuda_allocator()
+    poison_cuda_allocator()
     y, final = causal_conv1d(x, weight, **kwargs)
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    _poison_cuda_allocator()
+    poison_cuda_allocator()
     for g in torch.autograd.grad((y, final), leaves(x, weight, kwargs), (torch.randn_like(y), torch.randn_like(final))):
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_are_opt_in(monkeypatch):
+    """Until verified on a GPU the kernels (forward, backward, update) run only with
+    SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1; the default CUDA path is the ATen composite."""
+    x, weight, kwargs = make_case(2, 64, 300, 4, "states", "channels_last", torch.bfloat16, device="cuda")
+    inputs = leaves(x, weight, kwargs)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    kwargs64 = dict(kwargs, bias=inputs64[2], initial_states=inputs64[3])
+    plain, ref = outputs(causal_conv1d_ref, x, weight, kwargs), outputs(causal_conv1d_ref, *inputs64[:2], kwargs64)
+    cotangents = [torch.randn_like(t) for t in plain]
+    grads_plain = grads(plain, inputs, cotangents)
+    grads_ref = grads(ref, inputs64, [t.double() for t in cotangents])
+    state = torch.randn(2, 64, 3, device="cuda", dtype=torch.bfloat16)
+    step_ref = causal_conv1d_update_ref(x[:, :, :2].detach().double(), state.double(), weight.detach().double(),
+                                        kwargs["bias"].detach().double(), activation="silu")
+
+    def run():
+        got = outputs(causal_conv1d, x, weight, kwargs)
+        for name, g, p, r in zip(("y", "final_states"), got, plain, ref, strict=True):
+            assert_within_budget(g, r, p, name)
+        for name, g, p, r in zip("x weight bias init".split(), grads(got, inputs, cotangents), grads_plain,
+                                 grads_ref, strict=True):
+            assert_within_budget(g, r, p, f"d{name}")
+        step = causal_conv1d_update(x[:, :, :2].detach(), state.clone(), weight.detach(), kwargs["bias"].detach(),
+                                    activation="silu")
+        assert max_err(step, step_ref) <= 1e-2 * max(1.0, step_ref.abs().max().item())
+
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "causal_conv1d_fwd_kernel", run)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 from subq.reference import flash_chunked_ref, flash_quadratic_ref, gau_attention_ref
 
@@ -385,13 +385,6 @@ FUSED_CASES = [
 ]
 
 
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write (in the output or
-    the workspace) fails the test."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -400,11 +393,9 @@ def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
     monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
     batch, seqlen, S, E, C, gate, bias = case
     args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
-    _poison_cuda_allocator()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = flash_chunk_attention(**args, chunk_size=C, causal=causal)
-        torch.cuda.synchronize()
-    assert any("chunk_output_kernel" in e.name for e in prof.events()), "the fused kernels did not run"
+    poison_cuda_allocator()
+    out, names = run_profiled(lambda: flash_chunk_attention(**args, chunk_size=C, causal=causal))
+    assert launched(names, "chunk_output_kernel"), "the fused kernels did not run"
     assert out.dtype == dtype
     ref = flash_quadratic_ref(**{k: v.double() for k, v in args.items()}, chunk_size=C, causal=causal)
     plain = flash_chunked_ref(**args, chunk_size=C, causal=causal)
@@ -428,11 +419,9 @@ def test_fused_cuda_backward(case, causal, dtype, monkeypatch):
     leaves = {k: v.requires_grad_() for k, v in args.items()}
     out = flash_chunk_attention(**leaves, chunk_size=C, causal=causal)
     dout = torch.randn_like(out)
-    _poison_cuda_allocator()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        grads = torch.autograd.grad(out, list(leaves.values()), dout)
-        torch.cuda.synchronize()
-    assert any("score_gradient_kernel" in e.name for e in prof.events()), "the fused backward did not run"
+    poison_cuda_allocator()
+    grads, names = run_profiled(lambda: torch.autograd.grad(out, list(leaves.values()), dout))
+    assert launched(names, "score_gradient_kernel"), "the fused backward did not run"
     leaves64 = {k: v.detach().double().requires_grad_() for k, v in args.items()}
     ref = flash_quadratic_ref(**leaves64, chunk_size=C, causal=causal)
     grads_ref = torch.autograd.grad(ref, list(leaves64.values()), dout.double())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import subq
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_opt_in, assert_within_budget, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import grouped_matmul
 from subq.reference import grouped_matmul_ref
 
@@ -220,19 +220,6 @@ def test_nan_stays_in_its_group():
 # ---- CUDA specifics -------------------------------------------------------------------------------------------------
 
 
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
-def _kernel_names(fn) -> list[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events()]
-
-
 def _needs_kernels():
     if not subq.cuda_built():
         pytest.skip("this build has no CUDA kernels (CPU-only extension)")
@@ -243,7 +230,7 @@ def _needs_kernels():
 @pytest.mark.parametrize("case", [([37, 0, 90, 13], 5, 24, 40), ([13, 29], 3, 7, 9), ([], 4, 8, 8), ([0, 0], 3, 8, 8)])
 def test_cuda_kernels_write_every_element(case, dtype):
     x, w, sizes, b = leaves(*make_case(*case, dtype=dtype, device="cuda"))
-    _poison_cuda_allocator()
+    poison_cuda_allocator()
     y = grouped_matmul(x, w, sizes, b)
     assert torch.isfinite(y).all()
     assert (y[sum(case[0]):] == 0).all()
@@ -252,7 +239,10 @@ def test_cuda_kernels_write_every_element(case, dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_never_waits_for_the_host():
+@pytest.mark.parametrize("kernels", [True, False], ids=["cutlass", "composite"])
+def test_cuda_never_waits_for_the_host(kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.delenv("SUBQ_EXPERIMENTAL_GROUPED_GEMM")
     x, w, sizes, b = leaves(*make_case([37, 0, 90, 13], 5, 24, 40, dtype=torch.bfloat16, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -265,10 +255,31 @@ def test_cuda_never_waits_for_the_host():
 
 
 @pytest.mark.gpu
+def test_cuda_kernels_are_opt_in(monkeypatch):
+    """Until verified on a GPU the CUTLASS kernels run only with SUBQ_EXPERIMENTAL_GROUPED_GEMM=1; the default CUDA
+    path is the expanded composite."""
+    x, w, sizes, b = leaves(*make_case([64, 0, 200, 31], 9, 64, 128, dtype=torch.bfloat16, device="cuda"))
+    plain = grouped_matmul_ref(x, w, sizes, b)
+    x64, w64, b64 = leaves(x.double(), w.double(), b.double())
+    ref = grouped_matmul_ref(x64, w64, sizes, b64)
+    dy = torch.randn_like(plain)
+    grads_plain, grads_ref = grads(plain, (x, w, b), dy), grads(ref, (x64, w64, b64), dy.double())
+
+    def run():
+        y = grouped_matmul(x, w, sizes, b)
+        assert_within_budget(y, ref, plain, "y")
+        for name, g, pg, rg in zip(("dx", "dw", "dbias"), grads(y, (x, w, b), dy), grads_plain, grads_ref,
+                                   strict=True):
+            assert_within_budget(g, rg, pg, name)
+
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_GROUPED_GEMM", "GemmGrouped", run)
+
+
+@pytest.mark.gpu
 def test_cuda_aligned_shapes_take_one_cutlass_launch():
     _needs_kernels()
     x, w, sizes, b = make_case([64, 0, 200, 31], 9, 64, 128, dtype=torch.bfloat16, device="cuda")
-    names = _kernel_names(lambda: grouped_matmul(x, w, sizes, b))
+    _, names = run_profiled(lambda: grouped_matmul(x, w, sizes, b))
     assert sum("GemmGrouped" in name for name in names) == 1, names
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import subq
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import blockdiag_matmul, monarch_matmul
 from subq.reference import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 
@@ -313,27 +313,13 @@ def test_nan_propagates_like_matmul():
 # ---- CUDA specifics -----------------------------------------------------------------------------------------------
 
 
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
-def _ran_kernel(fn, name_part: str = "cutlass") -> bool:
-    """Whether fn launched a CUDA kernel whose name contains name_part (case-insensitive)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return any(name_part in e.name.lower() for e in prof.events())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("tokens", [1, 100, 4099])
 def test_cuda_kernels_write_every_element(dtype, tokens):
     shape = (4, 32, 16, 8, 24, 16)
     x, w1, w2 = _low_precision_case("cuda", dtype, shape, tokens)
-    _poison_cuda_allocator()
+    poison_cuda_allocator()
     y = monarch_matmul(x, w1, w2)
     assert torch.isfinite(y).all()
     dx, dw1, dw2 = torch.autograd.grad(y, (x, w1, w2), torch.randn_like(y))
@@ -346,9 +332,9 @@ def test_cuda_aligned_shapes_take_the_cutlass_kernels():
     if not subq.cuda_built():
         pytest.skip("this build has no CUDA kernels (CPU-only extension)")
     x, w1, w2 = _low_precision_case("cuda", torch.bfloat16, (4, 16, 16, 4, 16, 16), 64)
-    assert _ran_kernel(lambda: monarch_matmul(x, w1, w2).sum().backward())
+    assert launched(run_profiled(lambda: monarch_matmul(x, w1, w2).sum().backward())[1], "cutlass")
     w = w1.detach().requires_grad_()
-    assert _ran_kernel(lambda: blockdiag_matmul(x, w).sum().backward())
+    assert launched(run_profiled(lambda: blockdiag_matmul(x, w).sum().backward())[1], "cutlass")
 
 
 @pytest.mark.gpu
@@ -404,4 +390,4 @@ def test_hopper_gemm_path(monkeypatch, dtype, shape, tokens):
     yb, plain_b = blockdiag_matmul(x, w), blockdiag_matmul_ref(x, w)
     assert_within_budget(yb, blockdiag_matmul_ref(x64, w64), plain_b, "blockdiag y")
     if tokens % 8 == 0:
-        assert _ran_kernel(lambda: monarch_matmul(x, w1, w2).sum().backward(), "sm90")
+        assert launched(run_profiled(lambda: monarch_matmul(x, w1, w2).sum().backward())[1], "sm90")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import monarch_conv, monarch_conv_filter
 from subq.ops.monarch_conv import fft_size
 from subq.reference import monarch_conv_fft_ref, monarch_conv_ref
@@ -384,18 +384,10 @@ def test_device_mismatch():
 FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"
 
 
-def _poison_cuda_allocator():
-    """Fill the caching allocator's free blocks with NaN, so an element a kernel forgets to write fails the test."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
-def _run_profiled(fn, kernel="monarch_conv_fused"):
+def _run_fused(fn, kernel="monarch_conv_fused"):
     """fn's result, and whether a kernel whose name contains `kernel` ran in it."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = fn()
-        torch.cuda.synchronize()
-    return out, any(kernel in e.name for e in prof.events())
+    out, names = run_profiled(fn)
+    return out, launched(names, kernel)
 
 
 def _ref_fn(seqlen):
@@ -421,8 +413,8 @@ def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
     monkeypatch.setenv(FUSED_FLAG, "1")
     options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
     args = make_inputs(4, 16, seqlen, seqlen, "cuda", dtype, options=options, param_dtype=torch.float32)
-    _poison_cuda_allocator()
-    y, ran = _run_profiled(lambda: monarch_conv(**args))
+    poison_cuda_allocator()
+    y, ran = _run_fused(lambda: monarch_conv(**args))
     assert ran, "the fused kernel did not run"
     assert y.dtype == dtype
     assert_within_budget(y, _ref64(args), ref_call(args, monarch_conv_fft_ref), f"y {dtype}")
@@ -437,15 +429,15 @@ def test_fused_cuda_forward_spectrum_and_fallback(monkeypatch):
     y_ref, y_plain = _ref64(args), ref_call(args, monarch_conv_fft_ref)
     spec = monarch_conv_filter(args["k"], 1000, k_rev=args["k_rev"])
     inference = {k: v for k, v in args.items() if k not in ("k", "k_rev")}
-    y_spec, ran = _run_profiled(lambda: monarch_conv(**inference, filter_spectrum=spec))
+    y_spec, ran = _run_fused(lambda: monarch_conv(**inference, filter_spectrum=spec))
     assert ran
     assert_within_budget(y_spec, y_ref, y_plain, "y from a precomputed spectrum")
 
-    _, ran = _run_profiled(lambda: monarch_conv(**args, algorithm="fft"))
+    _, ran = _run_fused(lambda: monarch_conv(**args, algorithm="fft"))
     assert not ran
     long = make_inputs(1, 2, 20000, 100, "cuda", torch.float32, options=("D",))
     assert fft_size(20000) // 2 > 16384
-    y_long, ran = _run_profiled(lambda: monarch_conv(**long))
+    y_long, ran = _run_fused(lambda: monarch_conv(**long))
     assert not ran
     assert_within_budget(y_long, _ref64(long), ref_call(long, monarch_conv_fft_ref), "y beyond the kernel")
 
@@ -460,8 +452,8 @@ def _fused_grads_within_budget(args, dy, spectrum=None):
     leaves = {n: args[n].detach().clone().requires_grad_(n in names) for n in args}
     op_args = {n: t for n, t in leaves.items() if n in names}
     y = monarch_conv(**op_args, filter_spectrum=spectrum) if spectrum is not None else monarch_conv(**op_args)
-    _poison_cuda_allocator()
-    grads, ran = _run_profiled(lambda: torch.autograd.grad(y, [leaves[n] for n in names], dy.to(dtype)),
+    poison_cuda_allocator()
+    grads, ran = _run_fused(lambda: torch.autograd.grad(y, [leaves[n] for n in names], dy.to(dtype)),
                                "monarch_conv_fused_bwd")
     assert ran, "the fused backward did not run"
 
@@ -515,7 +507,7 @@ def test_fused_cuda_backward_fallback(monkeypatch):
     def backward_ran(args, algorithm):
         leaves = [t.requires_grad_() for t in args.values()]
         y = monarch_conv(**args, algorithm=algorithm)
-        _, ran = _run_profiled(lambda: torch.autograd.grad(y, leaves, torch.ones_like(y)), "monarch_conv_fused_bwd")
+        _, ran = _run_fused(lambda: torch.autograd.grad(y, leaves, torch.ones_like(y)), "monarch_conv_fused_bwd")
         return ran
 
     assert not backward_ran(make_inputs(2, 4, 300, 300, "cuda", torch.float32, options=("k_rev", "D")), "fft")

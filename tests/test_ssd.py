@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_within_budget, launched, max_err, run_profiled
 from subq.ops import ssd_chunk_scan
 from subq.reference import ssd_chunked_ref, ssd_ref
 
@@ -313,10 +313,9 @@ def test_fused_cuda_forward(case, dtype, monkeypatch):
                        **tensor_opts)
     if "seq_idx" in opts:
         opts["seq_idx"] = packed_seq_idx(batch, seqlen, opts["seq_idx"], "cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        y, final = ssd_chunk_scan(**args, **opts, chunk_size=chunk, return_final_states=True)
-        torch.cuda.synchronize()
-    assert any("chunk_scan_kernel" in e.name for e in prof.events()), "the fused kernels did not run"
+    (y, final), names = run_profiled(
+        lambda: ssd_chunk_scan(**args, **opts, chunk_size=chunk, return_final_states=True))
+    assert launched(names, "chunk_scan_kernel"), "the fused kernels did not run"
     args64 = {k: v.double() for k, v in args.items()}
     y_ref, final_ref = ssd_chunked_ref(**args64, **opts, chunk_size=chunk)
     y_plain, final_plain = ssd_chunked_ref(**args, **opts, chunk_size=chunk)
@@ -376,10 +375,8 @@ def test_fused_cuda_backward(case, dtype, monkeypatch):
     def reference(leaves):
         return ssd_chunked_ref(**leaves, **opts, chunk_size=chunk)
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = grads(args, fused)
-        torch.cuda.synchronize()
-    assert any("chunk_dx_kernel" in e.name for e in prof.events()), "the fused backward did not run"
+    got, names = run_profiled(lambda: grads(args, fused))
+    assert launched(names, "chunk_dx_kernel"), "the fused backward did not run"
     ref = grads({k: v.double() for k, v in args.items()}, reference)
     plain = grads(args, reference)
     for name, g, g_ref, g_plain in zip(names, got, ref, plain, strict=True):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, assert_within_budget, max_err
+from conftest import DEVICES, assert_opt_in, assert_within_budget, max_err, poison_cuda_allocator
 from subq.ops import ssd_step
 from subq.reference import ssd_step_ref
 
@@ -285,12 +285,28 @@ def test_cuda_team_sizes_and_layouts(state_dim, state_dtype, contiguous_state):
     inputs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     y_ref, state_ref = ssd_step_ref(**inputs64)
     y_plain, state_plain = ssd_step_ref(**inputs)
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
+    poison_cuda_allocator()
     y, state = run_op(inputs)  # clone() keeps the strides, so the transposed layout reaches the kernel
     assert state.stride(3) == (1 if contiguous_state else 130)
     assert_within_budget(y, y_ref, y_plain, "y")
     assert_within_budget(state, state_ref, state_plain, "state")
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_is_opt_in(monkeypatch):
+    """Until verified on a GPU the kernel runs only with SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1; the default CUDA path is
+    the ATen composite."""
+    inputs = make_inputs((3, 8, 64, 128, 2), OPTIONS[1], torch.bfloat16, torch.float32, torch.float32, "cuda")
+    inputs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    y_ref, state_ref = ssd_step_ref(**inputs64)
+    y_plain, state_plain = ssd_step_ref(**inputs)
+
+    def run():
+        y, state = run_op(inputs)
+        assert_within_budget(y, y_ref, y_plain, "y")
+        assert_within_budget(state, state_ref, state_plain, "state")
+
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "ssd_step_kernel", run)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@
 
 #include "conv1d/causal_conv1d.h"
 #include "torch/cuda_status_check.h"
+#include "torch/experimental_flags.h"
 #endif
 
 TORCH_LIBRARY_FRAGMENT(subq, m) {
@@ -96,7 +97,7 @@ void check_update(const at::Tensor& x, const at::Tensor& conv_state, const at::T
               weight.size(1) - 1, ", got shape ", conv_state.sizes());
 }
 
-// ---- CPU (and float64 on CUDA) ----------------------------------------------------------------------------------
+// ---- CPU, and CUDA for float64 or without the opt-in kernels --------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> fwd_composite(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                                                  const OptTensor& seq_idx, const OptTensor& initial_states,
@@ -125,7 +126,10 @@ at::Tensor update_composite(const at::Tensor& x, const at::Tensor& conv_state, c
 
 #ifdef SUBQ_WITH_CUDA
 
-bool has_kernels(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+// The kernels are opt-in until their GPU tests have passed on a GPU (they were written without one).
+bool has_kernels(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && mamba2_layer_kernels_enabled();
+}
 
 DType to_dtype(at::ScalarType t) {
   return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;

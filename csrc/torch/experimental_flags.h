@@ -13,4 +13,8 @@ inline bool experimental_flag(const char* name) {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
+// The Mamba-2 layer's small kernels (ssd_step, causal_conv1d fwd/bwd/update, rmsnorm_gated): one switch for the
+// three ops, which a Mamba2 layer always uses together.
+inline bool mamba2_layer_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS"); }
+
 }  // namespace subq::glue

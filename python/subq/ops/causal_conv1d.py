@@ -91,8 +91,9 @@ def causal_conv1d(
     Returns:
         y ``(batch, dim, seqlen)`` in x's dtype, or ``(y, final_states)``.
 
-    Dtypes: x float32, float16, bfloat16 or float64; accumulation in float32 (float64 for float64). CUDA runs the
-    tiled kernels for the first three and an ATen composite for float64. Differentiable in x, weight, bias and
+    Dtypes: x float32, float16, bfloat16 or float64; accumulation in float32 (float64 for float64). On CUDA the
+    tiled kernels for the first three are opt-in with ``SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1`` until they have been
+    verified on a GPU; otherwise, and for float64, CUDA runs an ATen composite. Differentiable in x, weight, bias and
     initial_states, including through final_states; gradients are deterministic.
     """
     silu = _silu(activation)

@@ -1,7 +1,9 @@
 """Grouped matmul: rows sorted by group, each group multiplied by its own weight, all groups in one launch.
 
 The routed projections of Mixture-of-Modules run on it. Backed by ``torch.ops.subq.grouped_matmul_fwd/bwd``
-(csrc/torch/grouped_matmul.cpp, CUTLASS kernels in csrc/grouped_gemm/).
+(csrc/torch/grouped_matmul.cpp, CUTLASS kernels in csrc/grouped_gemm/). The CUDA kernels are opt-in with
+``SUBQ_EXPERIMENTAL_GROUPED_GEMM=1`` until they have been verified on a GPU; by default CUDA takes the ATen
+composite described in the function's docstring.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor,
         ``(T, N)`` in x's dtype.
 
     Dtypes: float16, bfloat16, float32 (TF32 on CUDA when ``torch.backends.cuda.matmul.allow_tf32``) and float64;
-    x, w and bias share one dtype and device. CUDA runs one persistent CUTLASS grouped GEMM (tensor cores for 16-bit
-    and TF32, FFMA for exact float32; fp32 accumulation; the bias added in its epilogue). The tensor-core kernels
-    load 16-byte vectors: K and N that are not multiples of 8 elements (4 for TF32) are zero-padded first, at the
-    cost of a copy. float64 on CUDA takes an ATen composite that is also free of host synchronisation but does G
-    times the work (a testing dtype). Differentiable in x, w and bias (the backward is two more grouped GEMMs and a
-    segmented column sum); group_sizes is not differentiable. Inside ``torch.autocast`` x, w and bias are cast to the
-    autocast dtype first, as for ``torch.matmul``.
+    x, w and bias share one dtype and device. With ``SUBQ_EXPERIMENTAL_GROUPED_GEMM=1``, CUDA runs one persistent
+    CUTLASS grouped GEMM (tensor cores for 16-bit and TF32, FFMA for exact float32; fp32 accumulation; the bias added
+    in its epilogue); its tensor-core kernels load 16-byte vectors, so K and N that are not multiples of 8 elements
+    (4 for TF32) are zero-padded first, at the cost of a copy. Otherwise, and for float64, CUDA takes an ATen
+    composite that is also free of host synchronisation but does G times the work. Differentiable in x, w and bias
+    (the backward is two more grouped GEMMs and a segmented column sum); group_sizes is not differentiable. Inside
+    ``torch.autocast`` x, w and bias are cast to the autocast dtype first, as for ``torch.matmul``.
     """
     x, w, bias = autocast_inputs(x, w, bias)
     check_tensor(x, "x")

@@ -1,6 +1,8 @@
 """Gated RMSNorm, the normalisation in front of Mamba-2's output projection (``RMSNormGated``).
 
-Backed by ``torch.ops.subq.rmsnorm_gated_fwd/bwd`` (csrc/torch/rmsnorm_gated.cpp).
+Backed by ``torch.ops.subq.rmsnorm_gated_fwd/bwd`` (csrc/torch/rmsnorm_gated.cpp). Its CUDA kernels are opt-in
+with ``SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1`` until they have been verified on a GPU; by default CUDA runs the ATen
+composite.
 """
 
 from __future__ import annotations

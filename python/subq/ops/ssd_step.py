@@ -1,6 +1,8 @@
 """One decoding step of the Mamba-2 SSM: the selective state update with A = a_h * I per head.
 
-Backed by ``torch.ops.subq.ssd_step`` (csrc/torch/ssd_step.cpp), which updates ``state`` in place.
+Backed by ``torch.ops.subq.ssd_step`` (csrc/torch/ssd_step.cpp), which updates ``state`` in place. Its CUDA kernel
+is opt-in with ``SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1`` until it has been verified on a GPU; by default CUDA runs the
+ATen composite.
 """
 
 from __future__ import annotations
