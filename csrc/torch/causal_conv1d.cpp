@@ -12,6 +12,7 @@
 
 #include "conv1d/causal_conv1d.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
 #endif
 
@@ -131,10 +132,6 @@ bool has_kernels(at::ScalarType t) {
   return (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && mamba2_layer_kernels_enabled();
 }
 
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
 Strides3 strides(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
 
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -147,7 +144,7 @@ void check_status(Status status, const char* op) {
 CausalConv1dParams conv_params(const at::Tensor& x, const at::Tensor& weight32, const OptTensor& bias32,
                                const OptTensor& seq_idx, const OptTensor& initial_states, bool silu) {
   CausalConv1dParams p;
-  p.dtype = to_dtype(x.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
   p.batch = x.size(0);
   p.dim = x.size(1);
   p.seqlen = x.size(2);
@@ -251,7 +248,7 @@ at::Tensor update_cuda(const at::Tensor& x, const at::Tensor& conv_state, const 
   const OptTensor bias32 = bias_as_float(bias);
   at::Tensor y = at::empty_like(x);
   CausalConv1dUpdateParams p;
-  p.dtype = to_dtype(x.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
   p.batch = x.size(0);
   p.dim = x.size(1);
   p.tokens = x.size(2);

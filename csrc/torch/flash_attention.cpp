@@ -18,6 +18,7 @@
 
 #include "flash/flash_chunk_attention.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #endif
 
 namespace subq::glue {
@@ -120,7 +121,7 @@ DenseInputs dense_inputs(const cpu::FlashChunkInputs& in) {
 // The fields FlashChunkParams and FlashChunkBackwardParams share: dtype, shape, options and input pointers.
 template <typename Params>
 void fill_inputs(Params& p, const DenseInputs& in, const cpu::FlashChunkOptions& opt) {
-  p.dtype = in.v.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.dtype = kernel_dtype(in.v.scalar_type());
   p.shape = {in.v.size(0), in.v.size(1), in.q_quad.size(2), in.v.size(2), opt.chunk_size};
   p.causal = opt.causal;
   p.quad_scale = static_cast<float>(opt.quad_scale);

@@ -17,6 +17,7 @@
 
 #include "grouped_gemm/grouped_gemm.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
 #endif
 
@@ -98,14 +99,6 @@ bool has_kernels(at::ScalarType t) {
          experimental_flag("SUBQ_EXPERIMENTAL_GROUPED_GEMM");
 }
 
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
-MathMode math_mode(at::ScalarType t) {
-  return t == at::kFloat && at::globalContext().allowTF32CuBLAS() ? MathMode::kTF32 : MathMode::kExact;
-}
-
 struct Shape {
   int64_t tokens = 0, groups = 0, k = 0, n = 0;
 };
@@ -132,8 +125,8 @@ Status try_product(GroupedProduct product, const Shape& s, const Operands& in, c
                    const at::Tensor& out) {
   GroupedGemmParams p;
   p.product = product;
-  p.dtype = to_dtype(out.scalar_type());
-  p.math = math_mode(out.scalar_type());
+  p.dtype = kernel_dtype(out.scalar_type());
+  p.math = kernel_math_mode(out.scalar_type());
   p.tokens = s.tokens;
   p.groups = s.groups;
   p.k = s.k;
@@ -180,7 +173,7 @@ at::Tensor run_product(GroupedProduct product, const Shape& s, const Operands& i
     check_status(status);
     return out;
   }
-  const int64_t vector = grouped_gemm_alignment(to_dtype(out.scalar_type()), math_mode(out.scalar_type()));
+  const int64_t vector = grouped_gemm_alignment(kernel_dtype(out.scalar_type()), kernel_math_mode(out.scalar_type()));
   Shape padded = s;
   padded.k = round_up(s.k, vector);
   padded.n = round_up(s.n, vector);

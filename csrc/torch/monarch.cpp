@@ -12,6 +12,7 @@
 
 #include "monarch/monarch.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #endif
 
 namespace subq::glue {
@@ -93,14 +94,6 @@ bool has_kernels(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
-MathMode math_mode(at::ScalarType t) {
-  return t == at::kFloat && at::globalContext().allowTF32CuBLAS() ? MathMode::kTF32 : MathMode::kExact;
-}
-
 // The kernels take a row stride but need unit stride within a row, and rows that do not overlap backwards.
 at::Tensor rows_unit_stride(const at::Tensor& m) {
   const bool ok = m.stride(1) == 1 && (m.size(0) <= 1 || m.stride(0) >= m.size(1));
@@ -124,8 +117,8 @@ GemmPath gemm_path() {
 BlockdiagParams blockdiag_params(const at::Tensor& x, const at::Tensor& w) {
   BlockdiagParams p;
   p.gemm_path = gemm_path();
-  p.dtype = to_dtype(x.scalar_type());
-  p.math = math_mode(x.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.math = kernel_math_mode(x.scalar_type());
   p.tokens = x.size(0);
   p.nblocks = w.size(0);
   p.out_block = w.size(1);
@@ -170,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
 MonarchParams monarch_params(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   MonarchParams p;
   p.gemm_path = gemm_path();
-  p.dtype = to_dtype(x.scalar_type());
-  p.math = math_mode(x.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.math = kernel_math_mode(x.scalar_type());
   p.shape.tokens = x.size(0);
   p.shape.k = w1.size(0);
   p.shape.q = w1.size(1);

@@ -20,6 +20,7 @@
 
 #include "monarch_conv/monarch_conv_fused.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #endif
 
 namespace subq::glue {
@@ -123,8 +124,7 @@ std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
   f.D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
 
   MonarchConvFusedParams& p = f.params;
-  p.dtype = u_in.scalar_type() == at::kFloat ? DType::kFloat32
-            : u_in.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  p.dtype = kernel_dtype(u_in.scalar_type());
   p.batch = u_in.size(0);
   p.heads = u_in.size(1);
   p.seqlen = L;

@@ -11,6 +11,7 @@
 
 #include "norm/rmsnorm_gated.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
 #endif
 
@@ -74,10 +75,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_composite(const at::Tensor& d
 // The kernels are opt-in until their GPU tests have passed on a GPU (they were written without one).
 bool has_kernels(at::ScalarType t) { return t != at::kDouble && mamba2_layer_kernels_enabled(); }
 
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
 // The kernels take a row stride but need unit stride along features.
 at::Tensor rows_unit_stride(const at::Tensor& m) {
   const bool ok = m.stride(1) == 1 && (m.size(0) <= 1 || m.stride(0) >= m.size(1));
@@ -93,8 +90,8 @@ void check_status(Status status, const char* op) {
 RMSNormGatedParams params(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z, double eps,
                           int64_t group_size, bool norm_before_gate) {
   RMSNormGatedParams p;
-  p.dtype = to_dtype(x.scalar_type());
-  p.weight_dtype = to_dtype(weight.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.weight_dtype = kernel_dtype(weight.scalar_type());
   p.rows = x.size(0);
   p.dim = x.size(1);
   p.group_size = group_size;

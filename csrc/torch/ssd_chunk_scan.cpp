@@ -17,6 +17,7 @@
 
 #include "ssd/ssd_chunk_scan.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #endif
 
 namespace subq::glue {
@@ -117,7 +118,7 @@ DenseInputs dense_inputs(const cpu::SsdInputs& in) {
 // The fields SsdForwardParams and SsdBackwardParams share: dtype, shape, dt options and the forward's inputs.
 template <typename Params>
 void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
-  p.dtype = t.x.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  p.dtype = kernel_dtype(t.x.scalar_type());
   p.shape = {t.x.size(0), t.x.size(1), t.x.size(2), t.x.size(3), t.B.size(2), t.B.size(3), opt.chunk_size};
   p.dt_softplus = opt.dt_softplus;
   p.has_dt_limit = opt.has_dt_limit;

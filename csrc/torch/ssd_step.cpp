@@ -13,6 +13,7 @@
 
 #include "ssd/ssd_step.h"
 #include "torch/cuda_status_check.h"
+#include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
 #endif
 
@@ -83,10 +84,6 @@ at::Tensor ssd_step_composite(const at::Tensor& state, const at::Tensor& x, cons
 
 #ifdef SUBQ_WITH_CUDA
 
-DType to_dtype(at::ScalarType t) {
-  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
 const float* fp32_data(const OptTensor& t, at::Tensor& keep) {
   if (!t) return nullptr;
   keep = t->to(at::kFloat).contiguous();
@@ -105,8 +102,8 @@ at::Tensor ssd_step_cuda(const at::Tensor& state, const at::Tensor& x, const at:
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor A_f, D_f, bias_f;
   SsdStepParams p;
-  p.dtype = to_dtype(x.scalar_type());
-  p.state_dtype = to_dtype(state.scalar_type());
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.state_dtype = kernel_dtype(state.scalar_type());
   p.batch = x.size(0);
   p.heads = x.size(1);
   p.head_dim = x.size(2);
