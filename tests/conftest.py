@@ -59,9 +59,9 @@ def launched(names: list[str], part: str) -> bool:
     return any(part.lower() in name.lower() for name in names)
 
 
-def assert_opt_in(monkeypatch, flag: str, kernel: str, run) -> None:
-    """run() (which checks its own results) launches `kernel` with `flag` set, as the gpu tests set it, and takes the
-    op's default CUDA path, without that kernel, once the flag is unset."""
+def assert_opt_in(monkeypatch, flag: str, kernels: list[str], run) -> None:
+    """run() (which checks its own results) launches every one of `kernels` with `flag` set, as the gpu tests set it,
+    and none of them once the flag is unset: the op's default CUDA path."""
     for enabled in (True, False):
         if enabled:
             monkeypatch.setenv(flag, "1")
@@ -69,7 +69,8 @@ def assert_opt_in(monkeypatch, flag: str, kernel: str, run) -> None:
             monkeypatch.delenv(flag, raising=False)
         _, names = run_profiled(run)
         expected = enabled and subq.cuda_built()
-        assert launched(names, kernel) == expected, f"{flag}={int(enabled)}: {kernel} ran: {not expected}; {names}"
+        for kernel in kernels:
+            assert launched(names, kernel) == expected, f"{flag}={int(enabled)}: {kernel} ran: {not expected}; {names}"
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -448,7 +448,8 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
                                     activation="silu")
         assert max_err(step, step_ref) <= 1e-2 * max(1.0, step_ref.abs().max().item())
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "causal_conv1d_fwd_kernel", run)
+    kernels = ["causal_conv1d_fwd_kernel", "causal_conv1d_bwd_kernel", "causal_conv1d_update_kernel"]
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", kernels, run)
 
 
 @pytest.mark.gpu

@@ -272,7 +272,7 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
                                    strict=True):
             assert_within_budget(g, rg, pg, name)
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_GROUPED_GEMM", "GemmGrouped", run)
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_GROUPED_GEMM", ["GemmGrouped"], run)
 
 
 @pytest.mark.gpu

@@ -78,6 +78,7 @@ def test_non_contiguous_inputs(device):
             got = rmsnorm_gated(x, weight, z, group_size=24, norm_before_gate=before)
             want = rmsnorm_gated_ref(x, weight, z, group_size=24, norm_before_gate=before)
             assert max_err(got, want) < 1e-12, name
+            assert got.is_contiguous(), f"{name}: the fake kernel promises a contiguous output"
 
 
 # ---- low precision: the error budget --------------------------------------------------------------------------------
@@ -264,7 +265,8 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
                                    grads_ref, strict=True):
             assert_within_budget(g, rg, pg, name)
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "rmsnorm_gated_fwd_kernel", run)
+    kernels = ["rmsnorm_gated_fwd_kernel", "rmsnorm_gated_bwd_kernel"]
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", kernels, run)
 
 
 @pytest.mark.gpu

@@ -375,8 +375,8 @@ def test_fused_cuda_backward(case, dtype, monkeypatch):
     def reference(leaves):
         return ssd_chunked_ref(**leaves, **opts, chunk_size=chunk)
 
-    got, names = run_profiled(lambda: grads(args, fused))
-    assert launched(names, "chunk_dx_kernel"), "the fused backward did not run"
+    got, kernels = run_profiled(lambda: grads(args, fused))
+    assert launched(kernels, "chunk_dx_kernel"), "the fused backward did not run"
     ref = grads({k: v.double() for k, v in args.items()}, reference)
     plain = grads(args, reference)
     for name, g, g_ref, g_plain in zip(names, got, ref, plain, strict=True):

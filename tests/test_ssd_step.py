@@ -306,7 +306,7 @@ def test_cuda_kernel_is_opt_in(monkeypatch):
         assert_within_budget(y, y_ref, y_plain, "y")
         assert_within_budget(state, state_ref, state_plain, "state")
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "ssd_step_kernel", run)
+    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", ["ssd_step_kernel"], run)
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_gated_fwd(const at::Tensor& x, const 
   const at::Tensor rstd = at::rsqrt(vg.square().mean(-1) + eps);  // (rows, ngroups)
   at::Tensor y = (vg * rstd.unsqueeze(-1)).reshape(v.sizes()) * weight.to(ct);
   if (z && norm_before_gate) y = y * gate;
-  return {y.to(x.scalar_type()), rstd};
+  return {y.to(x.scalar_type()).contiguous(), rstd};  // contiguous, as the fake kernel (and CUDA) promise
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd(const at::Tensor& dy, const at::Tensor& x,
@@ -51,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd(const at::Tenso
   const at::Tensor vhat2d = vhat.reshape(x.sizes());
 
   at::Tensor dx = x.new_empty({0}), dweight = x.new_empty({0}), dz = x.new_empty({0});
-  if (output_mask[0]) dx = (gate_in ? dv * gate : dv).to(x.scalar_type());
+  if (output_mask[0]) dx = (gate_in ? dv * gate : dv).to(x.scalar_type()).contiguous();
   if (output_mask[1]) dweight = (dn * vhat2d).sum(0).to(weight.scalar_type());
   if (output_mask[2] && z) {
-    dz = (gate_out ? dy.to(ct) * vhat2d * w * dgate : dv * xf * dgate).to(z->scalar_type());
+    dz = (gate_out ? dy.to(ct) * vhat2d * w * dgate : dv * xf * dgate).to(z->scalar_type()).contiguous();
   }
   return {dx, dweight, dz};
 }

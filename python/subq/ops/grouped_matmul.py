@@ -45,9 +45,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor,
     CUTLASS grouped GEMM (tensor cores for 16-bit and TF32, FFMA for exact float32; fp32 accumulation; the bias added
     in its epilogue); its tensor-core kernels load 16-byte vectors, so K and N that are not multiples of 8 elements
     (4 for TF32) are zero-padded first, at the cost of a copy. Otherwise, and for float64, CUDA takes an ATen
-    composite that is also free of host synchronisation but does G times the work. Differentiable in x, w and bias
-    (the backward is two more grouped GEMMs and a segmented column sum); group_sizes is not differentiable. Inside
-    ``torch.autocast`` x, w and bias are cast to the autocast dtype first, as for ``torch.matmul``.
+    composite that is also free of host synchronisation but does G times the work and memory. Differentiable in x,
+    w and bias (with the kernels, the backward is two more grouped GEMMs and a segmented column sum); group_sizes is
+    not differentiable. Inside ``torch.autocast`` x, w and bias are cast to the autocast dtype first, as for
+    ``torch.matmul``.
     """
     x, w, bias = autocast_inputs(x, w, bias)
     check_tensor(x, "x")
