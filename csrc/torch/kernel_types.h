@@ -9,6 +9,9 @@
 
 namespace subq::glue {
 
+// The dtypes the kernels take; the glue sends the others (float64) to the ATen composites.
+inline bool has_kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
 inline DType kernel_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;

@@ -90,10 +90,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_composite(const at::T
 
 #ifdef SUBQ_WITH_CUDA
 
-bool has_kernels(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 // The kernels take a row stride but need unit stride within a row, and rows that do not overlap backwards.
 at::Tensor rows_unit_stride(const at::Tensor& m) {
   const bool ok = m.stride(1) == 1 && (m.size(0) <= 1 || m.stride(0) >= m.size(1));
@@ -131,7 +127,7 @@ BlockdiagParams blockdiag_params(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor blockdiag_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in) {
   check_blockdiag(x_in, w_in);
-  if (!has_kernels(x_in.scalar_type())) return cpu::blockdiag_fwd(x_in, w_in);
+  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::blockdiag_fwd(x_in, w_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w = w_in.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0) * w.size(1)}, x.options());
@@ -145,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
                                                       const at::Tensor& w_in, std::array<bool, 2> mask) {
   check_blockdiag(x_in, w_in);
   check_grad(dy_in, x_in, w_in.size(0) * w_in.size(1));
-  if (!has_kernels(x_in.scalar_type())) return cpu::blockdiag_bwd(dy_in, x_in, w_in, mask);
+  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::blockdiag_bwd(dy_in, x_in, w_in, mask);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w = w_in.contiguous(), dy = dy_in.contiguous();
   at::Tensor dx = mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : empty_grad(x);
@@ -182,7 +178,7 @@ MonarchParams monarch_params(const at::Tensor& x, const at::Tensor& w1, const at
 std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w1_in,
                                                     const at::Tensor& w2_in) {
   check_monarch(x_in, w1_in, w2_in);
-  if (!has_kernels(x_in.scalar_type())) return cpu::monarch_fwd(x_in, w1_in, w2_in);
+  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::monarch_fwd(x_in, w1_in, w2_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   MonarchParams p = monarch_params(x, w1, w2);
@@ -202,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   check_monarch(x_in, w1_in, w2_in);
   check_grad(dy_in, x_in, w2_in.size(0) * w2_in.size(1));
   check_intermediate(inter_in, x_in, w1_in);
-  if (!has_kernels(x_in.scalar_type())) return cpu::monarch_bwd(dy_in, x_in, inter_in, w1_in, w2_in, mask);
+  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::monarch_bwd(dy_in, x_in, inter_in, w1_in, w2_in, mask);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor dy = dy_in.contiguous(), intermediate = inter_in.contiguous();
