@@ -454,7 +454,7 @@ def _fused_grads_within_budget(args, dy, spectrum=None):
     y = monarch_conv(**op_args, filter_spectrum=spectrum) if spectrum is not None else monarch_conv(**op_args)
     poison_cuda_allocator()
     grads, ran = _run_fused(lambda: torch.autograd.grad(y, [leaves[n] for n in names], dy.to(dtype)),
-                               "monarch_conv_fused_bwd")
+                            "monarch_conv_fused_bwd")
     assert ran, "the fused backward did not run"
 
     args64 = {n: t.detach().double().requires_grad_() for n, t in args.items()}
