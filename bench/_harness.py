@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_L2_BYTES", "DTYPES", "MAX_INPUT_SETS", "REP_MS", "WARMUP_MS", "copy_bandwidth_gbs", "default_device",
     "default_out", "device_name", "do_bench", "environment", "fmt", "input_set_count", "matmul_peak_tflops",
     "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json", "comparison",
+    "comparison_header", "comparison_cells",
 ]
 
 
@@ -97,3 +98,25 @@ def comparison(timed: dict[str, tuple[float | None, str | None]], flops: dict[st
                             for k in timed if k != "subq"},
         "errors": {k: t[1] for k, t in timed.items() if t[1] is not None},
     }
+
+
+def column_width(impls) -> int:
+    """An implementation's ms column: its whole name, and at least a 5-digit time with 3 decimals."""
+    return max(9, *(len(name) for name in impls))
+
+
+def comparison_header(keys: str, impls) -> str:
+    """The table header for rows printed with ``comparison_cells``: ``keys`` is the padded header of the columns
+    that name the configuration (sequence length, pass, ...)."""
+    width = column_width(impls)
+    names = " ".join(f"{name:>{width}}" for name in impls)
+    return f"{keys} {names} {'subq TF/s':>11} {'%peak':>6}  speedups"
+
+
+def comparison_cells(row: dict, impls) -> str:
+    """The cells of one ``comparison`` row after its configuration columns: ms per implementation, subq's TFLOP/s
+    and % of peak, and subq's speedup over each other implementation."""
+    width = column_width(impls)
+    cells = " ".join(f"{fmt(row['ms'].get(name), '.3f'):>{width}}" for name in impls)
+    speed = " ".join(f"{name}={fmt(v, '.2f')}x" for name, v in row["speedup_subq_vs"].items())
+    return f"{cells} {fmt(row['tflops']['subq'], '.4g'):>11} {fmt(row['pct_peak']['subq'], '.1f'):>5}%  {speed}"

@@ -152,8 +152,7 @@ def main() -> None:
         causal = mode == "causal"
         impls = implementations(args, causal)
         print(f"\n{mode}: ms per call")
-        print(f"{'L':>6} {'B':>4} {'pass':<7} " + " ".join(f"{name[:12]:>12}" for name in impls)
-              + "   subq TF/s  %peak")
+        print(h.comparison_header(f"{'L':>6} {'B':>4} {'pass':<7}", impls))
         for seqlen in args.seqlen:
             inp = make_inputs(args, seqlen, dtype, device)
             for pass_name in PASSES:
@@ -166,12 +165,8 @@ def main() -> None:
                         flops[name] = scale[1] * sdpa_flops(args, seqlen, causal)
                 row = {"mode": mode, "seqlen": seqlen, "batch": args.tokens // seqlen, "pass": pass_name,
                        "flops": flops, **h.comparison(timed, flops, peak)}
-                ms, tf = row["ms"], row["tflops"]
                 rows.append(row)
-                cells = " ".join(f"{h.fmt(ms[name], '.3f'):>12}" for name in impls)
-                speed = " ".join(f"{k}={h.fmt(v, '.2f')}x" for k, v in row["speedup_subq_vs"].items())
-                print(f"{seqlen:>6} {row['batch']:>4} {pass_name:<7} {cells} {h.fmt(tf['subq'], '.4g'):>11} "
-                      f"{h.fmt(row['pct_peak']['subq'], '.1f'):>5}%  {speed}", flush=True)
+                print(f"{seqlen:>6} {row['batch']:>4} {pass_name:<7} {h.comparison_cells(row, impls)}", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     growth = {}

@@ -124,8 +124,7 @@ def check(inp: Inputs, dtype: torch.dtype) -> dict:
 
 # ---- the sweep -------------------------------------------------------------------------------------------------------
 
-HEADER = (f"{'G':>4} {'K':>5} {'N':>5} {'routing':<8} {'pass':<7} " + " ".join(f"{i[:13]:>13}" for i in IMPLS)
-          + f" {'subq TF/s':>9} {'%peak':>6}  speedups")
+HEADER = h.comparison_header(f"{'G':>4} {'K':>5} {'N':>5} {'routing':<8} {'pass':<7}", IMPLS)
 
 
 def bench_config(args: argparse.Namespace, groups: int, k: int, n: int, routing: str, peak: float) -> list[dict]:
@@ -149,10 +148,7 @@ def bench_config(args: argparse.Namespace, groups: int, k: int, n: int, routing:
                "max_group": max(sets[0].sizes), "empty_groups": sets[0].sizes.count(0), "input_sets": count,
                "flops": flops, **h.comparison(timed, flops, peak), "check_subq_vs_fp64": correctness}
         rows.append(row)
-        cells = " ".join(f"{h.fmt(row['ms'].get(name), '.3f'):>13}" for name in IMPLS)
-        speed = " ".join(f"{k_}={h.fmt(v, '.2f')}x" for k_, v in row["speedup_subq_vs"].items())
-        print(f"{groups:>4} {k:>5} {n:>5} {routing:<8} {pass_name:<7} {cells} {h.fmt(row['tflops']['subq'], '.4g'):>9} "
-              f"{h.fmt(row['pct_peak']['subq'], '.1f'):>5}%  {speed}", flush=True)
+        print(f"{groups:>4} {k:>5} {n:>5} {routing:<8} {pass_name:<7} {h.comparison_cells(row, IMPLS)}", flush=True)
     del sets
     torch.cuda.empty_cache()
     return rows

@@ -137,7 +137,7 @@ def main() -> None:
     print(f"check subq vs float64 reference: rel err {correctness['rel_err']:.2e} "
           f"({'ok' if correctness['ok'] else 'FAIL'}, tol {correctness['tol']})")
     impls = implementations(args)
-    print(f"{'L':>6} {'pass':<7} " + " ".join(f"{name[:12]:>12}" for name in impls) + "   subq TF/s  %peak")
+    print(h.comparison_header(f"{'L':>6} {'pass':<7}", impls))
     rows = []
     for seqlen in args.seqlen:
         inp = make_inputs(args, seqlen, dtype, device)
@@ -150,12 +150,8 @@ def main() -> None:
                 "seqlen": seqlen, "batch": args.batch, "heads": args.heads, "headdim": args.headdim,
                 "dstate": args.dstate, "chunk_size": CHUNK, "pass": pass_name, **h.comparison(timed, flops, peak),
             }
-            ms, tf = row["ms"], row["tflops"]
             rows.append(row)
-            cells = " ".join(f"{h.fmt(ms[name], '.3f'):>12}" for name in impls)
-            speed = " ".join(f"{k}={h.fmt(v, '.2f')}x" for k, v in row["speedup_subq_vs"].items())
-            print(f"{seqlen:>6} {pass_name:<7} {cells} {h.fmt(tf['subq'], '.4g'):>11} "
-                  f"{h.fmt(row['pct_peak']['subq'], '.1f'):>5}%  {speed}", flush=True)
+            print(f"{seqlen:>6} {pass_name:<7} {h.comparison_cells(row, impls)}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     growth = {}
