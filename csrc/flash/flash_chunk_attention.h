@@ -28,8 +28,10 @@ struct FlashChunkShape {
   int64_t chunk_size = 256;                                  // C: 64, 128, 256 or 512
 };
 
-struct FlashChunkParams {
-  DType dtype = DType::kBFloat16;  // q_quad, k_quad, q_lin, k_lin, v, u, out: kFloat16 or kBFloat16
+// What the forward and the backward both read: the dtype, the shape, the options and the forward's inputs.
+struct FlashChunkProblem {
+  DType dtype = DType::kBFloat16;  // q_quad, k_quad, q_lin, k_lin, v, u (and out, dout and the gradients):
+                                   // kFloat16 or kBFloat16
   FlashChunkShape shape;
   bool causal = false;
   float quad_scale = 1.f;          // multiplies Q_quad K_quadᵀ before the bias
@@ -42,7 +44,9 @@ struct FlashChunkParams {
   const void* v = nullptr;         // (B, L, E)
   const void* u = nullptr;         // (B, L, E) output gate; nullptr: none
   const float* rel_bias = nullptr;  // (2C - 1,): query i, key j of a chunk get rel_bias[j - i + C - 1]; nullptr: none
+};
 
+struct FlashChunkParams : FlashChunkProblem {
   void* out = nullptr;             // (B, L, E), written
   void* workspace = nullptr;       // flash_chunk_workspace_bytes(shape) bytes, 256-byte aligned
 };
@@ -54,22 +58,9 @@ size_t flash_chunk_workspace_bytes(const FlashChunkShape& shape);
 // its composite path).
 Status run_flash_chunk_attention_fwd(const FlashChunkParams& params, cudaStream_t stream);
 
-// The forward's inputs and options, the output's gradient, and the gradients to write. Gradients are overwritten,
-// not accumulated into.
-struct FlashChunkBackwardParams {
-  DType dtype = DType::kBFloat16;  // the 16-bit tensors below: kFloat16 or kBFloat16
-  FlashChunkShape shape;
-  bool causal = false;
-  float quad_scale = 1.f;
-  float lin_scale = 1.f;
-
-  const void* q_quad = nullptr;     // (B, L, S)
-  const void* k_quad = nullptr;     // (B, L, S)
-  const void* q_lin = nullptr;      // (B, L, S)
-  const void* k_lin = nullptr;      // (B, L, S)
-  const void* v = nullptr;          // (B, L, E)
-  const void* u = nullptr;          // (B, L, E) output gate; nullptr: none
-  const float* rel_bias = nullptr;  // (2C - 1,) as in FlashChunkParams; nullptr: none
+// The forward's problem, the output's gradient, and the gradients to write. Gradients are overwritten, not
+// accumulated into.
+struct FlashChunkBackwardParams : FlashChunkProblem {
   const void* dout = nullptr;       // (B, L, E): the gradient of the forward's output
 
   void* dq_quad = nullptr;          // (B, L, S), written

@@ -118,9 +118,8 @@ DenseInputs dense_inputs(const cpu::FlashChunkInputs& in) {
           in.rel_bias ? in.rel_bias->to(at::kFloat).contiguous() : Tensor()};
 }
 
-// The fields FlashChunkParams and FlashChunkBackwardParams share: dtype, shape, options and input pointers.
-template <typename Params>
-void fill_inputs(Params& p, const DenseInputs& in, const cpu::FlashChunkOptions& opt) {
+// The part of FlashChunkParams and FlashChunkBackwardParams that they share.
+void fill_problem(FlashChunkProblem& p, const DenseInputs& in, const cpu::FlashChunkOptions& opt) {
   p.dtype = kernel_dtype(in.v.scalar_type());
   p.shape = {in.v.size(0), in.v.size(1), in.q_quad.size(2), in.v.size(2), opt.chunk_size};
   p.causal = opt.causal;
@@ -143,7 +142,7 @@ Tensor fused_forward(const cpu::FlashChunkInputs& inputs, const cpu::FlashChunkO
   const c10::cuda::CUDAGuard guard(inputs.v.device());
   const DenseInputs in = dense_inputs(inputs);
   FlashChunkParams p;
-  fill_inputs(p, in, opt);
+  fill_problem(p, in, opt);
   Tensor out = at::empty(in.v.sizes(), in.v.options());
   Tensor ws = workspace(flash_chunk_workspace_bytes(p.shape), in.v);
   p.out = out.data_ptr();
@@ -161,7 +160,7 @@ std::vector<Tensor> fused_backward(const Tensor& dout, const cpu::FlashChunkInpu
   const DenseInputs in = dense_inputs(inputs);
   const Tensor d_out = dout.to(in.v.scalar_type()).contiguous();
   FlashChunkBackwardParams p;
-  fill_inputs(p, in, opt);
+  fill_problem(p, in, opt);
   p.dout = d_out.data_ptr();
   Tensor dq_quad = at::empty_like(in.q_quad), dk_quad = at::empty_like(in.k_quad);
   Tensor dq_lin = at::empty_like(in.q_lin), dk_lin = at::empty_like(in.k_lin), dv = at::empty_like(in.v);
