@@ -55,7 +55,9 @@ def want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    # torch reports CUDA_HOME for an existing /usr/local/cuda even without a compiler in it.
+    nvcc = Path(CUDA_HOME or "", "bin", "nvcc")
+    return torch.version.cuda is not None and CUDA_HOME is not None and nvcc.is_file()
 
 
 def extensions():

@@ -106,6 +106,60 @@ def test_non_contiguous_inputs(device):
         assert max_err(blockdiag_matmul(x, wb), blockdiag_matmul_ref(x, wb)) < 1e-12, name
 
 
+def random_monarch_shape(gen: torch.Generator) -> tuple[int, ...]:
+    """(k, q, p, l, s, r) with l*r == k*q: l is a random divisor of the intermediate width k*q."""
+    k, q, p, s = (int(v) for v in torch.randint(1, 7, (4,), generator=gen))
+    divisors = [d for d in range(1, k * q + 1) if k * q % d == 0]
+    l = divisors[int(torch.randint(len(divisors), (1,), generator=gen))]
+    return k, q, p, l, s, k * q // l
+
+
+def random_batch(gen: torch.Generator) -> tuple[int, ...]:
+    """0 to 3 batch dims of 0 to 4 each (so some batches are empty)."""
+    ndim = int(torch.randint(0, 4, (1,), generator=gen))
+    return tuple(int(v) for v in torch.randint(0, 5, (ndim,), generator=gen))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(24))
+def test_random_shapes_match_reference(seed, device):
+    """A seeded sweep beyond the hand-picked shapes: random factor sizes (rectangular, q != l), random batch dims,
+    and in odd cases a non-contiguous x, for both orders, forward and every gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = random_monarch_shape(gen)
+    k, q, p, l, s, r = shape
+    batch = random_batch(gen)
+    x = torch.randn(*batch, 2 * k * p, dtype=torch.float64, device=device)
+    x = (x[..., ::2] if seed % 2 else x[..., : k * p].contiguous()).requires_grad_()
+    w1, w2 = factors(shape, device=device, requires_grad=True)
+    for inputs, fn, ref_fn in (((x, w1, w2), monarch_matmul, monarch_matmul_ref),
+                               ((x, w1), blockdiag_matmul, blockdiag_matmul_ref)):
+        y, ref = fn(*inputs), ref_fn(*inputs)
+        assert y.shape == ref.shape and max_err(y, ref) < 1e-12, (shape, batch)
+        dy = torch.randn_like(y)
+        got, want = torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert max_err(g, w) < 1e-12, (shape, batch, i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_gradients(device):
+    """Non-contiguous x, weights and output gradient: the backward reads them through their strides too."""
+    shape = (2, 8, 8, 4, 16, 4)
+    k, q, p, l, s, r = shape
+    x = torch.randn(k * p, 6, dtype=torch.float64, device=device).t().requires_grad_()
+    w1, w2 = (w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for w in factors(shape, device=device))
+    dy = torch.randn(6, 2 * l * s, dtype=torch.float64, device=device)[:, ::2]
+    got = torch.autograd.grad(monarch_matmul(x, w1, w2), (x, w1, w2), dy)
+    want = torch.autograd.grad(monarch_matmul_ref(x, w1, w2), (x, w1, w2), dy)
+    for name, g, w in zip(("dx", "dw1", "dw2"), got, want, strict=True):
+        assert max_err(g, w) < 1e-12, name
+    got = torch.autograd.grad(blockdiag_matmul(x, w1), (x, w1), dy[:, : k * q])
+    want = torch.autograd.grad(blockdiag_matmul_ref(x, w1), (x, w1), dy[:, : k * q])
+    for name, g, w in zip(("dx", "dw"), got, want, strict=True):
+        assert max_err(g, w) < 1e-12, name
+
+
 # ---- low precision: the error budget ------------------------------------------------------------------------------
 
 
@@ -199,16 +253,18 @@ def test_partial_gradients():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(device, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("tokens, transposed", [(9, False), (9, True), (0, False)])
+def test_opcheck(device, dtype, tokens, transposed):
     opts = {"dtype": dtype, "device": device}
-    x = torch.randn(9, 16, **opts, requires_grad=True)
+    x = torch.randn(16, tokens, **opts).t() if transposed else torch.randn(tokens, 16, **opts)
+    x.requires_grad_()
     w = torch.randn(4, 8, 4, **opts, requires_grad=True)
     w1 = torch.randn(4, 8, 4, **opts, requires_grad=True)
     w2 = torch.randn(8, 2, 4, **opts, requires_grad=True)
     torch.library.opcheck(torch.ops.subq.blockdiag_fwd.default, (x, w))
-    torch.library.opcheck(torch.ops.subq.blockdiag_bwd.default, (torch.randn(9, 32, **opts), x, w, [True, True]))
-    torch.library.opcheck(torch.ops.subq.blockdiag_bwd.default, (torch.randn(9, 32, **opts), x, w, [False, True]))
+    torch.library.opcheck(torch.ops.subq.blockdiag_bwd.default, (torch.randn(tokens, 32, **opts), x, w, [True, True]))
+    torch.library.opcheck(torch.ops.subq.blockdiag_bwd.default, (torch.randn(tokens, 32, **opts), x, w, [False, True]))
     y, inter = torch.ops.subq.monarch_fwd(x.detach(), w1.detach(), w2.detach())
     torch.library.opcheck(torch.ops.subq.monarch_fwd.default, (x, w1, w2))
     dy = torch.randn_like(y)
@@ -281,6 +337,18 @@ def test_errors_name_the_argument():
         (lambda: monarch_matmul([1.0], w1, w2), TypeError, "x must be a torch.Tensor"),
         (lambda: blockdiag_matmul(torch.randn(3, 10), torch.randn(4, 3, 2)), ValueError, "nblocks * in_block = 4 * 2"),
         (lambda: blockdiag_matmul(x, torch.randn(4, 4)), ValueError, "w1 must be 3-D (nblocks, out_block, in_block)"),
+        (lambda: blockdiag_matmul(x, w1.double()), ValueError, "w1.dtype (torch.float64) must match x.dtype"),
+        (lambda: blockdiag_matmul(x, w1.to("meta")), ValueError, "w1 is on meta but x is on cpu"),
+        (lambda: monarch_matmul(x, w1, w2.to("meta")), ValueError, "w2 is on meta but x is on cpu"),
+        # zero-sized factors: l * r == k * q == 0 would pass the size checks, and the composites divide by l
+        (lambda: monarch_matmul(x, torch.randn(4, 0, 4), torch.randn(0, 2, 4)), ValueError,
+         "w1 (k, q, p) must have every dimension at least 1"),
+        (lambda: monarch_matmul(x, w1, torch.randn(4, 2, 0)), ValueError,
+         "w2 (l, s, r) must have every dimension at least 1"),
+        (lambda: monarch_matmul(torch.randn(3, 0), torch.randn(0, 8, 4), w2), ValueError,
+         "w1 (k, q, p) must have every dimension at least 1"),
+        (lambda: blockdiag_matmul(x, torch.randn(4, 0, 4)), ValueError,
+         "w1 (nblocks, out_block, in_block) must have every dimension at least 1"),
     ]
     for fn, exc, message in cases:
         with pytest.raises(exc) as info:
@@ -299,15 +367,42 @@ def test_direct_op_calls_are_checked():
         torch.ops.subq.blockdiag_bwd(torch.randn(3, 5), x, torch.randn(4, 8, 4), [True, True])
     with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
         torch.ops.subq.blockdiag_fwd(x.int(), torch.randn(4, 8, 4).int())
+    with pytest.raises(RuntimeError, match="w2 \\(l, s, r\\) must have every dimension at least 1"):
+        torch.ops.subq.monarch_fwd(x, w1, torch.randn(0, 2, 4))
+    with pytest.raises(RuntimeError, match="w1 \\(k, q, p\\) must have every dimension at least 1"):
+        torch.ops.subq.monarch_fwd(torch.randn(3, 0), torch.randn(0, 8, 4), w2)
+    with pytest.raises(RuntimeError, match="w must have every dimension|w \\(nblocks"):
+        torch.ops.subq.blockdiag_fwd(x, torch.randn(4, 0, 4))
 
 
-def test_nan_propagates_like_matmul():
-    shape = (2, 8, 8, 4, 16, 4)
-    x = torch.randn(4, 16)
-    x[1, 3] = float("nan")
-    w1, w2 = factors(shape, dtype=torch.float32)
+def per_block_monarch(x, w1, w2):
+    """The op's four steps with one batched matmul per factor: a NaN or Inf reaches exactly the outputs of the
+    blocks it feeds (the dense reference's block_diag would spread it through 0 * inf)."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    t = torch.einsum("kqp,bkp->bkq", w1, x.reshape(-1, k, p)).reshape(-1, r, l).transpose(1, 2)
+    return torch.einsum("lsr,blr->bls", w2, t).transpose(1, 2).reshape(x.shape[0], l * s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["x", "w1", "w2"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_stay_in_their_blocks(device, where, value):
+    """NaN and Inf propagate as in per-block matmuls: only the outputs the poisoned block feeds turn non-finite,
+    with the same NaN / +-Inf pattern, and every other output is unchanged."""
+    shape = (4, 2, 8, 2, 16, 4)  # q < l: a poisoned block of R feeds only some of L's blocks
+    x = torch.randn(6, 32, device=device)
+    w1, w2 = factors(shape, dtype=torch.float32, device=device)
+    poisoned = {"x": x, "w1": w1, "w2": w2}[where]
+    poisoned.view(-1)[poisoned.numel() // 3] = value
     y = monarch_matmul(x, w1, w2)
-    assert torch.isnan(y[1]).any() and torch.isfinite(y[[0, 2, 3]]).all()
+    want = per_block_monarch(x.double(), w1.double(), w2.double())
+    assert not torch.isfinite(want).all() and torch.isfinite(want).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.equal(torch.isinf(y), torch.isinf(want))
+    assert torch.equal(y[y.isinf()].sign(), want[want.isinf()].sign().float())
+    finite = torch.isfinite(want)
+    assert max_err(y[finite], want[finite]) < 1e-4
 
 
 # ---- CUDA specifics -----------------------------------------------------------------------------------------------

@@ -50,6 +50,16 @@ def test_init_is_kaiming_uniform_per_block():
     assert layer.bias.abs().max() <= 1 / 256**0.5
 
 
+def test_monarch_init_is_kaiming_uniform_per_block():
+    """Each factor's blocks are bounded by their own fan-in: w1's by p (a block of x), w2's by r (a block of P t)."""
+    layer = MonarchLinear(256, 512, nblocks=4)
+    for factor in (layer.blkdiag1, layer.blkdiag2):
+        bound = 1 / factor.shape[-1] ** 0.5
+        for block in factor:
+            assert 0.9 * bound < block.abs().max() <= bound
+    assert layer.bias.abs().max() <= 1 / 256**0.5
+
+
 def test_from_dense_recovers_a_monarch_matrix():
     for in_f, out_f, nb in SIZES:
         source = MonarchLinear(in_f, out_f, nblocks=nb, dtype=torch.float64)
@@ -83,9 +93,34 @@ def test_blockdiag_layer_matches_reference_product():
     assert max_err(layer(x), blockdiag_matmul_ref(x, layer.weight)) < 1e-12
 
 
+@pytest.mark.parametrize("cls", [BlockdiagLinear, MonarchLinear])
+def test_meta_device_gives_shapes(cls):
+    """Layers built on the meta device (deferred init) run shape-only forwards."""
+    layer = cls(10, 24, nblocks=4, device="meta")
+    assert layer(torch.empty(2, 3, 10, device="meta")).shape == (2, 3, 24)
+
+
+@pytest.mark.parametrize("cls", [BlockdiagLinear, MonarchLinear])
+def test_inductor_compiles_padded_layers(cls):
+    """A layer whose sizes do not divide (pad, product, truncate, bias) compiles into one graph with dynamic
+    token counts, forward and backward matching eager."""
+    layer = cls(10, 24, nblocks=4)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for tokens in (3, 11):
+        x = torch.randn(tokens, 10, requires_grad=True)
+        got, want = compiled(x), layer(x)
+        assert max_err(got, want) < 1e-5
+        dy = torch.randn_like(want)
+        params = (x, *layer.parameters())
+        for g, w in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
+            assert max_err(g, w) < 1e-5
+
+
 def test_bad_sizes_and_inputs():
     with pytest.raises(ValueError, match="nblocks must be a positive int"):
         MonarchLinear(16, 16, nblocks=0)
+    with pytest.raises(ValueError, match="nblocks must be a positive int, got True"):
+        MonarchLinear(16, 16, nblocks=True)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         BlockdiagLinear(-1, 16)
     with pytest.raises(ValueError, match="input.shape\\[-1\\] must be in_features=16"):

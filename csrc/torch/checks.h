@@ -27,6 +27,14 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
+// A weight factor's sizes divide and index the features: a zero among them leaves nothing to factor (and the
+// composites would divide by it).
+inline void check_nonempty_dims(const at::Tensor& t, const char* name, const char* layout) {
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.size(d) > 0, name, " ", layout, " must have every dimension at least 1, got shape ", t.sizes());
+  }
+}
+
 inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* name, const std::string& what) {
   TORCH_CHECK(t.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what, "), got shape ",
               t.sizes());

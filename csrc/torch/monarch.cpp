@@ -21,6 +21,7 @@ namespace {
 void check_blockdiag(const at::Tensor& x, const at::Tensor& w) {
   check_dim(x, 2, "x");
   check_dim(w, 3, "w");
+  check_nonempty_dims(w, "w", "(nblocks, out_block, in_block)");
   check_floating(x, "x");
   check_same(w, x, "w", "x");
   check_size(x, 1, w.size(0) * w.size(2), "x", "nblocks * in_block of w (nblocks, out_block, in_block)");
@@ -30,6 +31,8 @@ void check_monarch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   check_dim(x, 2, "x");
   check_dim(w1, 3, "w1");
   check_dim(w2, 3, "w2");
+  check_nonempty_dims(w1, "w1", "(k, q, p)");
+  check_nonempty_dims(w2, "w2", "(l, s, r)");
   check_floating(x, "x");
   check_same(w1, x, "w1", "x");
   check_same(w2, x, "w2", "x");

@@ -22,6 +22,12 @@ def check_ndim(t: torch.Tensor, ndim: int, name: str, layout: str) -> None:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def check_nonempty_dims(t: torch.Tensor, name: str, layout: str) -> None:
+    """A factor's sizes divide and index the features: a zero among them leaves nothing to factor."""
+    if 0 in t.shape:
+        raise ValueError(f"{name} {layout} must have every dimension at least 1, got shape {tuple(t.shape)}")
+
+
 def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
     if t.dtype != ref.dtype:
         raise ValueError(f"{name}.dtype ({t.dtype}) must match {ref_name}.dtype ({ref.dtype})")
@@ -73,7 +79,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     tensor but float64 is cast; anything else passes through to the checks; outside autocast nothing changes.
     Gradients flow back through the casts."""
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    # is_autocast_enabled raises for meta tensors (shape-only runs), which autocast never casts.
+    if first is None or first.is_meta or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64

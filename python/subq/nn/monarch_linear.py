@@ -17,7 +17,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _check_sizes(in_features: int, out_features: int, nblocks: int) -> None:
     for name, value in (("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import autocast_inputs, check_like, check_ndim, check_tensor
+from subq._utils import autocast_inputs, check_like, check_ndim, check_nonempty_dims, check_tensor
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_matmul_ref
 
 
@@ -30,8 +30,9 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None = 
     all arguments share one dtype and device. CUDA runs CUTLASS tensor-core kernels with fp32 accumulation when
     block sizes are multiples of 8 (4 for TF32); other shapes and float64 take an ATen composite path. On an H100
     with a build for sm_90a, ``SUBQ_EXPERIMENTAL_SM90_GEMM=1`` runs the 16-bit products on Hopper ``wgmma`` kernels
-    (opt-in until they have been verified on a GPU). Any batch
-    shape (including empty) and any strides are accepted. NaN and Inf propagate as in ``torch.matmul``.
+    (opt-in until they have been verified on a GPU). Any batch shape (including empty) and any strides are
+    accepted; every factor dimension must be at least 1. NaN and Inf propagate as in one ``torch.matmul`` per
+    block: a non-finite value reaches only the outputs of the blocks it feeds.
     Differentiable in ``x``, ``w1`` and ``w2``. Inside ``torch.autocast`` the operands are cast to the autocast dtype
     first, as for ``torch.matmul``.
     """
@@ -43,6 +44,7 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None = 
     check_like(w1, x, "w1", "x")
     if w2 is None:
         check_ndim(w1, 3, "w1", "(nblocks, out_block, in_block)")
+        check_nonempty_dims(w1, "w1", "(nblocks, out_block, in_block)")
         if x.shape[-1] != w1.shape[0] * w1.shape[2]:
             raise ValueError(
                 f"x.shape[-1] must be nblocks * in_block = {w1.shape[0]} * {w1.shape[2]} = "
@@ -53,6 +55,8 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None = 
         check_like(w2, x, "w2", "x")
         check_ndim(w1, 3, "w1", "(k, q, p)")
         check_ndim(w2, 3, "w2", "(l, s, r)")
+        check_nonempty_dims(w1, "w1", "(k, q, p)")
+        check_nonempty_dims(w2, "w2", "(l, s, r)")
         k, q, p = w1.shape
         if x.shape[-1] != k * p:
             raise ValueError(
