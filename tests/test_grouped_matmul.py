@@ -181,6 +181,9 @@ def test_errors_name_the_argument():
         (lambda: grouped_matmul(x.long(), w.long(), sizes), ValueError, "x must have a floating-point dtype"),
         (lambda: grouped_matmul(x, w, torch.tensor([3, -1])), ValueError, "group_sizes[1] = -1"),
         (lambda: grouped_matmul(x, w, torch.tensor([4, 3])), ValueError, "must sum to at most x.shape[0] = 6"),
+        # a running sum that would overflow int64 is caught at the group that passes the rows
+        (lambda: grouped_matmul(x, w, torch.tensor([1, 2**63 - 1])), ValueError,
+         "group_sizes[:2] already sums past it"),
     ]
     for fn, exc, message in cases:
         with pytest.raises(exc) as info:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import subq
 from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import monarch_conv, monarch_conv_filter
 from subq.ops.monarch_conv import fft_size
@@ -116,6 +117,37 @@ def test_fft_size_rule():
             assert m <= 2.2 * seqlen, seqlen
     assert fft_size(2**20) == 2**21
     assert fft_size(13) == 28  # 26 = 2 * 13 is not 7-smooth, and the odd 27 is skipped: M/2 must be an integer
+
+
+def test_fft_size_range():
+    """Up to 2^30 the search ends quickly (the widest gap between 7-smooth numbers below it is about 4 million);
+    beyond, or below 1, the rule is undefined and every entry point says so instead of hanging or overflowing."""
+    assert fft_size(2**30) == 2**31
+    assert fft_size(2**30 - 1) == 2**31
+    for bad in (0, -10, 2**30 + 1, 2**62, True, 3.0):
+        with pytest.raises(ValueError, match="seqlen must be an int in \\[1, 1073741824\\]"):
+            fft_size(bad)
+    for bad in (0, 2**30 + 1, 2**63 - 1):
+        with pytest.raises(RuntimeError, match="seqlen must be in \\[1, 1073741824\\]"):
+            subq._C.monarch_conv_fft_size(bad)
+    with pytest.raises(ValueError, match="seqlen must be an int >= k's length"):
+        monarch_conv_filter(torch.randn(1, 1), 2**63 - 1)
+    with pytest.raises(RuntimeError, match="seqlen \\(9223372036854775807\\) must be at least"):
+        torch.ops.subq.monarch_conv_filter(torch.randn(1, 1), None, 2**63 - 1)
+    with pytest.raises(RuntimeError, match="seqlen \\(0\\) must be at least"):
+        torch.ops.subq.monarch_conv_filter(torch.randn(1, 1), None, 0)
+
+
+@pytest.mark.parametrize("algorithm", ["fft", "monarch"])
+def test_no_heads(algorithm):
+    """H = 0 (an empty model slice): empty outputs and gradients, not an FFT library's error on an empty batch."""
+    u = torch.randn(2, 0, 5, requires_grad=True)
+    k = torch.randn(0, 4, requires_grad=True)
+    y = monarch_conv(u, k, algorithm=algorithm)
+    assert y.shape == (2, 0, 5)
+    du, dk = torch.autograd.grad(y, (u, k), torch.randn_like(y))
+    assert du.shape == u.shape and dk.shape == k.shape
+    assert monarch_conv_filter(k.detach(), 5).shape == (0, fft_size(5) // 2 + 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -311,7 +343,7 @@ BAD = [
     ("u 2-D", lambda a: a.update(u=a["u"][0]), ValueError, "u must be 3-D"),
     ("u int", lambda a: a.update(u=a["u"].long()), ValueError, "u must have a floating-point dtype"),
     ("u empty seq", lambda a: a.update(u=a["u"][..., :0], pregate=None, postgate=None), ValueError,
-     "seqlen .* at least 1"),
+     "seqlen .* must be in \\[1, 1073741824\\]"),
     ("not a tensor", lambda a: a.update(k=1.0), TypeError, "k must be a torch.Tensor"),
     ("k heads", lambda a: a.update(k=a["k"][:2]), ValueError, "k must have shape"),
     ("k too long", lambda a: a.update(k=torch.randn(3, 71, dtype=torch.float64)), ValueError, "filter_len <= seqlen"),

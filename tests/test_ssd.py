@@ -265,6 +265,9 @@ BAD = [
     ("seq_idx shape", lambda a: a.update(seq_idx=torch.zeros(2, 7, dtype=torch.int32)), ValueError,
      "seq_idx must have shape"),
     ("cu_seqlens batch", lambda a: a.update(cu_seqlens=torch.tensor([0, 70])), ValueError, "one batch row"),
+    # values, checked without a host sync (torch._assert_async: RuntimeError on the CPU, a device assert on CUDA)
+    ("seq_idx decreasing", lambda a: a.update(seq_idx=torch.tensor([[0] * 30 + [1] * 10 + [0] * 30] * 2)),
+     RuntimeError, "seq_idx must be non-decreasing"),
     ("varlen without cu", lambda a: a.update(return_varlen_states=True), ValueError, "needs cu_seqlens"),
     ("headdim", lambda a: a.update(x=torch.randn(2, 70, 2, 129, dtype=torch.float64)), ValueError,
      "headdim must be in"),
@@ -279,6 +282,19 @@ def test_bad_inputs(name, mutate, exc, match):
     mutate(args)
     with pytest.raises(exc, match=match):
         ssd_chunk_scan(**args)
+
+
+@pytest.mark.parametrize("cu", [[0, 40, 30, 70], [-3, 40, 70], [0, 40, 80], [0, 40, 60]])
+def test_bad_cu_seqlens_values(cu):
+    """Boundaries that go back, start before 0 or end anywhere but seqlen would give meaningless states."""
+    args = make_inputs(1, 70, 2, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, never decrease, and end at x's seqlen"):
+        ssd_chunk_scan(**args, chunk_size=64, cu_seqlens=torch.tensor(cu), return_varlen_states=True)
+    raw = [args[n] for n in ("x", "dt", "A", "B", "C")] + [None] * 5
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, never decrease, and end at x's seqlen"):
+        torch.ops.subq.ssd_chunk_scan_fwd(*raw, torch.tensor(cu), 64, False, 0.0, float("inf"))
+    with pytest.raises(RuntimeError, match="cu_seqlens must be int32 or int64"):
+        torch.ops.subq.ssd_chunk_scan_fwd(*raw, torch.tensor(cu).float(), 64, False, 0.0, float("inf"))
 
 
 @pytest.mark.gpu

@@ -15,11 +15,12 @@ std::vector<int64_t> group_starts(const at::Tensor& group_sizes, int64_t tokens)
   std::vector<int64_t> starts(sizes.numel() + 1, 0);
   for (int64_t g = 0; g < sizes.numel(); ++g) {
     TORCH_CHECK_VALUE(size[g] >= 0, "group_sizes must be non-negative, got group_sizes[", g, "] = ", size[g]);
-    // Saturating at tokens + 1 keeps absurd sizes from overflowing the running sum.
-    starts[g + 1] = std::min(starts[g] + size[g], tokens + 1);
+    // Saturating at tokens + 1 (compared before adding) keeps absurd sizes from overflowing the running sum.
+    starts[g + 1] = size[g] > tokens - starts[g] ? tokens + 1 : starts[g] + size[g];
+    TORCH_CHECK_VALUE(starts[g + 1] <= tokens, "group_sizes must sum to at most x.shape[0] = ", tokens,
+                      " (the rows of x), but group_sizes[:", g + 1, "] already sums past it (group_sizes[", g,
+                      "] = ", size[g], ")");
   }
-  TORCH_CHECK_VALUE(starts.back() <= tokens, "group_sizes must sum to at most x.shape[0] = ", tokens,
-                    " (the rows of x), got a sum of ", sizes.sum().item<int64_t>());
   return starts;
 }
 

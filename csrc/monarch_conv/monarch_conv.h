@@ -21,8 +21,13 @@ inline bool is_7_smooth(int64_t n) {
 // first L outputs, and leaves room for the bidirectional filter's reverse half at negative offsets (see
 // monarch_conv_cpu.h). M even lets the Monarch DFT take the real transform as a complex one of length M/2
 // (monarch_dft.h). M stays within 2L * (1 + 10%) for L >= 64.
+//
+// Defined for 1 <= L <= kMaxSeqlen (callers check): 7-smooth numbers thin out, and beyond that the search below
+// would take ever longer (about 4 million steps at most below 2^30) before 2 * half overflows.
+constexpr int64_t kMaxSeqlen = int64_t{1} << 30;
+
 inline int64_t fft_size(int64_t seqlen) {
-  int64_t half = seqlen < 1 ? 1 : seqlen;
+  int64_t half = seqlen < 1 ? 1 : seqlen > kMaxSeqlen ? kMaxSeqlen : seqlen;
   while (!is_7_smooth(half)) ++half;
   return 2 * half;
 }

@@ -59,12 +59,15 @@ Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, 
                            DftAlgorithm algorithm) {
   const RealDft dft{monarch_conv::fft_size(seqlen), algorithm};
   const auto ct = compute_type(k);
+  if (k.size(0) == 0) {  // no heads: nothing to transform (the FFT libraries reject an empty batch)
+    return at::empty({0, dft.M / 2 + 1}, k.options().dtype(ct == at::kDouble ? at::kComplexDouble : at::kComplexFloat));
+  }
   return dft.rfft(combined_filter(k.to(ct), k_rev, seqlen, dft.M, ct));
 }
 
 Tensor monarch_conv_fwd(const MonarchConvInputs& in) {
   const int64_t B = in.u.size(0), H = in.u.size(1), L = in.u.size(2);
-  if (B == 0) return at::empty_like(in.u);
+  if (B == 0 || H == 0) return at::empty_like(in.u);  // the FFT libraries reject an empty batch
   const RealDft dft{monarch_conv::fft_size(L), in.algorithm};
   const auto ct = compute_type(in.u);
   Tensor v = in.u.to(ct);
@@ -78,7 +81,7 @@ Tensor monarch_conv_fwd(const MonarchConvInputs& in) {
 std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& in) {
   const int64_t B = in.u.size(0), H = in.u.size(1), L = in.u.size(2);
   auto zeros_or_empty = [&](const std::optional<Tensor>& t) { return t ? at::zeros_like(*t) : empty_grad(in.u); };
-  if (B == 0) {
+  if (B == 0 || H == 0) {
     return {at::zeros_like(in.u), zeros_or_empty(in.k), zeros_or_empty(in.k_rev), zeros_or_empty(in.pregate),
             zeros_or_empty(in.postgate), zeros_or_empty(in.D)};
   }

@@ -63,7 +63,8 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
   check_dim(u, 3, "u");
   check_floating(u, "u");
   const int64_t H = u.size(1), L = u.size(2);
-  TORCH_CHECK(L >= 1, "u's seqlen (u.shape[2]) must be at least 1, got shape ", u.sizes());
+  TORCH_CHECK(L >= 1 && L <= monarch_conv::kMaxSeqlen, "u's seqlen (u.shape[2]) must be in [1, ",
+              monarch_conv::kMaxSeqlen, "], got shape ", u.sizes());
   TORCH_CHECK(k.has_value() != filter_spectrum.has_value(), "pass exactly one of k and filter_spectrum");
   if (k) {
     check_filter(*k, k_rev);
@@ -226,7 +227,8 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const Op
 
 Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seqlen) {
   check_filter(k, k_rev);
-  TORCH_CHECK(seqlen >= k.size(1), "seqlen (", seqlen, ") must be at least k's length (", k.size(1), ")");
+  TORCH_CHECK(seqlen >= std::max<int64_t>(1, k.size(1)) && seqlen <= monarch_conv::kMaxSeqlen, "seqlen (", seqlen,
+              ") must be at least k's length (", k.size(1), ") and 1, and at most ", monarch_conv::kMaxSeqlen);
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(k.device());
 #endif

@@ -24,6 +24,9 @@ PYBIND11_MODULE(_C, m) {
   }, "True when the CUTLASS CUDA kernels were compiled into this build.");
   m.def("cuda_archs", [] { return std::string(SUBQ_CUDA_ARCHS_STRING); },
         "The SUBQ_CUDA_ARCHS this build compiled for ('' for a CPU-only build).");
-  m.def("monarch_conv_fft_size", &subq::monarch_conv::fft_size, "The FFT size subq.ops.monarch_conv uses for a "
-        "sequence length: the smallest even 2^a 3^b 5^c 7^d >= 2 * seqlen.");
+  m.def("monarch_conv_fft_size", [](int64_t seqlen) {
+    TORCH_CHECK(seqlen >= 1 && seqlen <= subq::monarch_conv::kMaxSeqlen, "seqlen must be in [1, ",
+                subq::monarch_conv::kMaxSeqlen, "], got ", seqlen);
+    return subq::monarch_conv::fft_size(seqlen);
+  }, "The FFT size subq.ops.monarch_conv uses for a sequence length: the smallest even 2^a 3^b 5^c 7^d >= 2 * seqlen.");
 }

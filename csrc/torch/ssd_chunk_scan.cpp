@@ -40,6 +40,10 @@ cpu::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min
   return opt;
 }
 
+// A check on tensor values without a host sync: on CUDA a failure is a device-side assertion (the sticky error
+// ends the process's CUDA context, but loudly and at the bad call); on the CPU it raises at once.
+void assert_values(const Tensor& ok, c10::string_view message) { at::_assert_async(ok, message); }
+
 void check_optional(const OptTensor& t, const Tensor& x, const char* name, at::IntArrayRef shape) {
   if (!t) return;
   check_floating(*t, name);
@@ -72,6 +76,13 @@ cpu::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, 
                 "seq_idx must be int32 or int64, got ", seq_idx->scalar_type());
     TORCH_CHECK(seq_idx->sizes() == at::IntArrayRef({b, L}), "seq_idx must have shape (", b, ", ", L, "), got ",
                 seq_idx->sizes());
+    TORCH_CHECK(seq_idx->device() == x.device(), "seq_idx is on ", seq_idx->device(), " but x is on ", x.device());
+    // A sequence must be one run of positions: the chunked scan only resets where the index changes, so an index
+    // that comes back (0, 1, 0) would silently continue the first sequence's state.
+    if (L > 1) {
+      assert_values((seq_idx->narrow(1, 1, L - 1) >= seq_idx->narrow(1, 0, L - 1)).all(),
+                    "seq_idx must be non-decreasing along seqlen (each sequence one run of positions)");
+    }
   }
   return {x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx};
 }
@@ -87,6 +98,15 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
     TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 2, "cu_seqlens must be 1-D with at least 2 "
                 "entries (0, len_1, len_1+len_2, ...), got shape ", cu_seqlens->sizes());
     TORCH_CHECK(x.size(0) == 1, "cu_seqlens needs the packed sequences in one batch row, got batch ", x.size(0));
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt || cu_seqlens->scalar_type() == at::kLong,
+                "cu_seqlens must be int32 or int64, got ", cu_seqlens->scalar_type());
+    TORCH_CHECK(cu_seqlens->device() == x.device(), "cu_seqlens is on ", cu_seqlens->device(), " but x is on ",
+                x.device());
+    const int64_t S = cu_seqlens->size(0) - 1;
+    const Tensor& cu = *cu_seqlens;
+    assert_values((cu[0] == 0).logical_and(cu[S] == x.size(1))
+                      .logical_and((cu.narrow(0, 1, S) >= cu.narrow(0, 0, S)).all()),
+                  "cu_seqlens must start at 0, never decrease, and end at x's seqlen");
   }
   auto opt = make_options(chunk_size, dt_softplus, dt_min, dt_max);
 #ifdef SUBQ_WITH_CUDA

@@ -17,6 +17,7 @@ from subq import _C
 from subq._utils import check_device, check_dtype_in, check_like, check_ndim, check_tensor
 
 ALGORITHMS = ("auto", "fft", "monarch")
+MAX_SEQLEN = 2**30  # monarch_conv::kMaxSeqlen (csrc/monarch_conv/monarch_conv.h)
 
 
 def fft_size(seqlen: int) -> int:
@@ -25,7 +26,9 @@ def fft_size(seqlen: int) -> int:
     Even, so the Monarch DFT can take the real transform as a complex one of length M/2. One rule, in C++
     (csrc/monarch_conv/monarch_conv.h), shared with the fused CUDA forward.
     """
-    return _C.monarch_conv_fft_size(int(seqlen))
+    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, torch.SymInt)) or not 1 <= seqlen <= MAX_SEQLEN:
+        raise ValueError(f"seqlen must be an int in [1, {MAX_SEQLEN}], got {seqlen!r}")
+    return _C.monarch_conv_fft_size(int(seqlen))  # int(): a traced shape is specialized, as the kernels need
 
 
 def monarch_conv(
@@ -101,8 +104,9 @@ def monarch_conv_filter(k: torch.Tensor, seqlen: int, k_rev: torch.Tensor | None
         if k_rev.shape != k.shape:
             raise ValueError(f"k_rev must have k's shape {tuple(k.shape)}, got {tuple(k_rev.shape)}")
         k_rev = k_rev.detach()
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < max(1, k.shape[1]):
-        raise ValueError(f"seqlen must be an int >= k's length ({k.shape[1]}), got {seqlen!r}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or not max(1, k.shape[1]) <= seqlen <= MAX_SEQLEN:
+        raise ValueError(f"seqlen must be an int >= k's length ({k.shape[1]}) and 1, and <= {MAX_SEQLEN}, "
+                         f"got {seqlen!r}")
     return torch.ops.subq.monarch_conv_filter(k.detach(), k_rev, seqlen)
 
 
@@ -126,8 +130,8 @@ def _check_args(u, k, k_rev, pregate, postgate, D, filter_spectrum):
     check_tensor(u, "u")
     check_ndim(u, 3, "u", "(batch, nheads, seqlen)")
     _, nheads, seqlen = u.shape
-    if seqlen < 1:
-        raise ValueError(f"u's seqlen (u.shape[2]) must be at least 1, got shape {tuple(u.shape)}")
+    if not 1 <= seqlen <= MAX_SEQLEN:
+        raise ValueError(f"u's seqlen (u.shape[2]) must be in [1, {MAX_SEQLEN}], got shape {tuple(u.shape)}")
     params = tuple(dict.fromkeys((u.dtype, torch.float32)))
     if (k is None) == (filter_spectrum is None):
         raise ValueError("pass exactly one of k and filter_spectrum")

@@ -145,6 +145,10 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
             raise ValueError(f"cu_seqlens must be 1-D (num_sequences + 1,), got shape {tuple(cu_seqlens.shape)}")
         if batch != 1:
             raise ValueError(f"cu_seqlens needs the packed sequences in one batch row (x.shape[0] == 1), got {batch}")
+        # Checked here too, not only by the op: seq_idx is derived from it first. _assert_async: no host sync (on
+        # CUDA a failure is a device-side assertion), and torch.compile traces it.
+        valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == seqlen) & (cu_seqlens.diff() >= 0).all()
+        torch._assert_async(valid, "cu_seqlens must start at 0, never decrease, and end at x's seqlen")
 
 
 # ---- fake kernels (shapes only), for torch.compile and meta tensors ------------------------------------------------
