@@ -308,6 +308,8 @@ BAD = [
     ("E too big", lambda a: a.update(v=torch.randn(2, 70, 4097, dtype=torch.float64)), ValueError,
      "feature size E must be in 1..4096"),
     ("chunk", lambda a: a.update(chunk_size=100), ValueError, "chunk_size must be one of"),
+    ("chunk float", lambda a: a.update(chunk_size=64.0), ValueError,
+     "chunk_size must be one of .*, got 64.0 \\(float\\)"),
     ("bias len", lambda a: a.update(rel_bias=torch.randn(127, dtype=torch.float64), chunk_size=128), ValueError,
      "rel_bias must have shape \\(2 \\* chunk_size - 1,\\) = \\(255,\\)"),
     ("bias dtype", lambda a: a.update(rel_bias=torch.randn(127, dtype=torch.float16)), ValueError,
@@ -341,6 +343,19 @@ def test_bad_inputs_gau_and_step():
         wrong = FlashDecodeState.allocate(2, 64, 4, 6, dtype=torch.float32)
         torch.ops.subq.flash_step(*token.values(), torch.randn(2, 6, dtype=torch.float64), None, None,
                                   wrong.lin_state, wrong.chunk_kv, wrong.k_quad_cache, wrong.v_cache, 0, 0.1, 0.1)
+    v = torch.randn(2, 6, dtype=torch.float64)
+    # the cache's rank is checked before its chunk size is read from shape[1]
+    with pytest.raises(RuntimeError, match="k_quad_cache must be 3-D, got shape \\[\\]"):
+        torch.ops.subq.flash_step(*token.values(), v, None, None, state.lin_state, state.chunk_kv,
+                                  torch.tensor(1.0, dtype=torch.float64), state.v_cache, 0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="state.k_quad_cache must be 3-D \\(batch, chunk_size, S\\), got shape \\(\\)"):
+        flash_step(FlashDecodeState(state.lin_state, state.chunk_kv, torch.tensor(1.0), state.v_cache), **token, v=v,
+                   lin_scale=0.1)
+    with pytest.raises(TypeError, match="state.position must be an int, got bool"):
+        flash_step(FlashDecodeState(state.lin_state, state.chunk_kv, state.k_quad_cache, state.v_cache, True),
+                   **token, v=v, lin_scale=0.1)
+    with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
+        FlashDecodeState.allocate(2, 64.0, 4, 6)
 
 
 @pytest.mark.gpu

@@ -215,6 +215,10 @@ def test_compile_layer():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         FLASH(16, chunk_size=100)
+    with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
+        FLASH(16, chunk_size=64.0)
+    with pytest.raises(ValueError, match="max_len must be a positive int or None, got 0"):
+        GAU(16, max_len=0)
     with pytest.raises(ValueError, match="norm must be one of"):
         GAU(16, norm="rms")
     with pytest.raises(ValueError, match="expansion must be a positive int"):

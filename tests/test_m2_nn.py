@@ -149,6 +149,8 @@ def test_mixer_rejects_bad_input():
         m(torch.randn(2, 10, 9))
     with pytest.raises(ValueError, match="seqlen must be in 1..max_seq_len=32"):
         m(torch.randn(1, 33, 8))
+    with pytest.raises(ValueError, match="seqlen must be in 1..max_seq_len=32, got 0"):
+        m(torch.randn(1, 0, 8))
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])

@@ -112,6 +112,12 @@ def test_bad_configuration():
         Mamba2(d_model=30, headdim=16)
     with pytest.raises(ValueError, match="ngroups"):
         Mamba2(d_model=32, headdim=16, ngroups=3)
+    with pytest.raises(ValueError, match="headdim must be a positive int, got 0"):
+        Mamba2(16, headdim=0)
+    with pytest.raises(ValueError, match="ngroups must be a positive int, got 0"):
+        Mamba2(32, headdim=16, ngroups=0)
+    with pytest.raises(ValueError, match="d_conv must be 2, 3 or 4, got 1"):
+        Mamba2(32, headdim=16, d_conv=1)
     layer = Mamba2(**SMALL)
     with pytest.raises(ValueError, match="one token"):
         layer.step(torch.randn(1, 2, SMALL["d_model"]), layer.allocate_inference_cache(1))

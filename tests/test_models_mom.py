@@ -248,6 +248,13 @@ def test_bad_config(overrides, match):
         MoMConfig(**{**MoMConfig().__dict__, **overrides})
 
 
+def test_pool_bad_arguments():
+    with pytest.raises(ValueError, match="n_head must be a positive int, got 0"):
+        AttentionModules(2, 8, 0)
+    with pytest.raises(ValueError, match="d_model \\(8\\) must be a multiple of n_head \\(3\\)"):
+        AttentionModules(2, 8, 3)
+
+
 def test_bad_forward_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         MoM.from_preset("huge")

@@ -125,5 +125,7 @@ def test_bad_sizes_and_inputs():
         BlockdiagLinear(-1, 16)
     with pytest.raises(ValueError, match="input.shape\\[-1\\] must be in_features=16"):
         MonarchLinear(16, 16)(torch.randn(3, 15))
+    with pytest.raises(ValueError, match="input must have at least 1 dimension \\(..., in_features=16\\)"):
+        MonarchLinear(16, 16)(torch.tensor(1.0))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         MonarchLinear.from_dense(nn.Conv1d(3, 3, 1))

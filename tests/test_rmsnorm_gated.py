@@ -175,6 +175,7 @@ def test_errors_name_the_argument():
         (lambda: rmsnorm_gated(x, w, group_size=5), ValueError, "group_size must be a positive divisor of x.shape[-1]"),
         (lambda: rmsnorm_gated(x, w, group_size=0), ValueError, "group_size must be a positive divisor"),
         (lambda: rmsnorm_gated(x, w, group_size=4.0), TypeError, "group_size must be an int or None"),
+        (lambda: rmsnorm_gated(x, w, group_size=True), TypeError, "group_size must be an int or None, got bool"),
         (lambda: rmsnorm_gated(x, w, eps=-1.0), ValueError, "eps must be finite and >= 0"),
         (lambda: rmsnorm_gated(x, w, eps="1e-6"), TypeError, "eps must be a real number"),
         (lambda: rmsnorm_gated(x, w, norm_before_gate=1), TypeError, "norm_before_gate must be a bool"),
@@ -195,6 +196,10 @@ def test_direct_op_calls_are_checked():
         torch.ops.subq.rmsnorm_gated_fwd(x, w, None, 1e-6, 5, True)
     with pytest.raises(RuntimeError, match="weight.shape\\[0\\] must be 16"):
         torch.ops.subq.rmsnorm_gated_fwd(x, torch.randn(8), None, 1e-6, 16, True)
+    # a NaN, infinite or negative eps would turn the output NaN without an error
+    for eps in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
+            torch.ops.subq.rmsnorm_gated_fwd(x, w, None, eps, 16, True)
     with pytest.raises(RuntimeError, match="rstd must be the"):
         torch.ops.subq.rmsnorm_gated_bwd(x, x, w, None, torch.randn(3, 2), 16, True, [True, True, False])
     with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):

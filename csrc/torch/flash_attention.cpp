@@ -257,7 +257,7 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
   check_dim(q_quad, 2, "q_quad");
   check_dim(v, 2, "v");
   check_floating(v, "v");
-  const int64_t b = q_quad.size(0), S = q_quad.size(1), E = v.size(1), C = k_quad_cache.size(1);
+  const int64_t b = q_quad.size(0), S = q_quad.size(1), E = v.size(1);
   TORCH_CHECK(v.size(0) == b, "v must have shape (batch, E) with batch ", b, ", got ", v.sizes());
   const std::array<std::pair<const Tensor*, const char*>, 4> features{
       {{&q_quad, "q_quad"}, {&k_quad, "k_quad"}, {&q_lin, "q_lin"}, {&k_lin, "k_lin"}}};
@@ -270,7 +270,9 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
     check_same(*u, v, "u", "v");
     TORCH_CHECK(u->sizes() == v.sizes(), "u must have v's shape ", v.sizes(), ", got ", u->sizes());
   }
+  // The cache's own rank comes before its chunk size is read from it.
   check_dim(k_quad_cache, 3, "k_quad_cache");
+  const int64_t C = k_quad_cache.size(1);
   TORCH_CHECK(C == 64 || C == 128 || C == 256 || C == 512, "k_quad_cache.shape[1] (the chunk size) must be 64, "
               "128, 256 or 512, got ", C);
   check_state(lin_state, v, "lin_state", {b, S, E});

@@ -1,5 +1,7 @@
 // Torch glue for gated RMSNorm: schemas, argument checks, Params filling, and the CPU / CUDA implementations of
 // subq::rmsnorm_gated_fwd and subq::rmsnorm_gated_bwd.
+#include <cmath>
+
 #include <torch/library.h>
 
 #include "norm/rmsnorm_gated_cpu.h"
@@ -37,12 +39,18 @@ void check_rmsnorm(const at::Tensor& x, const at::Tensor& weight, const OptTenso
               "weight.dtype must be x.dtype (", x.scalar_type(), ") or float32, got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
   check_size(weight, 0, x.size(1), "weight", "features of x");
+  // A Python bool arrives here as the int 1, indistinguishable from it; the wrapper rejects bools.
   TORCH_CHECK(group_size > 0 && x.size(1) % group_size == 0, "group_size must be positive and divide the ",
               x.size(1), " features of x, got ", group_size);
   if (z) {
     check_same(*z, x, "z", "x");
     TORCH_CHECK(z->sizes() == x.sizes(), "z must have the shape of x ", x.sizes(), ", got ", z->sizes());
   }
+}
+
+// As the Python wrapper: a NaN, infinite or negative eps fails nowhere downstream but turns the outputs NaN.
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
 }
 
 void check_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, int64_t group_size) {
@@ -58,6 +66,7 @@ void check_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rst
 std::tuple<at::Tensor, at::Tensor> fwd_composite(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z,
                                                  double eps, int64_t group_size, bool norm_before_gate) {
   check_rmsnorm(x, weight, z, group_size);
+  check_eps(eps);
   return cpu::rmsnorm_gated_fwd(x, weight, z, eps, group_size, norm_before_gate);
 }
 
@@ -110,6 +119,7 @@ RMSNormGatedParams params(const at::Tensor& x, const at::Tensor& weight, const O
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const OptTensor& z_in,
                                             double eps, int64_t group_size, bool norm_before_gate) {
   check_rmsnorm(x_in, weight_in, z_in, group_size);
+  check_eps(eps);
   if (!has_kernels(x_in.scalar_type())) {
     return cpu::rmsnorm_gated_fwd(x_in, weight_in, z_in, eps, group_size, norm_before_gate);
   }

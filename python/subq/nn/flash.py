@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
+from subq.ops.flash import FlashDecodeState, _check_chunk_size, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
 
@@ -137,6 +137,8 @@ class GAU(_GatedUnit):
     def __init__(self, d_model: int, expansion: int = 2, s: int = 128, causal: bool = False,
                  norm: str = "layernorm", rope: bool = True, max_len: int | None = None,
                  scale: float | None = None, device=None, dtype=None):
+        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         super().__init__(d_model, expansion, s, 2, norm, rope, device, dtype)
         self.causal, self.scale, self.max_len = causal, scale, max_len
         self.rel_bias = None
@@ -237,8 +239,7 @@ class FLASH(_GatedUnit):
     def __init__(self, d_model: int, chunk_size: int = 256, expansion: int = 2, s: int = 128, causal: bool = False,
                  norm: str = "layernorm", rope: bool = True, rel_pos_bias: bool = True,
                  lin_scale: float | None = None, device=None, dtype=None):
-        if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
-            raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         super().__init__(d_model, expansion, s, 4, norm, rope, device, dtype)
         self.chunk_size, self.causal, self.lin_scale = chunk_size, causal, lin_scale
         self.rel_bias = None

@@ -201,9 +201,12 @@ class M2SequenceMixer(nn.Module):
     def forward(self, x: torch.Tensor, cache: M2InferenceCache | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"input must be (batch, seqlen, d_model={self.d_model}), got shape {tuple(x.shape)}")
+        seqlen = x.shape[1]
+        # The filters' own check, made before an empty sequence reaches the short conv and fails inside conv1d.
+        if not 1 <= seqlen <= self.max_seq_len:
+            raise ValueError(f"seqlen must be in 1..max_seq_len={self.max_seq_len}, got {seqlen}")
         if cache is not None:
             return self._forward_cached(x, cache)
-        seqlen = x.shape[1]
         streams = self.in_proj(x).transpose(1, 2)                          # (B, 3d, L)
         # padding = width - 1 on both sides, keep the first L: output t sees inputs t-width+1..t only (causal).
         streams = self.short_conv(streams)[..., :seqlen]

@@ -54,6 +54,12 @@ class Mamba2(nn.Module):
                  layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
+        for name, value in (("headdim", headdim), ("ngroups", ngroups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # causal_conv1d takes widths 2..4; checked here so the error names the layer's argument, not the weight's.
+        if not isinstance(d_conv, int) or isinstance(d_conv, bool) or d_conv not in (2, 3, 4):
+            raise ValueError(f"d_conv must be 2, 3 or 4, got {d_conv!r}")
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
         self.d_inner = expand * d_model
         if self.d_inner % headdim:

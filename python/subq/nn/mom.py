@@ -145,6 +145,8 @@ class AttentionModules(_ModulePool):
 
     def __init__(self, n_modules: int, d_model: int, n_head: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(n_modules, d_model, eps, device, dtype)
+        if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1:
+            raise ValueError(f"n_head must be a positive int, got {n_head!r}")
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
         self.n_head, self.headdim = n_head, d_model // n_head

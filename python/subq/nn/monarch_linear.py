@@ -47,6 +47,9 @@ class _PaddedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"input must have at least 1 dimension (..., in_features={self.in_features}), got a "
+                             "0-D tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input.shape[-1] must be in_features={self.in_features}, got shape {tuple(x.shape)}")
         padded_in = self.nblocks * self.in_block

@@ -151,6 +151,14 @@ def flash_step(
     """
     if not isinstance(state, FlashDecodeState):
         raise TypeError(f"state must be a FlashDecodeState, got {type(state).__name__}")
+    # chunk_size is read from the cache's shape[1], so its rank is checked before that read.
+    check_ndim(check_tensor(state.k_quad_cache, "state.k_quad_cache"), 3, "state.k_quad_cache",
+               "(batch, chunk_size, S)")
+    # True would reach the op as position 1.
+    if isinstance(state.position, bool) or not isinstance(state.position, int):
+        raise TypeError(f"state.position must be an int, got {type(state.position).__name__}")
+    if state.position < 0:
+        raise ValueError(f"state.position must be >= 0, got {state.position}")
     q_quad, k_quad, q_lin, k_lin, v, u = autocast_inputs(q_quad, k_quad, q_lin, k_lin, v, u)
     squeeze = check_tensor(v, "v").dim() == 3
     tensors = [q_quad, k_quad, q_lin, k_lin, v, u]
@@ -177,8 +185,10 @@ def flash_step(
 
 
 def _check_chunk_size(chunk_size) -> None:
-    if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    # 64.0 == 64 passes the membership test alone, then fails in the op's int argument or in torch.zeros with an
+    # error that names neither. (No bool is in CHUNK_SIZES.)
+    if not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r} ({type(chunk_size).__name__})")
 
 
 def _check_features(features, names, v, u, layout="(batch, seqlen, features)") -> None:
