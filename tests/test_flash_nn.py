@@ -3,6 +3,7 @@ and token-by-token decoding of the causal layers, after a prefill through forwar
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,6 +218,7 @@ def test_bad_arguments():
         FLASH(16, chunk_size=100)
     with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
         FLASH(16, chunk_size=64.0)
+    assert FLASH(16, chunk_size=np.int64(64)).chunk_size == 64  # numpy integers are integers
     with pytest.raises(ValueError, match="max_len must be a positive int or None, got 0"):
         GAU(16, max_len=0)
     with pytest.raises(ValueError, match="norm must be one of"):

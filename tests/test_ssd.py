@@ -260,6 +260,8 @@ BAD = [
     ("init shape", lambda a: a.update(initial_states=torch.randn(1, 2, dtype=torch.float64)), ValueError,
      "initial_states must have shape"),
     ("chunk", lambda a: a.update(chunk_size=100), ValueError, "chunk_size must be one of"),
+    ("chunk float", lambda a: a.update(chunk_size=64.0), ValueError,
+     "chunk_size must be one of .* got 64.0 \\(float\\)"),
     ("limit", lambda a: a.update(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be"),
     ("seq_idx dtype", lambda a: a.update(seq_idx=torch.zeros(2, 70)), ValueError, "seq_idx must be an int32"),
     ("seq_idx shape", lambda a: a.update(seq_idx=torch.zeros(2, 7, dtype=torch.int32)), ValueError,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,6 +67,14 @@ def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_int_choice(value: object, name: str, choices: tuple[int, ...]) -> int:
+    """An integer option from a fixed set, as a Python int. A float such as 64.0 equals 64 and would pass the
+    membership test alone, then fail inside the op with an error that names neither; numpy integers are fine."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 def check_real(value: object, name: str) -> float:

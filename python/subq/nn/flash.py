@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq.ops.flash import FlashDecodeState, _check_chunk_size, flash_chunk_attention, flash_step, gau_attention
+from subq._utils import check_int_choice
+from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
 
@@ -239,7 +240,7 @@ class FLASH(_GatedUnit):
     def __init__(self, d_model: int, chunk_size: int = 256, expansion: int = 2, s: int = 128, causal: bool = False,
                  norm: str = "layernorm", rope: bool = True, rel_pos_bias: bool = True,
                  lin_scale: float | None = None, device=None, dtype=None):
-        _check_chunk_size(chunk_size)
+        chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
         super().__init__(d_model, expansion, s, 4, norm, rope, device, dtype)
         self.chunk_size, self.causal, self.lin_scale = chunk_size, causal, lin_scale
         self.rel_bias = None

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import autocast_inputs, check_device, check_dtype_in, check_like, check_ndim, check_tensor
+from subq._utils import (
+    autocast_inputs,
+    check_device,
+    check_dtype_in,
+    check_int_choice,
+    check_like,
+    check_ndim,
+    check_tensor,
+)
 
 CHUNK_SIZES = (64, 128, 256, 512)
 MAX_QK_DIM = 256      # S: the query/key feature size (128 in the paper)
@@ -61,7 +69,7 @@ def flash_chunk_attention(
     """
     q_quad, k_quad, q_lin, k_lin, v, u = autocast_inputs(q_quad, k_quad, q_lin, k_lin, v, u)
     _check_features((q_quad, k_quad, q_lin, k_lin), ("q_quad", "k_quad", "q_lin", "k_lin"), v, u)
-    _check_chunk_size(chunk_size)
+    chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
     _check_rel_bias(rel_bias, 2 * chunk_size - 1, "2 * chunk_size - 1", v)
     seqlen = v.shape[1]
     quad_scale = 1.0 / chunk_size if quad_scale is None else float(quad_scale)
@@ -117,7 +125,7 @@ class FlashDecodeState:
     def allocate(cls, batch: int, chunk_size: int, qk_dim: int, value_dim: int, device=None,
                  dtype: torch.dtype = torch.float32) -> FlashDecodeState:
         """An empty state for inputs of ``dtype`` (the state itself is float32, or float64 for float64)."""
-        _check_chunk_size(chunk_size)
+        chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         kw = {"device": device, "dtype": state_dtype}
         return cls(torch.zeros(batch, qk_dim, value_dim, **kw), torch.zeros(batch, qk_dim, value_dim, **kw),
@@ -182,13 +190,6 @@ def flash_step(
                                     state.k_quad_cache, state.v_cache, state.position, quad_scale, float(lin_scale))
     state.position += 1
     return out[:, None] if squeeze else out
-
-
-def _check_chunk_size(chunk_size) -> None:
-    # 64.0 == 64 passes the membership test alone, then fails in the op's int argument or in torch.zeros with an
-    # error that names neither. (No bool is in CHUNK_SIZES.)
-    if not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r} ({type(chunk_size).__name__})")
 
 
 def _check_features(features, names, v, u, layout="(batch, seqlen, features)") -> None:

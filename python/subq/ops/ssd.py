@@ -10,7 +10,7 @@ import math
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_device, check_dtype_in, check_param, check_tensor
+from subq._utils import check_device, check_dtype_in, check_int_choice, check_param, check_tensor
 
 CHUNK_SIZES = (64, 128, 256)
 MAX_HEADDIM = 128
@@ -70,7 +70,7 @@ def ssd_chunk_scan(
     lo, hi = (float(v) for v in dt_limit)
     y, final_states, varlen_states = torch.ops.subq.ssd_chunk_scan_fwd(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens if return_varlen_states else None,
-        chunk_size, dt_softplus, lo, hi,
+        int(chunk_size), dt_softplus, lo, hi,
     )
     out = (y,)
     if return_final_states:
@@ -108,8 +108,7 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
         raise ValueError(f"x's headdim must be in 1..{MAX_HEADDIM}, got {headdim}")
     if dstate > MAX_DSTATE or dstate == 0:
         raise ValueError(f"B and C's dstate must be in 1..{MAX_DSTATE}, got {dstate}")
-    if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
     params = (x.dtype, torch.float32)
     check_param(dt, "dt", (batch, seqlen, nheads), "(batch, seqlen, nheads)", params, x)
     check_param(A, "A", (nheads,), "(nheads,)", params, x)
