@@ -219,7 +219,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
         FLASH(16, chunk_size=64.0)
     assert FLASH(16, chunk_size=np.int64(64)).chunk_size == 64  # numpy integers are integers
-    with pytest.raises(ValueError, match="max_len must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         GAU(16, max_len=0)
     with pytest.raises(ValueError, match="norm must be one of"):
         GAU(16, norm="rms")

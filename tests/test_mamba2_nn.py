@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICES, max_err
-from subq.nn import Mamba2
+from subq.nn import Mamba2, RMSNormGated
 from subq.reference import rmsnorm_gated_ref, ssd_ref
 
 SMALL = dict(d_model=32, d_state=16, d_conv=4, expand=2, headdim=16, chunk_size=64)
@@ -118,6 +118,14 @@ def test_bad_configuration():
         Mamba2(32, headdim=16, ngroups=0)
     with pytest.raises(ValueError, match="d_conv must be 2, 3 or 4, got 1"):
         Mamba2(32, headdim=16, d_conv=1)
+    with pytest.raises(ValueError, match="d_state must be a positive int, got 0"):
+        Mamba2(32, headdim=16, d_state=0)
+    with pytest.raises(ValueError, match="expand must be a positive int, got 1.5"):
+        Mamba2(32, headdim=16, expand=1.5)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
+        RMSNormGated(16, eps=-1)
+    with pytest.raises(ValueError, match="group_size \\(5\\) must divide hidden_size \\(16\\)"):
+        RMSNormGated(16, group_size=5)
     layer = Mamba2(**SMALL)
     with pytest.raises(ValueError, match="one token"):
         layer.step(torch.randn(1, 2, SMALL["d_model"]), layer.allocate_inference_cache(1))

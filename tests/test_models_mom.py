@@ -253,6 +253,12 @@ def test_pool_bad_arguments():
         AttentionModules(2, 8, 0)
     with pytest.raises(ValueError, match="d_model \\(8\\) must be a multiple of n_head \\(3\\)"):
         AttentionModules(2, 8, 3)
+    with pytest.raises(ValueError, match="n_modules must be a positive int, got 0"):
+        FFNModules(0, 8, 16)
+    with pytest.raises(ValueError, match="d_model must be a positive int, got -8"):
+        AttentionModules(2, -8, 2)
+    with pytest.raises(ValueError, match="d_ffn must be a positive int, got 0"):
+        FFNModules(2, 8, 0)
 
 
 def test_bad_forward_arguments():

@@ -121,6 +121,8 @@ def test_bad_sizes_and_inputs():
         MonarchLinear(16, 16, nblocks=0)
     with pytest.raises(ValueError, match="nblocks must be a positive int, got True"):
         MonarchLinear(16, 16, nblocks=True)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        MonarchLinear(4, 4, nblocks=2)([1.0, 2.0, 3.0, 4.0])
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         BlockdiagLinear(-1, 16)
     with pytest.raises(ValueError, match="input.shape\\[-1\\] must be in_features=16"):

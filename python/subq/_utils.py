@@ -69,6 +69,13 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+def check_positive_ints(**values: object) -> None:
+    """Size arguments of a layer or config: each a positive int (a bool is not a size)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_int_choice(value: object, name: str, choices: tuple[int, ...]) -> int:
     """An integer option from a fixed set, as a Python int. A float such as 64.0 equals 64 and would pass the
     membership test alone, then fail inside the op with an error that names neither; numpy integers are fine."""

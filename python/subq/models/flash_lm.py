@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from subq._utils import check_positive_ints
 from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.flash import FLASH, GAU, ScaleNorm
 
@@ -39,10 +40,7 @@ class FlashLMConfig:
     def __post_init__(self):
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
-        for name in ("n_layer", "vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(**{name: getattr(self, name) for name in ("n_layer", "vocab_size", "max_seq_len")})
 
 
 # The paper's ~110M-parameter LM size: d = 768 and 24 GAU/FLASH layers where a Transformer has 12 blocks, e = 2d,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq._utils import check_int_choice
+from subq._utils import check_int_choice, check_positive_ints
 from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
@@ -72,9 +72,7 @@ class _GatedUnit(nn.Module):
 
     def __init__(self, d_model: int, expansion: int, s: int, heads: int, norm: str, rope: bool, device, dtype):
         super().__init__()
-        for name, value in (("d_model", d_model), ("expansion", expansion), ("s", s)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(d_model=d_model, expansion=expansion, s=s)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         factory = {"device": device, "dtype": dtype}
@@ -138,8 +136,8 @@ class GAU(_GatedUnit):
     def __init__(self, d_model: int, expansion: int = 2, s: int = 128, causal: bool = False,
                  norm: str = "layernorm", rope: bool = True, max_len: int | None = None,
                  scale: float | None = None, device=None, dtype=None):
-        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
-            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        if max_len is not None:
+            check_positive_ints(max_len=max_len)
         super().__init__(d_model, expansion, s, 2, norm, rope, device, dtype)
         self.causal, self.scale, self.max_len = causal, scale, max_len
         self.rel_bias = None

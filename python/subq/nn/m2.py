@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subq._utils import check_tensor
 from subq.nn.monarch_linear import BlockdiagLinear
 from subq.ops.causal_conv1d import causal_conv1d_update
 from subq.ops.monarch_conv import monarch_conv, monarch_conv_filter
@@ -199,7 +200,7 @@ class M2SequenceMixer(nn.Module):
                             D=D.to(_param_dtype(u)), **gates)
 
     def forward(self, x: torch.Tensor, cache: M2InferenceCache | None = None) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
+        if check_tensor(x, "input").dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"input must be (batch, seqlen, d_model={self.d_model}), got shape {tuple(x.shape)}")
         seqlen = x.shape[1]
         # The filters' own check, made before an empty sequence reaches the short conv and fails inside conv1d.

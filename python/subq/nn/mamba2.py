@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from subq._utils import check_positive_ints
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
 
 
@@ -22,6 +23,14 @@ class RMSNormGated(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = True, device=None, dtype=None):
         super().__init__()
+        check_positive_ints(hidden_size=hidden_size)
+        # The op's own checks (eps, group_size) run at forward; made here too so a bad layer fails where it is built.
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if group_size is not None:
+            check_positive_ints(group_size=group_size)
+            if hidden_size % group_size:
+                raise ValueError(f"group_size ({group_size}) must divide hidden_size ({hidden_size})")
         self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
@@ -54,9 +63,7 @@ class Mamba2(nn.Module):
                  layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        for name, value in (("headdim", headdim), ("ngroups", ngroups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups)
         # causal_conv1d takes widths 2..4; checked here so the error names the layer's argument, not the weight's.
         if not isinstance(d_conv, int) or isinstance(d_conv, bool) or d_conv not in (2, 3, 4):
             raise ValueError(f"d_conv must be 2, 3 or 4, got {d_conv!r}")

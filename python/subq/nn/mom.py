@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subq._utils import check_positive_ints
 from subq.ops.grouped_matmul import grouped_matmul
 
 
@@ -113,6 +114,7 @@ class _ModulePool(nn.Module):
 
     def __init__(self, n_modules: int, d_model: int, eps: float, device, dtype):
         super().__init__()
+        check_positive_ints(n_modules=n_modules, d_model=d_model)
         self.n_modules, self.d_model, self.eps = n_modules, d_model, eps
         self._factory = dict(device=device, dtype=dtype)
         self.ln_weight = nn.Parameter(torch.ones(n_modules, d_model, **self._factory))
@@ -145,8 +147,7 @@ class AttentionModules(_ModulePool):
 
     def __init__(self, n_modules: int, d_model: int, n_head: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(n_modules, d_model, eps, device, dtype)
-        if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1:
-            raise ValueError(f"n_head must be a positive int, got {n_head!r}")
+        check_positive_ints(n_head=n_head)
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
         self.n_head, self.headdim = n_head, d_model // n_head
@@ -186,6 +187,7 @@ class FFNModules(_ModulePool):
 
     def __init__(self, n_modules: int, d_model: int, d_ffn: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(n_modules, d_model, eps, device, dtype)
+        check_positive_ints(d_ffn=d_ffn)
         self.c_fc_weight = self._weight(d_model, d_ffn)
         self.c_fc_bias = self._bias(d_ffn)
         self.c_proj_weight = self._weight(d_ffn, d_model)

@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subq._utils import check_positive_ints, check_tensor
 from subq.ops.monarch import monarch_matmul
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _check_sizes(in_features: int, out_features: int, nblocks: int) -> None:
-    for name, value in (("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _init_blocks(weight: torch.Tensor) -> None:
@@ -32,7 +27,7 @@ class _PaddedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype):
         super().__init__()
-        _check_sizes(in_features, out_features, nblocks)
+        check_positive_ints(in_features=in_features, out_features=out_features, nblocks=nblocks)
         self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
         self.in_block, self.out_block = _ceil_div(in_features, nblocks), _ceil_div(out_features, nblocks)
         factory = {"device": device, "dtype": dtype}
@@ -47,7 +42,7 @@ class _PaddedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 0:
+        if check_tensor(x, "input").dim() == 0:
             raise ValueError(f"input must have at least 1 dimension (..., in_features={self.in_features}), got a "
                              "0-D tensor")
         if x.shape[-1] != self.in_features:
