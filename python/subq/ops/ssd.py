@@ -52,6 +52,8 @@ def ssd_chunk_scan(
     the index changes; ``initial_states`` belongs to the first sequence. ``cu_seqlens (S+1,)`` (batch 1; gives
     ``seq_idx`` when that is not passed) with ``return_varlen_states`` also returns the state after the last
     position of each sequence, ``(S, H, P, N)`` (zero for an empty sequence); those states carry no gradient.
+    Their values are checked without a host sync (``cu_seqlens`` must start at 0, never decrease and end at L): a
+    bad one raises RuntimeError on the CPU and is a device-side assertion on CUDA.
 
     Dtypes: x, B, C, z in float16, bfloat16, float32 or float64; dt, A, D, dt_bias, initial_states in x's dtype
     or float32. Decays, states and accumulation in float32 (float64 for float64 inputs); y in x's dtype, states in
