@@ -381,7 +381,7 @@ def test_errors_name_the_argument():
 
 def test_direct_op_calls_are_checked():
     """torch.ops.subq.causal_conv1d_* called directly (bypassing the Python checks) raise RuntimeError."""
-    x, w = torch.randn(2, 4, 8), torch.randn(4, 3)
+    x, w, buffer = torch.randn(2, 4, 8), torch.randn(4, 3), torch.randn(16)
     fwd, bwd, update = (torch.ops.subq.causal_conv1d_fwd, torch.ops.subq.causal_conv1d_bwd,
                         torch.ops.subq.causal_conv1d_update)
     cases = [
@@ -396,6 +396,11 @@ def test_direct_op_calls_are_checked():
         (lambda: bwd(x, w, None, None, None, torch.randn(2, 4, 8), torch.randn(2, 4, 5), False, [True] * 4),
          "dfinal_states.shape[2] must be 2"),
         (lambda: update(x, torch.randn(2, 4, 1), w, None, False), "state_len) must be at least"),
+        # conv_state is written in place
+        (lambda: update(x[..., :1], torch.zeros(1, 4, 2).expand(2, 4, 2), w, None, False),
+         "conv_state is written in place, so its elements must not share memory"),
+        (lambda: update(buffer[:8].view(2, 4, 1), buffer.view(2, 4, 2), w, None, False),
+         "conv_state is written in place and must not share memory with x"),
     ]
     for fn, message in cases:
         with pytest.raises(RuntimeError) as info:

@@ -357,6 +357,13 @@ def test_bad_inputs_gau_and_step():
     with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
         FlashDecodeState.allocate(2, 64.0, 4, 6)
 
+    # the four states are written in place: no state may alias another or an input
+    def step_with(lin_state, chunk_kv):
+        return torch.ops.subq.flash_step(*token.values(), v, None, None, lin_state, chunk_kv, state.k_quad_cache,
+                                         state.v_cache, 0, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match="lin_state is written in place and must not share memory with chunk_kv"):
+        step_with(state.lin_state, state.lin_state)
+
 
 @pytest.mark.gpu
 def test_device_mismatch():

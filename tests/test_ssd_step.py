@@ -252,6 +252,16 @@ def test_direct_op_calls_are_checked():
         with pytest.raises(RuntimeError, match=message):
             torch.ops.subq.ssd_step(*call)
 
+    # the state is written in place: an expanded state (rows sharing memory) or one aliasing an input is refused
+    call = list(args)
+    call[0] = args[0][:1].expand_as(args[0])
+    with pytest.raises(RuntimeError, match="state is written in place, so its elements must not share memory"):
+        torch.ops.subq.ssd_step(*call)
+    call = list(args)
+    call[1] = args[0].view(-1)[: args[1].numel()].view(args[1].shape)  # x (Bt, H, P) on the state's memory
+    with pytest.raises(RuntimeError, match="state is written in place and must not share memory with x"):
+        torch.ops.subq.ssd_step(*call)
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_policy(device):

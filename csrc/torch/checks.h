@@ -3,8 +3,10 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace subq::glue {
@@ -32,6 +34,24 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
 inline void check_nonempty_dims(const at::Tensor& t, const char* name, const char* layout) {
   for (int64_t d = 0; d < t.dim(); ++d) {
     TORCH_CHECK(t.size(d) > 0, name, " ", layout, " must have every dimension at least 1, got shape ", t.sizes());
+  }
+}
+
+using NamedTensor = std::pair<const at::Tensor*, const char*>;
+
+// A tensor an op updates in place (a decoding state): each element must be its own memory, or two rows would write
+// one location (an expanded state), and it must share none with another argument, or the result would depend on the
+// order of reads and writes. `others` may hold undefined tensors (absent optionals) and `t` itself (skipped). As in
+// ATen's own in-place checks, overlaps it cannot decide cheaply (two non-dense views of one storage) pass.
+inline void check_written_in_place(const at::Tensor& t, const char* name, c10::ArrayRef<NamedTensor> others) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " is written in place, so its elements must not share memory (an expanded or stride-0 tensor), got "
+              "strides ", t.strides());
+  for (const auto& [other, other_name] : others) {
+    if (other == &t || !other->defined()) continue;
+    const at::MemOverlapStatus status = at::get_overlap_status(t, *other);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, name,
+                " is written in place and must not share memory with ", other_name);
   }
 }
 

@@ -279,6 +279,16 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
   check_state(chunk_kv, v, "chunk_kv", {b, S, E});
   check_state(k_quad_cache, v, "k_quad_cache", {b, C, S});
   check_state(v_cache, v, "v_cache", {b, C, E});
+  // The four states are written in place: each against the inputs and the other states.
+  const Tensor none;
+  const std::array<NamedTensor, 11> arguments{{{&q_quad, "q_quad"}, {&k_quad, "k_quad"}, {&q_lin, "q_lin"},
+                                               {&k_lin, "k_lin"}, {&v, "v"}, {u ? &*u : &none, "u"},
+                                               {rel_bias ? &*rel_bias : &none, "rel_bias"},
+                                               {&lin_state, "lin_state"}, {&chunk_kv, "chunk_kv"},
+                                               {&k_quad_cache, "k_quad_cache"}, {&v_cache, "v_cache"}}};
+  for (size_t i = 7; i < arguments.size(); ++i) {
+    check_written_in_place(*arguments[i].first, arguments[i].second, arguments);
+  }
   check_rel_bias(rel_bias, v, 2 * C - 1, "2 * chunk_size - 1");
   TORCH_CHECK(position >= 0, "position must be >= 0, got ", position);
 #ifdef SUBQ_WITH_CUDA
