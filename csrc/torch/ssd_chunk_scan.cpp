@@ -104,9 +104,10 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
                 x.device());
     const int64_t S = cu_seqlens->size(0) - 1;
     const Tensor& cu = *cu_seqlens;
-    assert_values((cu[0] == 0).logical_and(cu[S] == x.size(1))
+    // Ending before seqlen is allowed: the padded tail is one more sequence, whose state is not returned.
+    assert_values((cu[0] == 0).logical_and(cu[S] <= x.size(1))
                       .logical_and((cu.narrow(0, 1, S) >= cu.narrow(0, 0, S)).all()),
-                  "cu_seqlens must start at 0, never decrease, and end at x's seqlen");
+                  "cu_seqlens must start at 0, never decrease, and end at most at x's seqlen");
   }
   auto opt = make_options(chunk_size, dt_softplus, dt_min, dt_max);
 #ifdef SUBQ_WITH_CUDA

@@ -7,12 +7,13 @@ norm, out_proj), so its checkpoints load with ``load_state_dict``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from subq._utils import check_positive_ints
+from subq._utils import check_int_choice, check_positive_ints
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
 
 
@@ -25,7 +26,7 @@ class RMSNormGated(nn.Module):
         super().__init__()
         check_positive_ints(hidden_size=hidden_size)
         # The op's own checks (eps, group_size) run at forward; made here too so a bad layer fails where it is built.
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if group_size is not None:
             check_positive_ints(group_size=group_size)
@@ -65,8 +66,7 @@ class Mamba2(nn.Module):
         factory = dict(device=device, dtype=dtype)
         check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups)
         # causal_conv1d takes widths 2..4; checked here so the error names the layer's argument, not the weight's.
-        if not isinstance(d_conv, int) or isinstance(d_conv, bool) or d_conv not in (2, 3, 4):
-            raise ValueError(f"d_conv must be 2, 3 or 4, got {d_conv!r}")
+        d_conv = check_int_choice(d_conv, "d_conv", (2, 3, 4))
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
         self.d_inner = expand * d_model
         if self.d_inner % headdim:

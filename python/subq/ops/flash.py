@@ -8,6 +8,7 @@ are opt-in with ``SUBQ_EXPERIMENTAL_FLASH_KERNELS=1`` until they have been verif
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -163,7 +164,7 @@ def flash_step(
     check_ndim(check_tensor(state.k_quad_cache, "state.k_quad_cache"), 3, "state.k_quad_cache",
                "(batch, chunk_size, S)")
     # True would reach the op as position 1.
-    if isinstance(state.position, bool) or not isinstance(state.position, int):
+    if isinstance(state.position, bool) or not isinstance(state.position, numbers.Integral):
         raise TypeError(f"state.position must be an int, got {type(state.position).__name__}")
     if state.position < 0:
         raise ValueError(f"state.position must be >= 0, got {state.position}")
@@ -187,7 +188,8 @@ def flash_step(
                          f"but the inputs give {expected}")
     quad_scale = 1.0 / C if quad_scale is None else float(quad_scale)
     out = torch.ops.subq.flash_step(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, state.lin_state, state.chunk_kv,
-                                    state.k_quad_cache, state.v_cache, state.position, quad_scale, float(lin_scale))
+                                    state.k_quad_cache, state.v_cache, int(state.position), quad_scale,
+                                    float(lin_scale))
     state.position += 1
     return out[:, None] if squeeze else out
 

@@ -11,6 +11,8 @@ The Monarch transforms alone are exposed for tests and benchmarks as :func:`_mon
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from subq import _C
@@ -26,9 +28,13 @@ def fft_size(seqlen: int) -> int:
     Even, so the Monarch DFT can take the real transform as a complex one of length M/2. One rule, in C++
     (csrc/monarch_conv/monarch_conv.h), shared with the fused CUDA forward.
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, torch.SymInt)) or not 1 <= seqlen <= MAX_SEQLEN:
+    try:  # any integer (numpy, a 0-D integer tensor, a traced shape, which this specializes), but no bool or float
+        n = None if isinstance(seqlen, bool) else operator.index(seqlen)
+    except TypeError:
+        n = None
+    if n is None or not 1 <= n <= MAX_SEQLEN:
         raise ValueError(f"seqlen must be an int in [1, {MAX_SEQLEN}], got {seqlen!r}")
-    return _C.monarch_conv_fft_size(int(seqlen))  # int(): a traced shape is specialized, as the kernels need
+    return _C.monarch_conv_fft_size(n)
 
 
 def monarch_conv(

@@ -53,7 +53,7 @@ def rmsnorm_gated(
         check_like(z, x, "z", "x")
         check_shape(z, tuple(x.shape), "z", "x.shape")
     eps = check_real(eps, "eps")
-    if not (math.isfinite(eps) and eps >= 0):
+    if not 0 <= eps < math.inf:  # false for NaN too; comparisons (not math.isfinite) trace under dynamic shapes
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if group_size is None:
         group_size = dim

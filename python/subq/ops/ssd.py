@@ -52,8 +52,9 @@ def ssd_chunk_scan(
     the index changes; ``initial_states`` belongs to the first sequence. ``cu_seqlens (S+1,)`` (batch 1; gives
     ``seq_idx`` when that is not passed) with ``return_varlen_states`` also returns the state after the last
     position of each sequence, ``(S, H, P, N)`` (zero for an empty sequence); those states carry no gradient.
-    Their values are checked without a host sync (``cu_seqlens`` must start at 0, never decrease and end at L): a
-    bad one raises RuntimeError on the CPU and is a device-side assertion on CUDA.
+    Positions past ``cu_seqlens[-1]`` (padding) form one more sequence. The values are checked without a host sync
+    (``cu_seqlens`` must start at 0, never decrease and end at most at L; ``seq_idx`` must not decrease): a bad one
+    raises RuntimeError on the CPU and is a device-side assertion on CUDA.
 
     Dtypes: x, B, C, z in float16, bfloat16, float32 or float64; dt, A, D, dt_bias, initial_states in x's dtype
     or float32. Decays, states and accumulation in float32 (float64 for float64 inputs); y in x's dtype, states in
@@ -148,8 +149,8 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
             raise ValueError(f"cu_seqlens needs the packed sequences in one batch row (x.shape[0] == 1), got {batch}")
         # Checked here too, not only by the op: seq_idx is derived from it first. _assert_async: no host sync (on
         # CUDA a failure is a device-side assertion), and torch.compile traces it.
-        valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == seqlen) & (cu_seqlens.diff() >= 0).all()
-        torch._assert_async(valid, "cu_seqlens must start at 0, never decrease, and end at x's seqlen")
+        valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] <= seqlen) & (cu_seqlens.diff() >= 0).all()
+        torch._assert_async(valid, "cu_seqlens must start at 0, never decrease, and end at most at x's seqlen")
 
 
 # ---- fake kernels (shapes only), for torch.compile and meta tensors ------------------------------------------------
