@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,8 @@ def test_bad_configuration():
         RMSNormGated(16, eps=-1)
     with pytest.raises(ValueError, match="group_size \\(5\\) must divide hidden_size \\(16\\)"):
         RMSNormGated(16, group_size=5)
+    norm = RMSNormGated(16, eps=np.float32(1e-5), group_size=np.int64(8))  # numpy numbers reach the op as Python ones
+    assert norm(torch.randn(3, 16), torch.randn(3, 16)).shape == (3, 16)
     layer = Mamba2(**SMALL)
     with pytest.raises(ValueError, match="one token"):
         layer.step(torch.randn(1, 2, SMALL["d_model"]), layer.allocate_inference_cache(1))

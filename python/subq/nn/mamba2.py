@@ -32,7 +32,9 @@ class RMSNormGated(nn.Module):
             check_positive_ints(group_size=group_size)
             if hidden_size % group_size:
                 raise ValueError(f"group_size ({group_size}) must divide hidden_size ({hidden_size})")
-        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        # As Python numbers: the op takes int / float, and the checks above also admit numpy ones.
+        self.eps, self.norm_before_gate = float(eps), norm_before_gate
+        self.group_size = None if group_size is None else int(group_size)
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
