@@ -96,8 +96,7 @@ void check_update(const at::Tensor& x, const at::Tensor& conv_state, const at::T
   check_size(conv_state, 1, x.size(1), "conv_state", "channels of x");
   TORCH_CHECK(conv_state.size(2) >= weight.size(1) - 1, "conv_state.shape[2] (state_len) must be at least width - 1 = ",
               weight.size(1) - 1, ", got shape ", conv_state.sizes());
-  const at::Tensor none;
-  check_written_in_place(conv_state, "conv_state", {{&x, "x"}, {&weight, "weight"}, {bias ? &*bias : &none, "bias"}});
+  check_written_in_place(conv_state, "conv_state", {{&x, "x"}, {&weight, "weight"}, named(bias, "bias")});
 }
 
 // ---- CPU, and CUDA for float64 or without the opt-in kernels --------------------------------------------------------

@@ -2,6 +2,7 @@
 // public argument names; these keep direct torch.ops.subq.* callers from reaching a kernel with bad input.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -38,6 +39,12 @@ inline void check_nonempty_dims(const at::Tensor& t, const char* name, const cha
 }
 
 using NamedTensor = std::pair<const at::Tensor*, const char*>;
+
+// An optional argument as a NamedTensor: an absent one is an undefined tensor, which check_written_in_place skips.
+inline NamedTensor named(const std::optional<at::Tensor>& t, const char* name) {
+  static const at::Tensor undefined;
+  return {t ? &*t : &undefined, name};
+}
 
 // A tensor an op updates in place (a decoding state): each element must be its own memory, or two rows would write
 // one location (an expanded state), and it must share none with another argument, or the result would depend on the

@@ -280,10 +280,8 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
   check_state(k_quad_cache, v, "k_quad_cache", {b, C, S});
   check_state(v_cache, v, "v_cache", {b, C, E});
   // The four states are written in place: each against the inputs and the other states.
-  const Tensor none;
   const std::array<NamedTensor, 11> arguments{{{&q_quad, "q_quad"}, {&k_quad, "k_quad"}, {&q_lin, "q_lin"},
-                                               {&k_lin, "k_lin"}, {&v, "v"}, {u ? &*u : &none, "u"},
-                                               {rel_bias ? &*rel_bias : &none, "rel_bias"},
+                                               {&k_lin, "k_lin"}, {&v, "v"}, named(u, "u"), named(rel_bias, "rel_bias"),
                                                {&lin_state, "lin_state"}, {&chunk_kv, "chunk_kv"},
                                                {&k_quad_cache, "k_quad_cache"}, {&v_cache, "v_cache"}}};
   for (size_t i = 7; i < arguments.size(); ++i) {

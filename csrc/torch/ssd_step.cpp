@@ -73,10 +73,8 @@ void check_ssd_step(const at::Tensor& state, const at::Tensor& x, const at::Tens
   }
   TORCH_CHECK(!std::isnan(dt_lo) && !std::isnan(dt_hi) && dt_lo <= dt_hi,
               "dt_limit must be (lo, hi) with lo <= hi, got (", dt_lo, ", ", dt_hi, ")");
-  const at::Tensor none;
-  auto optional = [&](const OptTensor& t) { return t ? &*t : &none; };
-  check_written_in_place(state, "state", {{&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"},
-                                          {optional(D), "D"}, {optional(z), "z"}, {optional(dt_bias), "dt_bias"}});
+  check_written_in_place(state, "state", {{&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, named(D, "D"),
+                                          named(z, "z"), named(dt_bias, "dt_bias")});
 }
 
 at::Tensor ssd_step_composite(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
