@@ -8,6 +8,7 @@ import torch
 import subq
 from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
 from subq.ops import blockdiag_matmul, monarch_matmul
+from subq.profile.ops.monarch import two_bmm
 from subq.reference import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
 
 # (nb, bo, bi): square, rectangular both ways, single block, tiny blocks, vector-width multiples (CUDA kernel path)
@@ -375,15 +376,6 @@ def test_direct_op_calls_are_checked():
         torch.ops.subq.blockdiag_fwd(x, torch.randn(4, 0, 4))
 
 
-def per_block_monarch(x, w1, w2):
-    """The op's four steps with one batched matmul per factor: a NaN or Inf reaches exactly the outputs of the
-    blocks it feeds (the dense reference's block_diag would spread it through 0 * inf)."""
-    k, q, p = w1.shape
-    l, s, r = w2.shape
-    t = torch.einsum("kqp,bkp->bkq", w1, x.reshape(-1, k, p)).reshape(-1, r, l).transpose(1, 2)
-    return torch.einsum("lsr,blr->bls", w2, t).transpose(1, 2).reshape(x.shape[0], l * s)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["x", "w1", "w2"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -396,7 +388,9 @@ def test_nan_and_inf_stay_in_their_blocks(device, where, value):
     poisoned = {"x": x, "w1": w1, "w2": w2}[where]
     poisoned.view(-1)[poisoned.numel() // 3] = value
     y = monarch_matmul(x, w1, w2)
-    want = per_block_monarch(x.double(), w1.double(), w2.double())
+    # two bmm (m2's formulation) run one product per block: a NaN or Inf reaches exactly the outputs of the blocks
+    # it feeds (the dense reference's block_diag would spread it through 0 * inf)
+    want = two_bmm(x.double(), w1.double(), w2.double())
     assert not torch.isfinite(want).all() and torch.isfinite(want).any()
     assert torch.equal(torch.isnan(y), torch.isnan(want))
     assert torch.equal(torch.isinf(y), torch.isinf(want))
