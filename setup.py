@@ -39,7 +39,9 @@ def kernel_sources() -> list[str]:
 
 
 def glue_sources() -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / "csrc" / "*" / "*.cpp")))
+    # csrc/emu/ is the CPU emulator's (test infrastructure, built by csrc/emu/build.py), not part of subq._C.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / "csrc" / "*" / "*.cpp"))
+                  if Path(p).parent.name != "emu")
 
 
 def gencode_flags(archs: str) -> list[str]:

@@ -1,0 +1,206 @@
+"""Running our CUDA kernels under the CPU emulator (csrc/emu/): build, schedules, the sanitizer runners, checks.
+
+The rewritten glue registers each op's CUDA implementation as `torch.ops.subq_emu.<op>` for CPU tensors; within
+`emulated()` those replace the CPU kernels of `torch.ops.subq`, so the public ops (their checks, autograd and all)
+run the emulated kernels. A case is judged as the GPU tests judge the kernels: outputs and gradients against the
+op's reference in float64, within the error budget of the same reference run in the inputs' own precision.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_within_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "csrc" / "emu"))
+import build as emu_build  # noqa: E402
+
+# Every opt-in kernel family: emulated cases run the kernels, never the glue's composite fallback.
+KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_SSD_KERNELS",
+                "SUBQ_EXPERIMENTAL_FLASH_KERNELS", "SUBQ_EXPERIMENTAL_CONV_KERNELS")
+# (SUBQ_EMU_SCHEDULE, SUBQ_EMU_SEED): thread and block order, and the WMMA fragment layout with them.
+SCHEDULES = (("forward", "1"), ("random", "7"))
+
+
+def emulator_available() -> str | None:
+    """None when the emulator can be built here, else why not."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return "the emulator's fibers are x86-64 Linux only"
+    try:
+        emu_build.cuda_include()
+    except (FileNotFoundError, ImportError) as e:
+        return str(e)
+    return None
+
+
+_loaded: list[bool] = []
+
+
+def load_plain() -> None:
+    """Builds (incrementally) and loads build/emu/libsubq_emu.so once per process."""
+    if not _loaded:
+        emu_build.build(["plain"])
+        torch.ops.load_library(str(emu_build.target("plain")))
+        _loaded.append(True)
+
+
+_EMU_OWN_OPS = {"take_reports", "take_launches", "transpose_within_rows"}
+_recorded: list[tuple[str, list]] | None = None
+
+
+def _emulated_kernel(name: str):
+    emu_op = getattr(torch.ops.subq_emu, name)
+
+    def kernel(*args):
+        if _recorded is not None:
+            _recorded.append((f"subq_emu::{name}", [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+        return emu_op(*args)
+
+    return kernel
+
+
+@contextlib.contextmanager
+def emulated(monkeypatch, schedule: tuple[str, str] = SCHEDULES[0]):
+    """Within it, the public subq ops on CPU tensors run the CUDA glue and kernels under the emulator: the CPU
+    kernels of torch.ops.subq are overridden by the emulated ones (autograd, fake kernels and checks above them stay
+    as they are), every opt-in kernel is on, and the schedule is `schedule`."""
+    load_plain()
+    for flag in KERNEL_FLAGS:
+        monkeypatch.setenv(flag, "1")
+    monkeypatch.setenv("SUBQ_EMU_SCHEDULE", schedule[0])
+    monkeypatch.setenv("SUBQ_EMU_SEED", schedule[1])
+    monkeypatch.setenv("SUBQ_EMU_WORKERS", "2")
+    torch.ops.subq_emu.take_reports()
+    torch.ops.subq_emu.take_launches()
+    lib = torch.library.Library("subq", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
+        for qualified in torch._C._dispatch_get_all_op_names():
+            namespace, _, name = qualified.partition("::")
+            if namespace == "subq_emu" and name not in _EMU_OWN_OPS:
+                lib.impl(name, _emulated_kernel(name), "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+@contextlib.contextmanager
+def recording():
+    """Records the raw op calls made under emulated() (for the sanitizer runners)."""
+    global _recorded
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+@dataclass
+class Case:
+    """A public op called on `inputs` (a dict of its keyword arguments) under the emulator, against `ref` (the op's
+    plain PyTorch reference, same keywords and output structure) in float64, within the error budget of `ref` in
+    the inputs' own precision. `grads`: the inputs to differentiate (all outputs get random cotangents).
+    `kernels`: parts of the kernel names that must run."""
+
+    name: str
+    op: Callable
+    ref: Callable
+    inputs: dict
+    grads: list[str]
+    kernels: list[str]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _evaluate(fn, inputs: dict, grads: list[str], cotangents, to64: bool):
+    """fn's outputs and the gradients of sum(out * cotangent) w.r.t. `grads`, on fresh copies of the inputs."""
+    kw = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if to64 and v.is_floating_point():
+                v = v.double()
+            if k in grads:
+                v.requires_grad_()
+        kw[k] = v
+    outs = _as_tuple(fn(**kw))
+    grad_values = []
+    if grads:
+        diff = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+        grad_values = torch.autograd.grad([o for o, _ in diff], [kw[k] for k in grads],
+                                          [c.to(o.dtype) for o, c in diff], allow_unused=True)
+    return [o.detach() for o in outs], list(grad_values)
+
+
+def check(case: Case, monkeypatch, schedule: tuple[str, str] = SCHEDULES[0]) -> None:
+    """Runs the case under the emulator in one schedule; asserts no emulator report, that the kernels ran, and every
+    output and gradient within the error budget."""
+    torch.manual_seed(zlib.crc32(case.name.encode()))
+    ref_outs, _ = _evaluate(case.ref, case.inputs, [], None, to64=True)
+    cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in ref_outs]
+    ref_outs, ref_grads = _evaluate(case.ref, case.inputs, case.grads, cotangents, to64=True)
+    plain_outs, plain_grads = _evaluate(case.ref, case.inputs, case.grads, cotangents, to64=False)
+    with emulated(monkeypatch, schedule):
+        outs, grads = _evaluate(case.op, case.inputs, case.grads, cotangents, to64=False)
+        launched = torch.ops.subq_emu.take_launches()
+        reports = torch.ops.subq_emu.take_reports()
+    assert not reports, "emulator reports:\n" + "\n".join(reports)
+    for kernel in case.kernels:
+        assert any(kernel in name for name in launched), f"{kernel} did not run; launched: {sorted(set(launched))}"
+    for i, (o, r, p) in enumerate(zip(outs, ref_outs, plain_outs)):
+        assert_within_budget(o, r, p, f"{case.name} output {i}")
+    for name, g, r, p in zip(case.grads, grads, ref_grads, plain_grads):
+        if r is None:
+            continue
+        assert g is not None, f"{case.name}: no gradient for {name}"
+        assert_within_budget(g, r, p, f"{case.name} d{name}")
+
+
+def record_calls(cases: list[Case], monkeypatch) -> list[tuple[str, list]]:
+    """The raw op calls the cases make (forward and backward), for the sanitizer runners."""
+    with recording() as calls:
+        for case in cases:
+            with emulated(monkeypatch):
+                cotangents = [torch.randn(o.shape, dtype=torch.float64)
+                              for o in _evaluate(case.ref, case.inputs, [], None, to64=True)[0]]
+                _evaluate(case.op, case.inputs, case.grads, cotangents, to64=False)
+        return list(calls)
+
+
+def run_sanitized(calls: list[tuple[str, list]], variant: str, tmp_path: Path) -> str:
+    """Runs recorded raw op calls through build/emu/subq_emu_run_<variant> (ASan+UBSan or TSan); fails on any
+    finding (a sanitizer's, the emulator's, or a non-finite output)."""
+    emu_build.build([variant])
+    path = tmp_path / f"calls_{variant}.pt"
+    torch.save(calls, path)
+    env = dict(os.environ, **{flag: "1" for flag in KERNEL_FLAGS})
+    env.update(SUBQ_EMU_WORKERS="2", SUBQ_EMU_SCHEDULE="random", SUBQ_EMU_SEED="3",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+               TSAN_OPTIONS="halt_on_error=1:history_size=4:report_signal_unsafe=0")
+    result = subprocess.run([str(emu_build.target(variant)), str(path)], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{variant} runner exit {result.returncode}:\n{output[-12000:]}"
+    return output
+
+
+requires_emulator = pytest.mark.skipif(emulator_available() is not None,
+                                       reason=f"no CPU emulator here: {emulator_available()}")
