@@ -102,10 +102,13 @@ def ssd_step_cases(batch, heads, P, N, groups, dtype, seed, full=True) -> list[C
 
 def ssd_cases(batch, seqlen, heads, P, N, groups, chunk, dtype, seed, variant="full") -> list[Case]:
     g = _g(seed)
-    inputs = dict(x=_randn(g, batch, seqlen, heads, P, dtype=dtype), dt=_randn(g, batch, seqlen, heads, scale=0.5) - 1,
+    # dt is a step size: positive as given, or any real number when dt_softplus maps it to one.
+    softplus = variant in ("full", "seq_idx")
+    dt = _randn(g, batch, seqlen, heads, scale=0.5) - 1 if softplus else torch.rand(batch, seqlen, heads, generator=g) * 0.2
+    inputs = dict(x=_randn(g, batch, seqlen, heads, P, dtype=dtype), dt=dt,
                   A=-torch.rand(heads, generator=g) - 0.5, B=_randn(g, batch, seqlen, groups, N, dtype=dtype, scale=0.5),
                   C=_randn(g, batch, seqlen, groups, N, dtype=dtype, scale=0.5), chunk_size=chunk)
-    if variant in ("full", "seq_idx"):
+    if softplus:
         inputs.update(D=_randn(g, heads), z=_randn(g, batch, seqlen, heads, P, dtype=dtype),
                       dt_bias=_randn(g, heads, scale=0.5), dt_softplus=True)
     if variant == "full":

@@ -47,6 +47,7 @@ struct SsdForwardParams {
   const int32_t* seq_idx = nullptr;       // (b, L); nullptr: one sequence per row
 
   void* y = nullptr;                // (b, L, H, P), written
+  float* y_float32 = nullptr;       // instead of y: the output in float32 (the backward's recompute keeps it so)
   float* final_states = nullptr;    // (b, H, P, N), written
   void* workspace = nullptr;        // ssd_forward_workspace_bytes(shape) bytes, 256-byte aligned
 };

@@ -15,6 +15,8 @@
 //                          gradient through the clamp, softplus and dt_bias.
 // The forward runs first (its public entry point, without D and z) to recompute dt, the cumulative sums, C.B per
 // chunk, the entering states and the SSM output y_ssm (from which dz and, by g . y_ssm, the t-side of dcum follow).
+// y_ssm stays float32 and dcum's g is recomputed in float32: dcum's chunk sums (dA, ddt_bias) add up the per-position
+// terms' rounding, which in 16 bits is correlated and put bf16's dA ~20% off.
 // Products are WMMA tiles as in the forward: 16-bit operands staged through shared memory, float32 accumulators.
 #include "ssd/ssd_chunk_scan.h"
 #include "common/cuda_status.h"
@@ -122,12 +124,11 @@ __device__ __forceinline__ int32_t entering_seq(const int32_t* seq_idx, const Di
 struct BackwardWorkspace {
   Workspace fwd;
   float* final_states;  // (b, H, P, N): written by the recomputing forward, unused
-  void* y_ssm;          // (b, L, H, P) 16-bit: C.h + intra-chunk output, before skip and gate
+  float* y_ssm;         // (b, L, H, P) float32: C.h + intra-chunk output, before skip and gate
   void* g;              // (b, L, H, P) 16-bit: dy silu(z) (only with z; otherwise g is dy)
   float* dstates;       // (b, nc, H, P, N): d(entering state), then dS_c in place
   float* dcb;           // (b, nc, G, Q, Q): lower-triangular 64 x 64 tiles
   float* r_state;       // (p_tiles, b, H, Lp): x_s . exp(cum_last - cum_s) (dS_c B_s), partial over P tiles
-  float* r_all;         // (p_tiles, b, H, Lp): r_state plus x_s . sum_t scores[t, s] g_t, partial over P tiles
   float* dcarry;        // (b, H, nc, pn_blocks): <dS_c, E_c>, partial over state_passing_backward blocks
 };
 
@@ -136,19 +137,18 @@ int64_t pn_blocks_of(const Dims& d) { return (d.P * d.N + kPassThreads - 1) / kP
 
 // Bytes of each buffer after the forward's workspace, in carve order.
 struct BackwardSizes {
-  size_t final_states, y_ssm, g, dstates, dcb, r_state, r_all, dcarry;
+  size_t final_states, y_ssm, g, dstates, dcb, r_state, dcarry;
 };
 
 BackwardSizes backward_sizes(const Dims& d) {
   const size_t half = 2;  // 16-bit inputs only
   BackwardSizes s;
   s.final_states = aligned(sizeof(float) * d.b * d.H * d.P * d.N);
-  s.y_ssm = aligned(half * d.b * d.L * d.H * d.P);
-  s.g = s.y_ssm;
+  s.y_ssm = aligned(sizeof(float) * d.b * d.L * d.H * d.P);
+  s.g = aligned(half * d.b * d.L * d.H * d.P);
   s.dstates = aligned(sizeof(float) * d.b * d.nc * d.H * d.P * d.N);
   s.dcb = aligned(sizeof(float) * d.b * d.nc * d.G * d.Q * d.Q);
   s.r_state = aligned(sizeof(float) * p_tiles_of(d) * d.b * d.H * d.Lp);
-  s.r_all = s.r_state;
   s.dcarry = aligned(sizeof(float) * d.b * d.H * d.nc * pn_blocks_of(d));
   return s;
 }
@@ -161,7 +161,7 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
   bytes += forward_bytes;
   w.final_states = reinterpret_cast<float*>(bytes);
   bytes += s.final_states;
-  w.y_ssm = bytes;
+  w.y_ssm = reinterpret_cast<float*>(bytes);
   bytes += s.y_ssm;
   w.g = bytes;
   bytes += s.g;
@@ -171,8 +171,6 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
   bytes += s.dcb;
   w.r_state = reinterpret_cast<float*>(bytes);
   bytes += s.r_state;
-  w.r_all = reinterpret_cast<float*>(bytes);
-  bytes += s.r_all;
   w.dcarry = reinterpret_cast<float*>(bytes);
   return w;
 }
@@ -180,7 +178,7 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
 // ---- 1. gate_skip_backward: g = dy silu(z), dz = dy y sigmoid(z) (1 + z (1 - sigmoid(z))), dD = sum g x --------
 // grid (ceil(b * L / kGateRows), H). y = y_ssm + D x is the output before the gate.
 template <typename T>
-__global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const T* y_ssm, T* g) {
+__global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const float* y_ssm, T* g) {
   __shared__ float dD_sum[kMaxP];
   __shared__ float scratch[32];
   const int64_t h = blockIdx.y, row0 = static_cast<int64_t>(blockIdx.x) * kGateRows;
@@ -199,7 +197,7 @@ __global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const T* 
     float gv = dyv;
     if (z) {
       const float zv = to_float(z[offset]), sig = sigmoid(zv);
-      const float yv = to_float(y_ssm[offset]) + Dv * xv;
+      const float yv = y_ssm[offset] + Dv * xv;
       gv = dyv * zv * sig;
       g[offset] = from_float<T>(gv);
       dz[offset] = from_float<T>(dyv * yv * sig * (1.f + zv * (1.f - sig)));
@@ -353,11 +351,11 @@ __device__ __forceinline__ void row_dot_x(const OutTile& tile, const T* x, const
 
 // ---- 5. chunk_dx: dx_s = dt_s (to_end_s B_s . dS_c[p, :] + sum_t scores[t, s] g_t) + D g_s -----------------------
 // grid (b * nc, H, tiles * p_tiles). to_end_s = exp(cum_last - cum_s) where s is in the chunk's last sequence.
-// Also the dt gradient's row sums (before the dt_s factor): r_state_s = x_s . to_end_s (dS_c B_s) and
-// r_all_s = x_s . (to_end_s dS_c B_s + sum_t scores[t, s] g_t), partial over this block's P tile.
+// Also the dt gradient's state-side row sums (before the dt_s factor): r_state_s = x_s . to_end_s (dS_c B_s),
+// partial over this block's P tile.
 template <typename T>
 __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const float* dtp, const float* cum,
-                                const float* cb, const float* dstates, float* r_state, float* r_all) {
+                                const float* cb, const float* dstates, float* r_state) {
   const int tiles = static_cast<int>(d.Q / kTile);
   const int si = blockIdx.z % tiles;
   const int64_t pi = blockIdx.z / tiles;
@@ -416,7 +414,6 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
         });
   }
   store_tile(acc, out_tile);
-  row_dot_x(out_tile, x, d, b, h, c * d.Q + s0, pi, r_all + part);
 
   T* dx = static_cast<T*>(p.dx);
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
@@ -541,37 +538,75 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
 // ---- 8. chunk_dt_backward: dcum, da = reverse cumsum, ddt through clamp/softplus/bias, dA, ddt_bias --------------
 // grid (b * nc, H), block Q threads (one per position). cum_t = sum_{u <= t} a_u with a = dt A, so
 // da_s = sum_{t >= s} dcum_t, where
-//   dcum_t = g_t . y_ssm_t                        (state-to-output and intra-chunk terms, on the t side)
-//          - dt_t r_all_t                         (to_end's and the intra-chunk decays' s side)
+//   dcum_t = from_start_t g_t . (E_c C_t)          (state to output, on the t side)
+//          + sum_{s <= t} G[t, s] - sum_{t' >= t} G[t', t]   (the intra-chunk decays' two sides)
+//          - dt_t r_state_t                       (to_end's s side)
 //          + [t = Q-1] (d_carry carry + sum_s dt_s r_state_s)   (carry = exp(cum_last), to_end's cum_last side)
-// and d(dt_t) = r_all_t + da_t A. dA and ddt_bias take one float32 atomic per block.
+// with G[t, s] = scores[t, s] (g_t . x_s) = dt_s W[t, s]. A chunk's intra-chunk terms cancel in its sum (shifting
+// every cum_t leaves cum_t - cum_s alone), so both sides come from the same float32 W values here: taken from the
+// forward's 16-bit y_ssm and the 16-bit-operand products of chunk_dx, their roundings did not cancel and the
+// reverse cumsum carried them into dA and ddt_bias (bf16 dA off by tens of percent). d(dt_t) = r_state_t +
+// sum_{t' >= t} W[t', t] + da_t A. dA and ddt_bias take one float32 atomic per block.
 template <typename T>
-__global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const T* g, const T* y_ssm, const float* dtp,
-                                         const float* cum, const float* r_state, const float* r_all,
+__device__ __forceinline__ float gate_gradient(const SsdBackwardParams& p, int64_t offset) {
+  float gv = to_float(static_cast<const T*>(p.dy)[offset]);
+  if (p.z) {
+    const float zv = to_float(static_cast<const T*>(p.z)[offset]);
+    gv *= zv * sigmoid(zv);
+  }
+  return gv;
+}
+
+// W[t, s] = cb[t, s] exp(cum_t - cum_s) (g_t . x_s) for s <= t in one sequence (and inside L), else 0: the same
+// float operations wherever it is evaluated, so every use sees the same value.
+template <typename T>
+__device__ __forceinline__ float intra_term(const SsdBackwardParams& p, const Dims& d, int64_t b, int64_t c,
+                                            int64_t h, const float* cb_chunk, const float* cum_row, int t, int s) {
+  const int64_t t_pos = c * d.Q + t, s_pos = c * d.Q + s;
+  if (s > t || t_pos >= d.L || seq_at(p.seq_idx, d, b, t_pos) != seq_at(p.seq_idx, d, b, s_pos)) return 0.f;
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t t_base = ((b * d.L + t_pos) * d.H + h) * d.P, s_base = ((b * d.L + s_pos) * d.H + h) * d.P;
+  float gx = 0.f;
+  for (int64_t pp = 0; pp < d.P; ++pp) gx += gate_gradient<T>(p, t_base + pp) * to_float(x[s_base + pp]);
+  return cb_chunk[t * d.Q + s] * expf(cum_row[t] - cum_row[s]) * gx;
+}
+
+template <typename T>
+__global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const float* dtp, const float* cum,
+                                         const float* cb, const float* entering, const float* r_state,
                                          const float* dcarry, int64_t pn_blocks) {
   __shared__ float scratch[32];
   __shared__ float reversed[kMaxQ];
   const int t = threadIdx.x;
-  const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y;
+  const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y, grp = h / d.heads_per_group;
   const int64_t pos = c * d.Q + t, row = (b * d.H + h) * d.Lp + c * d.Q;
   const int64_t part_stride = d.b * d.H * d.Lp;
   const float dt_t = dtp[row + t];
-  float rs = 0.f, ra = 0.f;
-  for (int64_t pi = 0; pi < p_tiles_of(d); ++pi) {
-    rs += r_state[pi * part_stride + row + t];
-    ra += r_all[pi * part_stride + row + t];
-  }
-  float gy = 0.f;
-  if (pos < d.L) {
+  float rs = 0.f;
+  for (int64_t pi = 0; pi < p_tiles_of(d); ++pi) rs += r_state[pi * part_stride + row + t];
+  float gy_state = 0.f;  // from_start_t g_t . (E_c C_t)
+  if (pos < d.L && seq_at(p.seq_idx, d, b, pos) == entering_seq(p.seq_idx, d, b, c)) {
+    const T* C = static_cast<const T*>(p.C) + ((b * d.L + pos) * d.G + grp) * d.N;
+    const float* E = entering + ((b * d.nc + c) * d.H + h) * d.P * d.N;
     const int64_t base = ((b * d.L + pos) * d.H + h) * d.P;
-    for (int64_t pp = 0; pp < d.P; ++pp) gy += to_float(g[base + pp]) * to_float(y_ssm[base + pp]);
+    for (int64_t pp = 0; pp < d.P; ++pp) {
+      float ec = 0.f;
+      for (int64_t n = 0; n < d.N; ++n) ec += E[pp * d.N + n] * to_float(C[n]);
+      gy_state += gate_gradient<T>(p, base + pp) * ec;
+    }
+    gy_state *= expf(cum[row + t]);
   }
+  const float* cb_chunk = cb + ((b * d.nc + c) * d.G + grp) * d.Q * d.Q;
+  float t_side = 0.f, s_side = 0.f;  // sum_{s <= t} dt_s W[t, s] and sum_{t' >= t} W[t', t]
+  for (int s = 0; s <= t; ++s) t_side += dtp[row + s] * intra_term<T>(p, d, b, c, h, cb_chunk, cum + row, t, s);
+  for (int u = t; u < d.Q; ++u) s_side += intra_term<T>(p, d, b, c, h, cb_chunk, cum + row, u, t);
+  const float ra = rs + s_side;
   float d_carry = 0.f;
   for (int64_t k = 0; k < pn_blocks; ++k) d_carry += dcarry[((b * d.H + h) * d.nc + c) * pn_blocks + k];
   const bool continues = seq_at(p.seq_idx, d, b, c * d.Q + d.Q - 1) == entering_seq(p.seq_idx, d, b, c);
   const float carry = continues ? expf(cum[row + d.Q - 1]) : 0.f;
   const float to_end_total = block_sum(dt_t * rs, scratch);
-  float dcum = gy - dt_t * ra;
+  float dcum = gy_state + t_side - dt_t * ra;
   if (t == d.Q - 1) dcum += d_carry * carry + to_end_total;
 
   reversed[d.Q - 1 - t] = dcum;
@@ -600,7 +635,7 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const T* g
   }
 }
 
-SsdForwardParams recompute_params(const SsdBackwardParams& p, void* y_ssm, float* final_states) {
+SsdForwardParams recompute_params(const SsdBackwardParams& p, float* y_ssm, float* final_states) {
   SsdForwardParams f;
   f.dtype = p.dtype;
   f.shape = p.shape;
@@ -618,7 +653,7 @@ SsdForwardParams recompute_params(const SsdBackwardParams& p, void* y_ssm, float
   f.dt_bias = p.dt_bias;
   f.initial_states = p.initial_states;
   f.seq_idx = p.seq_idx;
-  f.y = y_ssm;
+  f.y_float32 = y_ssm;
   f.final_states = final_states;
   f.workspace = p.workspace;
   return f;
@@ -638,7 +673,7 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
     return Status::kCudaError;
   }
 
-  const T* y_ssm = static_cast<const T*>(w.y_ssm);
+  const float* y_ssm = w.y_ssm;
   const T* g = p.z ? static_cast<const T*>(w.g) : static_cast<const T*>(p.dy);
   const unsigned bc = static_cast<unsigned>(d.b * d.nc), heads = static_cast<unsigned>(d.H);
   const unsigned groups = static_cast<unsigned>(d.G), tiles = static_cast<unsigned>(d.Q / kTile);
@@ -657,13 +692,13 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
   chunk_dcb_kernel<T><<<dim3(bc, groups, tiles * tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.dtp, w.fwd.cum,
                                                                                 w.dcb);
   chunk_dx_kernel<T><<<dim3(bc, heads, tiles * p_tiles), kThreads, 0, stream>>>(
-      p, d, g, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.dstates, w.r_state, w.r_all);
+      p, d, g, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.dstates, w.r_state);
   chunk_dc_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.cum, w.fwd.states,
                                                                                  w.dcb);
   chunk_db_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, d, w.fwd.dtp, w.fwd.cum,
                                                                                  w.dstates, w.dcb);
   chunk_dt_backward_kernel<T><<<dim3(bc, heads), static_cast<unsigned>(d.Q), 0, stream>>>(
-      p, d, g, y_ssm, w.fwd.dtp, w.fwd.cum, w.r_state, w.r_all, w.dcarry, pn_blocks);
+      p, d, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.fwd.states, w.r_state, w.dcarry, pn_blocks);
   return launch_status();
 }
 
@@ -673,7 +708,7 @@ size_t ssd_backward_workspace_bytes(const SsdShape& shape) {
   const Dims d = make_dims(shape);
   const BackwardSizes s = backward_sizes(d);
   return ssd_forward_workspace_bytes(shape) + s.final_states + s.y_ssm + s.g + s.dstates + s.dcb + s.r_state +
-         s.r_all + s.dcarry;
+         s.dcarry;
 }
 
 Status run_ssd_backward(const SsdBackwardParams& p, cudaStream_t stream) {

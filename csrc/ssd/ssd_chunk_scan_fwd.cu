@@ -274,7 +274,11 @@ __global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, 
       const float zv = to_float(z[offset]);
       out *= zv / (1.f + expf(-zv));
     }
-    y[offset] = from_float<T>(out);
+    if (p.y_float32) {
+      p.y_float32[offset] = out;
+    } else {
+      y[offset] = from_float<T>(out);
+    }
   }
 }
 
@@ -313,7 +317,7 @@ Status run_ssd_forward(const SsdForwardParams& p, cudaStream_t stream) {
       (s.chunk_size != 64 && s.chunk_size != 128 && s.chunk_size != 256) || s.heads > 65535 || s.batch > 65535) {
     return Status::kInvalidArgument;
   }
-  if (!p.x || !p.dt || !p.A || !p.B || !p.C || !p.y || !p.final_states || !p.workspace) {
+  if (!p.x || !p.dt || !p.A || !p.B || !p.C || (!p.y && !p.y_float32) || !p.final_states || !p.workspace) {
     return Status::kInvalidArgument;
   }
   const Dims d = make_dims(s);
