@@ -86,3 +86,15 @@ def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, plain_lowp: tor
     budget = 2 * max_err(plain_lowp, ref64) + 1e-5 * max(1.0, scale)
     err = max_err(out, ref64)
     assert err <= budget, f"{what}: max error {err:.3e} exceeds budget {budget:.3e}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The emulated kernels' share of the run (the issue's budget for it: 10 minutes on 2 cores)."""
+    seconds, count = 0.0, 0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call" and "test_emulat" in getattr(report, "nodeid", ""):
+                seconds += report.duration
+                count += 1
+    if count:
+        terminalreporter.write_line(f"subq emu: {count} emulated-kernel tests ran in {seconds:.0f} s")

@@ -93,7 +93,8 @@ def ssd_step_cases(batch, heads, P, N, groups, dtype, seed, full=True) -> list[C
                   B=_randn(g, batch, groups, N, dtype=dtype), C=_randn(g, batch, groups, N, dtype=dtype),
                   dt_softplus=True)
     if full:
-        inputs.update(D=_randn(g, heads), z=_randn(g, batch, heads, P, dtype=dtype), dt_bias=_randn(g, heads, scale=0.5))
+        inputs.update(D=_randn(g, heads), z=_randn(g, batch, heads, P, dtype=dtype),
+                      dt_bias=_randn(g, heads, scale=0.5))
     name = f"ssd_step_b{batch}_h{heads}_p{P}_n{N}_g{groups}_{'full' if full else 'bare'}_{_tag(dtype)}"
     return [Case(name, _step_op, ssd_step_ref, inputs, [], ["ssd_step_kernel"])]
 
@@ -104,9 +105,12 @@ def ssd_cases(batch, seqlen, heads, P, N, groups, chunk, dtype, seed, variant="f
     g = _g(seed)
     # dt is a step size: positive as given, or any real number when dt_softplus maps it to one.
     softplus = variant in ("full", "seq_idx")
-    dt = _randn(g, batch, seqlen, heads, scale=0.5) - 1 if softplus else torch.rand(batch, seqlen, heads, generator=g) * 0.2
-    inputs = dict(x=_randn(g, batch, seqlen, heads, P, dtype=dtype), dt=dt,
-                  A=-torch.rand(heads, generator=g) - 0.5, B=_randn(g, batch, seqlen, groups, N, dtype=dtype, scale=0.5),
+    if softplus:
+        dt = _randn(g, batch, seqlen, heads, scale=0.5) - 1
+    else:
+        dt = torch.rand(batch, seqlen, heads, generator=g) * 0.2
+    inputs = dict(x=_randn(g, batch, seqlen, heads, P, dtype=dtype), dt=dt, A=-torch.rand(heads, generator=g) - 0.5,
+                  B=_randn(g, batch, seqlen, groups, N, dtype=dtype, scale=0.5),
                   C=_randn(g, batch, seqlen, groups, N, dtype=dtype, scale=0.5), chunk_size=chunk)
     if softplus:
         inputs.update(D=_randn(g, heads), z=_randn(g, batch, seqlen, heads, P, dtype=dtype),

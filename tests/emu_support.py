@@ -33,17 +33,6 @@ KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_SSD_KERNE
 SCHEDULES = (("forward", "1"), ("random", "7"))
 
 
-def emulator_available() -> str | None:
-    """None when the emulator can be built here, else why not."""
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        return "the emulator's fibers are x86-64 Linux only"
-    try:
-        emu_build.cuda_include()
-    except (FileNotFoundError, ImportError) as e:
-        return str(e)
-    return None
-
-
 _loaded: list[bool] = []
 
 
@@ -143,7 +132,7 @@ def _evaluate(fn, inputs: dict, grads: list[str], cotangents, to64: bool):
     outs = _as_tuple(fn(**kw))
     grad_values = []
     if grads:
-        diff = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+        diff = [(o, c) for o, c in zip(outs, cotangents, strict=True) if o.requires_grad]
         grad_values = torch.autograd.grad([o for o, _ in diff], [kw[k] for k in grads],
                                           [c.to(o.dtype) for o, c in diff], allow_unused=True)
     return [o.detach() for o in outs], list(grad_values)
@@ -171,9 +160,9 @@ def check(case: Case, monkeypatch, schedule: tuple[str, str] = SCHEDULES[0]) -> 
     assert not reports, "emulator reports:\n" + "\n".join(reports)
     for kernel in case.kernels:
         assert any(kernel in name for name in launched), f"{kernel} did not run; launched: {sorted(set(launched))}"
-    for i, (o, r, p) in enumerate(zip(outs, ref_outs, plain_outs)):
+    for i, (o, r, p) in enumerate(zip(outs, ref_outs, plain_outs, strict=True)):
         assert_within_budget(o, r, p, f"{case.name} output {i}")
-    for name, g, r, p in zip(case.grads, grads, ref_grads, plain_grads):
+    for name, g, r, p in zip(case.grads, grads, ref_grads, plain_grads, strict=True):
         if r is None:
             continue
         assert g is not None, f"{case.name}: no gradient for {name}"
@@ -210,5 +199,5 @@ def run_sanitized(calls: list[tuple[str, list]], variant: str, tmp_path: Path) -
     return output
 
 
-requires_emulator = pytest.mark.skipif(emulator_available() is not None,
-                                       reason=f"no CPU emulator here: {emulator_available()}")
+requires_emulator = pytest.mark.skipif(emu_build.unavailable_reason() is not None,
+                                       reason=f"no CPU emulator here: {emu_build.unavailable_reason()}")

@@ -32,7 +32,19 @@ def test_monarch_permutation_kernel():
     assert torch.ops.subq_emu.take_reports() == []
 
 
+@pytest.mark.parametrize("arch", ["80", "89", "90"])
+def test_monarch_conv_plans_within_each_targets_shared_memory(arch, monkeypatch):
+    """The fused convolution sizes its shared memory from the device's opt-in limit: under each target's limit
+    (sm_80 163 KB, sm_89 99 KB, sm_90 227 KB) the launches stay within it and the results within budget."""
+    monkeypatch.setenv("SUBQ_EMU_ARCH", arch)
+    for case in emu_cases.monarch_conv_cases(1, 1, 8192, torch.bfloat16, 700) + \
+            emu_cases.monarch_conv_cases(1, 1, 3000, torch.float16, 701, bidirectional=False):
+        check(case, monkeypatch)
+
+
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
 def test_kernels_are_clean_under_sanitizers(variant, tmp_path, monkeypatch):
-    output = run_sanitized(record_calls(emu_cases.tiny_cases(), monkeypatch), variant, tmp_path)
+    calls = record_calls(emu_cases.tiny_cases(), monkeypatch)
+    calls.append(("subq_emu::transpose_within_rows", [torch.randn(3, 7 * 5).bfloat16(), 7, 5]))
+    output = run_sanitized(calls, variant, tmp_path)
     assert "0 reports" in output
