@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import pytest
@@ -77,15 +78,17 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, plain_lowp: torch.Tensor, what: str) -> None:
+def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, plain_lowp: torch.Tensor, what: str) -> float:
     """flash-attention's error budget: the kernel's max error against the float64 reference is at most twice the
-    error of the plain PyTorch formulation run in the same low precision, plus a small atol."""
+    error of the plain PyTorch formulation run in the same low precision, plus a small atol. Returns the fraction
+    of the budget used."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output?)"
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     budget = 2 * max_err(plain_lowp, ref64) + 1e-5 * max(1.0, scale)
     err = max_err(out, ref64)
     assert err <= budget, f"{what}: max error {err:.3e} exceeds budget {budget:.3e}"
+    return err / budget
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -98,3 +101,6 @@ def pytest_terminal_summary(terminalreporter):
                 count += 1
     if count:
         terminalreporter.write_line(f"subq emu: {count} emulated-kernel tests ran in {seconds:.0f} s")
+    support = sys.modules.get("emu_support")
+    for op, fraction in sorted(getattr(support, "BUDGET_USED", {}).items()):
+        terminalreporter.write_line(f"subq emu: {op}: worst error {fraction:.0%} of its budget")

@@ -37,7 +37,7 @@ def _update_op(**kw):
     return subq.ops.causal_conv1d_update(**kw), kw["conv_state"]
 
 
-def _update_ref(**kw):
+def _causal_conv1d_update_ref(**kw):
     state = kw["conv_state"].clone()
     return causal_conv1d_update_ref(**{**kw, "conv_state": state}), state
 
@@ -61,7 +61,8 @@ def conv1d_cases(batch, dim, seqlen, width, dtype, seed, variant="plain") -> lis
     if variant == "plain":
         update = dict(x=_randn(g, batch, dim, 3, dtype=dtype), conv_state=_randn(g, batch, dim, width + 1, dtype=dtype),
                       weight=inputs["weight"], bias=inputs["bias"], activation="silu")
-        out.append(Case(f"{name}_update", _update_op, _update_ref, update, [], ["causal_conv1d_update_kernel"]))
+        out.append(Case(f"{name}_update", _update_op, _causal_conv1d_update_ref, update, [],
+                        ["causal_conv1d_update_kernel"]))
     return out
 
 
