@@ -91,12 +91,16 @@ def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, plain_lowp: tor
     return err / budget
 
 
+EMULATED_TEST_FILES = ("test_emulated_kernels.py", "test_emulator_catches_bugs.py")
+
+
 def pytest_terminal_summary(terminalreporter):
     """The emulated kernels' share of the run (the issue's budget for it: 10 minutes on 2 cores)."""
     seconds, count = 0.0, 0
     for reports in terminalreporter.stats.values():
         for report in reports:
-            if getattr(report, "when", None) == "call" and "test_emulat" in getattr(report, "nodeid", ""):
+            nodeid = getattr(report, "nodeid", "")
+            if getattr(report, "when", None) == "call" and any(f in nodeid for f in EMULATED_TEST_FILES):
                 seconds += report.duration
                 count += 1
     if count:

@@ -37,6 +37,7 @@ void __tsan_destroy_fiber(void* fiber) __attribute__((weak));
 void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
 void __tsan_set_fiber_name(void* fiber, const char* name) __attribute__((weak));
 void __tsan_acquire(void* addr) __attribute__((weak));
+void __sanitizer_set_death_callback(void (*callback)()) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
 }
 
@@ -513,6 +514,12 @@ void run_worker(GridRun& launch, const std::vector<std::uint64_t>& order, std::a
   worker = saved;
 }
 
+// ASan and UBSan (halting) name the source line; this names the emulated kernel, block and thread it ran in.
+void print_context_at_death() {
+  const std::string where_now = context();
+  if (!where_now.empty()) std::fprintf(stderr, "subq-emu: the error above happened in%s\n", where_now.c_str());
+}
+
 void fail_launch(cudaError_t error, const std::string& message) {
   last_error = error;
   last_error_message = message;
@@ -661,6 +668,11 @@ bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, 
 }
 
 void run_grid(const LaunchConfig& config, void (*thread_main)(void*), void* args) {
+  static const bool death_callback_set = [] {
+    if (__sanitizer_set_death_callback) __sanitizer_set_death_callback(&print_context_at_death);
+    return true;
+  }();
+  (void)death_callback_set;
   const Config settings = read_config();
   const std::uint64_t threads = std::uint64_t(config.block.x) * config.block.y * config.block.z;
   const std::uint64_t blocks = std::uint64_t(config.grid.x) * config.grid.y * config.grid.z;
