@@ -253,26 +253,17 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __frcp_rn(float x) { return 1.f / x; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
-inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
+template <typename To, typename From>
+To emu_bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
+  To t;
+  std::memcpy(&t, &v, sizeof t);
+  return t;
 }
-inline int __float_as_int(float x) {
-  int i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
-inline unsigned __float_as_uint(float x) {
-  unsigned i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
-inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
-}
+inline float __int_as_float(int x) { return emu_bit_cast<float>(x); }
+inline int __float_as_int(float x) { return emu_bit_cast<int>(x); }
+inline unsigned __float_as_uint(float x) { return emu_bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return emu_bit_cast<float>(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/convert.cuh"
 #include "emu_device.h"
 
 namespace subq_emu {
@@ -60,26 +61,9 @@ template <int M, int N, int K>
 struct shape<accumulator, M, N, K> {
   static constexpr int rows = M, cols = N;
 };
-template <typename T>
-float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(v);
-  } else {
-    return static_cast<float>(v);
-  }
-}
-template <typename T>
-T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
+using subq::from_float;
+using subq::to_float;
+
 // The tensor cores read the top 19 bits of a tf32 operand.
 inline float tf32_truncate(float v) {
   std::uint32_t bits;
