@@ -16,4 +16,5 @@ $PY -m pip install -q "nvidia-cutlass>=4.2,<4.3" pybind11 ninja numpy pytest hyp
 
 start=$SECONDS
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation --no-deps -e .
+cat build/last_build.txt  # how many compiled objects the persistent build folder let it reuse
 $PY -c "import subq; print(f'subq setup: built in {$SECONDS - $start} s; cuda_built={subq.cuda_built()} archs={subq.cuda_archs()!r}')"
