@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs before subq runs: Python dependencies (torch==2.11.0 only when no torch is
-# installed), then the extension built in place. Idempotent: a second run rebuilds only what changed.
+# installed), then the extension built in place. Idempotent: a second run recompiles only the sources that changed
+# (the objects persist in build/<kind>/; build/last_build.txt says how many were reused).
 #   SUBQ_CUDA_ARCHS="80;89;90a" (default)   SUBQ_BUILD_CUDA=0 for a CPU-only build
 set -euo pipefail
 cd "$(dirname "$0")/.."
