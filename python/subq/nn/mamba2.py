@@ -15,6 +15,8 @@ from torch import nn
 from subq._utils import check_bool, check_int, check_int_choice, check_positive_ints, check_real
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
 from subq.ops.ssd import CHUNK_SIZES as SSD_CHUNK_SIZES
+from subq.ops.ssd import MAX_DSTATE as SSD_MAX_DSTATE
+from subq.ops.ssd import MAX_HEADDIM as SSD_MAX_HEADDIM
 
 
 class RMSNormGated(nn.Module):
@@ -71,6 +73,10 @@ class Mamba2(nn.Module):
         # causal_conv1d takes widths 2..4; checked here so the error names the layer's argument, not the weight's.
         d_conv = check_int_choice(d_conv, "d_conv", (2, 3, 4))
         chunk_size = check_int_choice(chunk_size, "chunk_size", SSD_CHUNK_SIZES)
+        # ssd_chunk_scan's limits, here so a layer that cannot run fails where it is built, not at its first forward
+        if d_state > SSD_MAX_DSTATE or headdim > SSD_MAX_HEADDIM:
+            raise ValueError(f"d_state must be at most {SSD_MAX_DSTATE} and headdim at most {SSD_MAX_HEADDIM}, "
+                             f"got {d_state} and {headdim}")
         D_has_hdim, rmsnorm, norm_before_gate, bias, conv_bias = (
             check_bool(value, name) for name, value in (("D_has_hdim", D_has_hdim), ("rmsnorm", rmsnorm),
                                                         ("norm_before_gate", norm_before_gate), ("bias", bias),
