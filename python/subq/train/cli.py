@@ -123,11 +123,12 @@ def _main(argv: list[str] | None) -> int:
 
     # The model's build, its length limit and the memory first, on the meta device (no memory, no time): each can
     # refuse the run before the corpus is generated or a large model allocated.
-    if resumed_model is None:
+    planned = resumed_model
+    if planned is None:
         with torch.device("meta"):
-            shape_only = build_model(config.model, config.preset, config.override)
-    check_seq_len(shape_only if resumed_model is None else resumed_model, config)
-    memory.check_fits(shape_only if resumed_model is None else resumed_model, config, device)
+            planned = build_model(config.model, config.preset, config.override)
+    check_seq_len(planned, config)
+    memory.check_fits(planned, config, device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.preset, config.override) if resumed_model is None else resumed_model
     objective = OBJECTIVES[entry.objective]
