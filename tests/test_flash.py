@@ -335,7 +335,8 @@ def test_bad_inputs_gau_and_step():
         gau_attention(args["q"], args["k"][..., :-1], args["v"])
     state = FlashDecodeState.allocate(2, 64, 4, 6, dtype=torch.float64)
     token = {k: torch.randn(2, 4, dtype=torch.float64) for k in FEATURES}
-    with pytest.raises(ValueError, match="state was allocated for"):
+    with pytest.raises(ValueError, match="state.lin_state must have shape \\(batch, S, E\\) from the inputs = "
+                                         "\\(2, 4, 7\\), got \\(2, 4, 6\\)"):
         flash_step(state, **token, v=torch.randn(2, 7, dtype=torch.float64), lin_scale=0.1)
     with pytest.raises(TypeError, match="state must be a FlashDecodeState"):
         flash_step(None, **token, v=torch.randn(2, 6, dtype=torch.float64), lin_scale=0.1)
@@ -351,7 +352,7 @@ def test_bad_inputs_gau_and_step():
     with pytest.raises(ValueError, match="state.k_quad_cache must be 3-D \\(batch, chunk_size, S\\), got shape \\(\\)"):
         flash_step(FlashDecodeState(state.lin_state, state.chunk_kv, torch.tensor(1.0), state.v_cache), **token, v=v,
                    lin_scale=0.1)
-    with pytest.raises(TypeError, match="state.position must be an int, got bool"):
+    with pytest.raises(TypeError, match="state.position must be an int, got True \\(bool\\)"):
         flash_step(FlashDecodeState(state.lin_state, state.chunk_kv, state.k_quad_cache, state.v_cache, True),
                    **token, v=v, lin_scale=0.1)
     with pytest.raises(ValueError, match="chunk_size must be one of .*, got 64.0 \\(float\\)"):
@@ -363,6 +364,78 @@ def test_bad_inputs_gau_and_step():
                                          state.v_cache, 0, 0.1, 0.1)
     with pytest.raises(RuntimeError, match="lin_state is written in place and must not share memory with chunk_kv"):
         step_with(state.lin_state, state.lin_state)
+
+
+def test_state_checks_name_the_tensor_and_values():
+    """Found by an outside fuzz: each message named the wrong thing, or none."""
+    state = FlashDecodeState.allocate(2, 64, 8, 6, dtype=torch.float64)
+    token = {k: torch.randn(2, 8, dtype=torch.float64) for k in FEATURES}
+    token["v"] = torch.randn(2, 6, dtype=torch.float64)
+    state.v_cache = torch.zeros(2, 32, 6, dtype=torch.float64)  # was: "allocated for (2, 8, 6), inputs give (2, 8, 6)"
+    with pytest.raises(ValueError, match="state.v_cache must have shape \\(batch, chunk_size, E\\) from the inputs "
+                                         "= \\(2, 64, 6\\), got \\(2, 32, 6\\)"):
+        flash_step(state, **token, lin_scale=0.1)
+    state = FlashDecodeState.allocate(2, 64, 8, 6, dtype=torch.float64)
+    state.chunk_kv = state.chunk_kv.float()
+    with pytest.raises(ValueError, match="state.chunk_kv.dtype must be torch.float64 for inputs of dtype"):
+        flash_step(state, **token, lin_scale=0.1)
+    state = FlashDecodeState.allocate(2, 64, 8, 6, dtype=torch.float64)
+    for scale in ("quad_scale", "lin_scale"):
+        with pytest.raises(TypeError, match=f"{scale} must be a real number, got 'x' \\(str\\)"):
+            flash_step(state, **token, **{"lin_scale": 0.1, scale: "x"})
+        with pytest.raises(ValueError, match=f"{scale} must be a finite real number, got nan"):
+            flash_step(state, **token, **{"lin_scale": 0.1, scale: float("nan")})
+    with pytest.raises(TypeError, match="quad_scale must be a real number, got 'x'"):
+        flash_chunk_attention(**make_inputs(1, 8, 8, 6), quad_scale="x", chunk_size=64)
+    with pytest.raises(TypeError, match="scale must be a real number, got 'x'"):
+        gau_attention(**gau_inputs(make_inputs(1, 8, 8, 6)), scale="x")
+    with pytest.raises(ValueError, match="batch must be an int >= 0, got -1"):
+        FlashDecodeState.allocate(-1, 64, 8, 6)
+    with pytest.raises(ValueError, match="qk_dim must be an int in \\[1, 256\\], got 0"):
+        FlashDecodeState.allocate(1, 64, 0, 6)
+    state.position = 2**70  # once: "Expected ... 'int' but instead found type 'int'"
+    with pytest.raises(ValueError, match="state.position must be an int in \\[0, 9223372036854775806\\], got 11805"):
+        flash_step(state, **token, lin_scale=0.1)
+    state.position = 0
+    assert not torch.isnan(flash_step(state, **token, lin_scale=0.1)).any() and state.position == 1
+
+
+@pytest.mark.parametrize("field", ["lin_state", "chunk_kv", "k_quad_cache", "v_cache"])
+def test_state_on_another_device_is_refused(field):
+    """A meta state among CPU inputs once sent flash_step to the fake kernel: uninitialised output, state
+    untouched, position advanced, no error."""
+    state = FlashDecodeState.allocate(2, 64, 8, 6)
+    setattr(state, field, getattr(state, field).to("meta"))
+    token = {k: torch.randn(2, 8) for k in FEATURES} | {"v": torch.randn(2, 6)}
+    with pytest.raises(ValueError, match=f"state.{field} is on meta but v is on cpu"):
+        flash_step(state, **token, lin_scale=0.1)
+    assert state.position == 0
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_gau_causal_outputs_before_a_nan_are_untouched(name, poison):
+    """A NaN or Inf from position t on (a padded tail) leaves the outputs before t as they are on the first t
+    positions alone, and for k and v their gradients too: once it made every output NaN. L = 300 crosses a key
+    tile (256)."""
+    seqlen, scale = 300, 0.05
+    args = gau_inputs(make_inputs(1, seqlen, 8, 6, gate=True))
+    for t in (5, 270):
+        poisoned = {k: x.clone() for k, x in args.items()}
+        poisoned[name][0, t:] = poison
+        leaves = {k: x.requires_grad_() for k, x in poisoned.items()}
+        out = gau_attention(**leaves, causal=True, scale=scale)
+        assert out[:, :t].isfinite().all() and not out[:, t].isfinite().all()
+        head = {k: x[:, :t].detach().clone().requires_grad_() for k, x in poisoned.items()}
+        want = gau_attention(**head, causal=True, scale=scale)
+        assert max_err(out[:, :t], want) < 1e-12
+        if name == "q":  # q's NaN row of the kernel meets its outputs' zero gradients in the backward: 0 * NaN
+            continue
+        dout = torch.randn_like(want)
+        grads = torch.autograd.grad(out[:, :t], list(leaves.values()), dout)
+        grads_want = torch.autograd.grad(want, list(head.values()), dout)
+        for g, g_want in zip(grads, grads_want, strict=True):
+            assert max_err(g[:, :t], g_want) < 1e-12
 
 
 @pytest.mark.gpu

@@ -453,6 +453,9 @@ def assert_one_line_error(capsys, argv, needle):
     (["--device", "cpu", "--ops", "gau_attention", "--grid", "qk_dim=100"], "must divide value_dim"),
     (["--device", "cpu", "--ops", "flash_step", "--grid", "position=-1"], "position must be at least 0"),
     (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "cannot read"),
+    (["--device", "cpu", "--ops", "rmsnorm_gated", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--device", "cpu", "--ops", "rmsnorm_gated", "--seqlen", "0"], "L0 D4096: every size must be at least 1"),
+    (["--device", "cpu", "--ops", "rmsnorm_gated", "--batch", "-1"], "b-1 L1024 D4096: every size must be at least 1"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     assert_one_line_error(capsys, argv, needle)

@@ -6,23 +6,26 @@ from __future__ import annotations
 import collections
 import json
 import math
+import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from subq.models import Mamba2Config, Mamba2LM
 from subq.models._common import load_pretrained, preset, save_pretrained
-from subq.train import checkpoint
+from subq.train import checkpoint, memory
 from subq.train.cli import main
+from subq.train.config import TrainConfig
 from subq.train.corpus import MASK_ID, VOCAB_SIZE, Corpus, blocks, decode, encode
 from subq.train.grammar import generate_text
 from subq.train.loop import MIN_LR_RATIO, lr_factor
 from subq.train.objectives import IGNORE_INDEX, mask_tokens, next_token
 from subq.train.overrides import parse_overrides
-from subq.train.registry import MODELS, ModelEntry
+from subq.train.registry import MODELS, ModelEntry, build_model
 
 # A few steps of the tiny presets on short blocks: each run takes about a second on a CPU.
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--corpus-chars", "20000", "--eval-batches", "2", "--warmup", "1",
@@ -265,6 +268,23 @@ def test_resume_from_an_output_folder_trains_longer(tmp_path, capsys):
     (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
     (["--generate", "5", "--model", "tiny-mlm"], "tiny-mlm is a masked model without generation"),
     (["--resume"], "not a checkpoint (no trainer.pt) nor an output folder holding any"),
+    # found by an outside fuzz: tracebacks, some only at the first forward after the corpus was built
+    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number, got inf"),
+    (["--override", "d_model=-1"], "d_model must be a positive int, got -1"),
+    (["--override", "chunk_size=100"], "chunk_size must be one of (64, 128, 256), got 100"),
+    (["--override", "d_state=100000"], "d_state must be at most 256"),
+    (["--model", "m2-gpt", "--seq-len", "128"], "--seq-len 128 is longer than m2-gpt (tiny)'s max_seq_len 64"),
+    (["--model", "flash", "--seq-len", "300"], "--seq-len 300 is longer than flash (tiny)'s max_seq_len 256"),
+    (["--model", "mom", "--seq-len", "200"], "--seq-len 200 is longer than mom (tiny)'s n_positions 128"),
+    # silently accepted
+    (["--override", "attn_layer_idx=(5,)"], "attn_layer_idx's entries (layers of n_layer = 2) must be an int in"),
+    (["--override", "attn_layer_idx=abc"], "attn_layer_idx expects a tuple of int, got 'abc'"),
+    (["--override", "n_layer=0"], "n_layer must be a positive int, got 0"),
+    (["--override", "tie_embeddings=1"], "tie_embeddings expects bool"),
+    # memory: an allocator failure after 34 s, or an OOM kill after 265 s
+    (["--batch-size", "10000000"], "GiB activations for --batch-size 10000000 x --seq-len 128), more than the"),
+    (["--preset", "130m", "--batch-size", "100000"], "GiB parameters and optimizer state"),
 ])
 def test_bad_arguments(tmp_path, capsys, masked_model, argv, message):
     assert run_cli("--out", tmp_path / "run", "--steps", 2, "--corpus-chars", "5000", "--no-progress", *argv) == 2
@@ -289,3 +309,80 @@ def test_bad_resumes(tmp_path, capsys):
     assert run_cli("--resume", "--out", out, "--steps", 4, "--lr", 0.5) == 2
     assert "--lr 0.5 differs from the checkpoint's 0.01: a resumed run can change only --steps" in \
         capsys.readouterr().err
+
+
+def test_resume_never_overwrites_a_later_checkpoint(tmp_path, capsys):
+    """Resuming an earlier checkpoint in place once rewrote the later ones without a word."""
+    out = tmp_path / "run"
+    assert run_cli("--steps", 4, "--eval-every", 2, "--save-every", 1, "--out", out, *SMALL) == 0
+    later = {step: load_file(out / f"checkpoints/step_{step:07d}/model.safetensors") for step in (3, 4)}
+    capsys.readouterr()
+    assert run_cli("--resume", out / "checkpoints" / "step_0000002", "--steps", 6, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "is at step 2, but" in err and "later checkpoints (step_0000003, step_0000004) that this run would " \
+        "overwrite: resume from the latest" in err and "or branch into a new folder with --out" in err
+    for step, weights in later.items():
+        now = load_file(out / f"checkpoints/step_{step:07d}/model.safetensors")
+        assert all(torch.equal(weights[k], now[k]) for k in weights)
+    branch = tmp_path / "branch"
+    assert run_cli("--resume", out / "checkpoints" / "step_0000002", "--steps", 3, "--out", branch,
+                   "--no-progress") == 0
+    assert [p.name for p in checkpoint.listed(branch)] == ["step_0000003"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _rename_model(path):
+    path.write_text(path.read_text().replace('"model": "Mamba2LM"', '"model": "FlashLM"'))
+
+
+DAMAGES = {
+    "trainer.pt truncated": ("trainer.pt", _truncate, "trainer.pt does not load"),
+    "trainer.pt empty": ("trainer.pt", lambda p: p.write_bytes(b""), "trainer.pt does not load"),
+    "trainer.pt garbage": ("trainer.pt", lambda p: p.write_bytes(b"not a checkpoint" * 10), "trainer.pt does not load"),
+    "trainer.pt missing": ("trainer.pt", lambda p: p.unlink(), "trainer.pt is missing"),
+    "weights truncated": ("model.safetensors", _truncate, "model.safetensors does not load"),
+    "weights missing": ("model.safetensors", lambda p: p.unlink(), "model.safetensors is missing"),
+    "config unparsable": ("config.json", lambda p: p.write_text("{d_model: 64"), "config.json is not valid JSON"),
+    "config names another model": ("config.json", _rename_model, "config.json names the model 'FlashLM', but "
+                                                                 "trainer.pt trained a Mamba2LM"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run_cli("--steps", 4, "--eval-every", 2, "--save-every", 2, "--out", out, *SMALL) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_resume_onto_a_damaged_checkpoint(tmp_path, capsys, finished_run, damage):
+    """Once a traceback for each: now the damaged file, and the newest intact checkpoint to resume instead."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    file, spoil, message = DAMAGES[damage]
+    spoil(out / "checkpoints" / "step_0000004" / file)
+    capsys.readouterr()
+    assert run_cli("--resume", "--out", out, "--steps", 6, "--no-progress") == 2
+    err = capsys.readouterr().err
+    intact = out / "checkpoints" / "step_0000002"
+    assert err.count("\n") == 1 and "step_0000004: damaged checkpoint: " + message in err
+    assert f"the newest intact checkpoint there is {intact} (--resume {intact})" in err
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_memory_estimate_is_near_what_autograd_keeps(name):
+    """The activation estimate against the bytes autograd actually saves for the backward of the tiny preset."""
+    config = TrainConfig(model=name, batch_size=2, seq_len=32)
+    model = build_model(name, "tiny", [])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        logits, _ = MODELS[name].outputs(model(torch.zeros(2, 32, dtype=torch.long)))
+        F.cross_entropy(logits.float().flatten(0, 1), torch.zeros(64, dtype=torch.long))
+    parameters, activations = memory.estimate_bytes(model, config)
+    assert parameters == 16 * sum(p.numel() for p in model.parameters())
+    assert sum(saved) / 2 < activations < 2 * sum(saved)

@@ -109,9 +109,60 @@ Tensor ungated_output(const Chunked& k, const FlashChunkOptions& opt) {
 // One key tile [k0, k0 + kt): the queries that can see it (all, or from k0 on when causal) and their relu'd scores.
 struct KeyTile {
   int64_t q0 = 0, rows = 0, k0 = 0, cols = 0;
-  Tensor index;        // (rows, cols) into rel_bias; undefined without a bias
-  Tensor relu_scores;  // (b, rows, cols), zero where masked
+  bool causal = false;  // then the first cols rows are the diagonal square, where query i sees keys j <= i only
+  Tensor index;         // (rows, cols) into rel_bias; undefined without a bias
+  Tensor relu_scores;   // (b, rows, cols), zero where masked
 };
+
+// sum_{j <= i} a[:, i, j] b[:, j, :] for square a (batch, T, T) and b (batch, T, E), without ever forming a product
+// a_ij b_j with j > i: a masked zero times a NaN or Inf of a later position is NaN, which a plain matmul of the
+// masked a would carry to earlier rows. The strict lower triangle splits into the lower-left squares of the 2s x 2s
+// diagonal blocks, s = 1, 2, 4, ... (T padded to a power of two with zeros); one batched matmul per size s.
+Tensor lower_triangular_matmul(const Tensor& a, const Tensor& b) {
+  const int64_t batch = a.size(0), T = a.size(1), E = b.size(2);
+  int64_t P = 1;
+  while (P < T) P *= 2;
+  Tensor ap = at::constant_pad_nd(a, {0, P - T, 0, P - T}).contiguous();
+  Tensor bp = at::constant_pad_nd(b, {0, 0, 0, P - T}).contiguous();
+  Tensor out = ap.diagonal(0, 1, 2).unsqueeze(-1) * bp;
+  for (int64_t s = 1; s < P; s *= 2) {
+    const int64_t n = P / (2 * s);
+    Tensor blocks = ap.view({batch, n, 2 * s, n, 2 * s}).diagonal(0, 1, 3).permute({0, 3, 1, 2});  // (b, n, 2s, 2s)
+    Tensor earlier = bp.view({batch, n, 2 * s, E}).narrow(2, 0, s);
+    out.view({batch, n, 2 * s, E}).narrow(2, s, s).add_(at::matmul(blocks.narrow(2, s, s).narrow(3, 0, s), earlier));
+  }
+  return out.narrow(1, 0, T);
+}
+
+// sum_{i >= j} a[:, i, j] b[:, i, :]: the transposed product, as the lower one on both orders reversed.
+Tensor upper_transposed_matmul(const Tensor& a, const Tensor& b) {
+  return lower_triangular_matmul(a.transpose(1, 2).flip({1, 2}), b.flip({1})).flip({1});
+}
+
+// The tile's contribution to its query rows, m (b, rows, cols) times x at the tile's keys (b, cols, X).
+Tensor rows_times_keys(const KeyTile& t, const Tensor& m, const Tensor& x) {
+  if (!t.causal) return at::matmul(m, x);
+  Tensor out = at::empty({m.size(0), t.rows, x.size(2)}, x.options());
+  out.narrow(1, 0, t.cols).copy_(lower_triangular_matmul(m.narrow(1, 0, t.cols), x));
+  if (t.rows > t.cols) out.narrow(1, t.cols, t.rows - t.cols).copy_(at::matmul(m.narrow(1, t.cols, t.rows - t.cols), x));
+  return out;
+}
+
+// The tile's contribution to its keys, m (b, rows, cols) transposed times y at the tile's query rows (b, rows, X).
+Tensor keys_times_rows(const KeyTile& t, const Tensor& m, const Tensor& y) {
+  if (!t.causal) return at::matmul(m.transpose(1, 2), y);
+  Tensor out = upper_transposed_matmul(m.narrow(1, 0, t.cols), y.narrow(1, 0, t.cols));
+  if (t.rows > t.cols) {
+    out.add_(at::matmul(m.narrow(1, t.cols, t.rows - t.cols).transpose(1, 2), y.narrow(1, t.cols, t.rows - t.cols)));
+  }
+  return out;
+}
+
+// Zero the diagonal square's future (j > i) in place, by masked_fill: multiplying by a 0/1 mask keeps a NaN there.
+void mask_future(const KeyTile& t, Tensor& m) {
+  if (!t.causal) return;
+  m.narrow(1, 0, t.cols).masked_fill_(at::ones({t.cols, t.cols}, m.options().dtype(at::kBool)).triu(1), 0);
+}
 
 KeyTile key_tile(const Tensor& q, const Tensor& k, const std::optional<Tensor>& bias, int64_t k0,
                  const GauOptions& opt) {
@@ -126,11 +177,9 @@ KeyTile key_tile(const Tensor& q, const Tensor& k, const std::optional<Tensor>& 
     t.index = bias_index(t.q0, t.rows, k0, t.cols, L - 1, q.options());
     scores.add_(bias->index_select(0, t.index.flatten()).view({t.rows, t.cols}));
   }
+  t.causal = opt.causal;
   t.relu_scores = at::relu(scores);
-  if (opt.causal) {
-    // Only the tile's first cols query rows can precede one of its keys: the diagonal square.
-    t.relu_scores.narrow(1, 0, t.cols).mul_(at::ones({t.cols, t.cols}, q.options().dtype(at::kBool)).tril());
-  }
+  mask_future(t, t.relu_scores);  // only the tile's first cols query rows can precede one of its keys
   return t;
 }
 
@@ -204,7 +253,7 @@ Tensor gau_attention_fwd(const GauInputs& in, const GauOptions& opt) {
   Tensor out = at::zeros(v.sizes(), v.options());
   for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
     KeyTile t = key_tile(q, k, bias, k0, opt);
-    out.narrow(1, t.q0, t.rows).add_(at::matmul(t.relu_scores.square(), v.narrow(1, k0, t.cols)));
+    out.narrow(1, t.q0, t.rows).add_(rows_times_keys(t, t.relu_scores.square(), v.narrow(1, k0, t.cols)));
   }
   if (in.u) out.mul_(in.u->to(ct));
   return out.to(in.v.scalar_type());
@@ -234,11 +283,12 @@ std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const GauInputs& in, c
     KeyTile t = key_tile(q, k, bias, k0, opt);
     Tensor v_t = v.narrow(1, k0, t.cols), g_t = g.narrow(1, t.q0, t.rows);
     Tensor kernel = t.relu_scores.square();
-    if (in.u) ungated.narrow(1, t.q0, t.rows).add_(at::matmul(kernel, v_t));
-    dv.narrow(1, k0, t.cols).copy_(at::matmul(kernel.transpose(1, 2), g_t));
+    if (in.u) ungated.narrow(1, t.q0, t.rows).add_(rows_times_keys(t, kernel, v_t));
+    dv.narrow(1, k0, t.cols).copy_(keys_times_rows(t, kernel, g_t));
     Tensor ds = at::matmul(g_t, v_t.transpose(1, 2)).mul_(t.relu_scores).mul_(2.0);  // (b, rows, cols)
-    dq.narrow(1, t.q0, t.rows).add_(at::matmul(ds, k.narrow(1, k0, t.cols)), opt.scale);
-    dk.narrow(1, k0, t.cols).copy_(at::matmul(ds.transpose(1, 2), q.narrow(1, t.q0, t.rows)).mul_(opt.scale));
+    mask_future(t, ds);
+    dq.narrow(1, t.q0, t.rows).add_(rows_times_keys(t, ds, k.narrow(1, k0, t.cols)), opt.scale);
+    dk.narrow(1, k0, t.cols).copy_(keys_times_rows(t, ds, q.narrow(1, t.q0, t.rows)).mul_(opt.scale));
     if (bias) drel_bias.index_add_(0, t.index.flatten(), ds.sum(0).flatten());
   }
   return {dq.to(in.q.scalar_type()), dk.to(in.k.scalar_type()), dv.to(in.v.scalar_type()),

@@ -12,16 +12,13 @@ using at::Tensor;
 
 at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The combined length-M filter c of monarch_conv_cpu.h, in k's compute dtype.
-Tensor combined_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen, int64_t M,
-                       at::ScalarType ct) {
+// The combined length-M filter c of monarch_conv_cpu.h, in k's compute dtype. Every tap of k_rev is placed, also
+// k_rev[L-1], which length L never reaches: a spectrum serves every length with the same M, and a longer one does.
+Tensor combined_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t M, at::ScalarType ct) {
   const int64_t H = k.size(0), Lk = k.size(1);
   Tensor c = at::zeros({H, M}, k.options().dtype(ct));
   c.narrow(1, 0, Lk).copy_(k);
-  if (k_rev) {
-    const int64_t n = std::min(Lk, seqlen - 1);
-    c.narrow(1, M - n, n).copy_(k_rev->narrow(1, 0, n).flip(1));
-  }
+  if (k_rev) c.narrow(1, M - Lk, Lk).copy_(k_rev->flip(1));  // Lk <= L <= M/2: the halves never meet
   return c;
 }
 
@@ -41,9 +38,8 @@ struct RealDft {
 // The filter's spectrum at the compute dtype of u (a float32 filter with float64 u is promoted).
 Tensor spectrum(const MonarchConvInputs& in, const RealDft& dft, at::ScalarType ct) {
   if (in.filter_spectrum) return *in.filter_spectrum;
-  const int64_t L = in.u.size(2);
   std::optional<Tensor> k_rev = in.k_rev ? std::optional<Tensor>(in.k_rev->to(ct)) : std::nullopt;
-  return dft.rfft(combined_filter(in.k->to(ct), k_rev, L, dft.M, ct));
+  return dft.rfft(combined_filter(in.k->to(ct), k_rev, dft.M, ct));
 }
 
 // The first L outputs of the length-M circular convolution with the spectrum K of v (B, H, L).
@@ -62,7 +58,7 @@ Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, 
   if (k.size(0) == 0) {  // no heads: nothing to transform (the FFT libraries reject an empty batch)
     return at::empty({0, dft.M / 2 + 1}, k.options().dtype(ct == at::kDouble ? at::kComplexDouble : at::kComplexFloat));
   }
-  return dft.rfft(combined_filter(k.to(ct), k_rev, seqlen, dft.M, ct));
+  return dft.rfft(combined_filter(k.to(ct), k_rev, dft.M, ct));
 }
 
 Tensor monarch_conv_fwd(const MonarchConvInputs& in) {

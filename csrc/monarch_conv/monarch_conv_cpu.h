@@ -6,8 +6,9 @@
 // conv is one length-M circular convolution (M = fft_size(L) >= 2L, monarch_conv.h) of v zero-padded to M with a
 // length-M filter c, by rfft / irfft; the first L outputs are kept. Because M >= 2L no output wraps around, so:
 //   causal:        c[j] = k[j] for j < Lk, else 0                 y[t] = sum_{s<=t} k[t-s] v[s]
-//   bidirectional: also c[M-1-j] = k_rev[j] for j < min(Lk, L-1)  y[t] += sum_{s>t} k_rev[s-t-1] v[s]
-// (offset t-s = -d lands at index M-d; k_rev[L-1] is never reached). The filter's spectrum rfft(c, M), (H, M/2+1)
+//   bidirectional: also c[M-1-j] = k_rev[j] for j < Lk             y[t] += sum_{s>t} k_rev[s-t-1] v[s]
+// (offset t-s = -d lands at index M-d; length L never reaches k_rev[L-1], but another length with the same M may, so
+// it is placed too). The filter's spectrum rfft(c, M), (H, M/2+1)
 // complex, is all the convolution needs: monarch_conv_filter computes it once for reuse.
 //
 // The backward is the same transforms: a circular convolution's adjoint is the correlation with the same filter,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import operator
 
 import torch
 
@@ -63,31 +65,91 @@ def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, layout: str)
         raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a string for a flag, a float for a size). A TypeError, and also a ValueError,
+    which the size and option checks raised for it before one rule covered them all: callers catching either
+    still do."""
+
+
+# One rule per kind of scalar argument, for every public op, layer and config:
+#   flag     a bool (numpy's bool too); never a truthy stand-in: bool("False") is True, and 0, 1 or None in a
+#            flag's place is a slip more often than a choice
+#   integer  anything integral with __index__: int, numpy integers, a 0-D integer tensor, a traced size; never
+#            a bool (True is not a size) nor a float (64.0 would pass a range or membership test and fail later)
+#   real     any real number (int, float, numpy floats and integers); never a bool or a string
+# Each is returned as the plain Python value the ops' schemas take.
+
+def _numpy_bool() -> tuple[type, ...]:
+    try:
+        import numpy
+    except ImportError:
+        return ()
+    return (numpy.bool_,)
+
+
+_BOOLS = (bool, *_numpy_bool())
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.SymInt):  # a traced size stays symbolic
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    if not isinstance(value, _BOOLS):
+        raise ArgumentTypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer argument in [minimum, maximum] (either bound optional), as a Python int."""
+    n = _as_int(value)
+    if n is None:
+        raise ArgumentTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
+        bounds = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                  else f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ValueError(f"{name} must be an int {bounds}, got {n}")
+    return n
 
 
 def check_positive_ints(**values: object) -> None:
     """Size arguments of a layer or config: each a positive int (a bool is not a size)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        n = _as_int(value)
+        if n is None:
+            raise ArgumentTypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+        if n < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_int_choice(value: object, name: str, choices: tuple[int, ...]) -> int:
     """An integer option from a fixed set, as a Python int. A float such as 64.0 equals 64 and would pass the
-    membership test alone, then fail inside the op with an error that names neither; numpy integers are fine."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
-    return int(value)
+    membership test alone, then fail inside the op with an error that names neither."""
+    n = _as_int(value)
+    if n is None or n not in choices:
+        kind = ArgumentTypeError if n is None else ValueError
+        raise kind(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
+    return n
 
 
-def check_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+def check_real(value: object, name: str, *, finite: bool = False) -> float:
+    """A real-number argument as a Python float; with ``finite``, NaN and ±inf are refused too. Comparisons, not
+    math.isfinite, so a value traced under torch.compile passes through."""
+    if isinstance(value, torch.SymFloat):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if finite and not -math.inf < x < math.inf:
+        raise ValueError(f"{name} must be a finite real number, got {x}")
+    return x
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -40,7 +40,8 @@ class FlashLMConfig:
     def __post_init__(self):
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
-        check_positive_ints(**{name: getattr(self, name) for name in ("n_layer", "vocab_size", "max_seq_len")})
+        check_positive_ints(**{name: getattr(self, name) for name in (
+            "d_model", "n_layer", "vocab_size", "expansion", "s", "chunk_size", "max_seq_len")})
 
 
 # The paper's ~110M-parameter LM size: d = 768 and 24 GAU/FLASH layers where a Transformer has 12 blocks, e = 2d,

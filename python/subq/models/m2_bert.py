@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subq._utils import check_bool, check_positive_ints, check_real
 from subq.models._common import Pretrained
 from subq.nn.m2 import M2DimensionMixer, M2SequenceMixer
 
@@ -38,12 +39,27 @@ class M2EncoderConfig:
     dropout: float = 0.1
     norm_eps: float = 1e-12
 
+    def __post_init__(self):
+        check_positive_ints(**{name: getattr(self, name) for name in (
+            "d_model", "n_layer", "expansion", "nblocks", "filter_order", "filter_emb_dim")})
+        check_bool(self.residual_long_conv, "residual_long_conv")
+        check_bool(self.mixer_residual, "mixer_residual")
+        if not 0 <= check_real(self.dropout, "dropout") < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if check_real(self.norm_eps, "norm_eps", finite=True) < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
+
 
 @dataclass
 class M2BertConfig(M2EncoderConfig):
     vocab_size: int = 30522         # bert-base-uncased
     type_vocab_size: int = 2
     max_seq_len: int = 128          # the M2-BERT pretraining length; also the learned positions' count
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_ints(vocab_size=self.vocab_size, type_vocab_size=self.type_vocab_size,
+                            max_seq_len=self.max_seq_len)
 
 
 # The M2 paper's M2-BERT-base sizes at d = 768, 12 layers (parameter counts of M2BertForMaskedLM):
@@ -167,6 +183,9 @@ class M2ViTConfig(M2EncoderConfig):
     num_classes: int = 1000
 
     def __post_init__(self):
+        super().__post_init__()
+        check_positive_ints(image_size=self.image_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                            num_classes=self.num_classes)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
 

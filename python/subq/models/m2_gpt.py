@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from subq._utils import check_bool, check_positive_ints, check_real
 from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.m2 import M2DimensionMixer, M2InferenceCache, M2SequenceMixer
 
@@ -31,6 +32,14 @@ class M2GPTConfig:
     filter_emb_dim: int = 5         # positional features of the implicit filters
     residual_long_conv: bool = True
     norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        check_positive_ints(**{name: getattr(self, name) for name in (
+            "d_model", "n_layer", "vocab_size", "max_seq_len", "expansion", "nblocks", "filter_order",
+            "filter_emb_dim")})
+        check_bool(self.residual_long_conv, "residual_long_conv")
+        if check_real(self.norm_eps, "norm_eps", finite=True) < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
 
 
 # The M2 paper's M2-GPT-360M shape, d = 1024 with 24 layers: a GLU of hidden 11 * 1024 in 4 blocks gives 363.9M

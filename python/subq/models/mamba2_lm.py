@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from subq._utils import ArgumentTypeError, check_bool, check_int, check_positive_ints, check_real
 from subq.models._common import CachedGeneration, Pretrained
 from subq.models.attention import CausalSelfAttention
 from subq.nn.mamba2 import Mamba2, RMSNormGated
@@ -32,6 +33,17 @@ class Mamba2Config:
     attn_num_heads: int = 12
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+
+    def __post_init__(self):
+        check_positive_ints(**{name: getattr(self, name) for name in (
+            "d_model", "n_layer", "vocab_size", "d_state", "expand", "headdim", "ngroups", "attn_num_heads")})
+        if not isinstance(self.attn_layer_idx, tuple | list):
+            raise ArgumentTypeError(f"attn_layer_idx must be a tuple of layer indices, got {self.attn_layer_idx!r}")
+        self.attn_layer_idx = tuple(check_int(i, f"attn_layer_idx's entries (layers of n_layer = {self.n_layer})",
+                                              0, self.n_layer - 1) for i in self.attn_layer_idx)
+        if check_real(self.norm_eps, "norm_eps", finite=True) < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
+        check_bool(self.tie_embeddings, "tie_embeddings")
 
 
 # The released Mamba-2 sizes (vocabulary padded to a multiple of 16), and a tiny one for tests.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from subq._utils import check_int
 from subq.models._common import CachedGeneration, Pretrained
 from subq.nn.mom import (
     ROUTERS,
@@ -53,9 +54,9 @@ class MoMConfig:
     def __post_init__(self):
         for name in ("d_model", "n_head", "vocab_size", "n_positions", "d_ffn", "n_attn_modules", "n_ffn_modules",
                      "assembly_steps", "top_k", "router_dim"):
-            _check_int(getattr(self, name), name, minimum=1)
+            check_int(getattr(self, name), name, minimum=1)
         for name in ("n_bottom", "n_top"):
-            _check_int(getattr(self, name), name, minimum=0)
+            check_int(getattr(self, name), name, minimum=0)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         options = min(self.n_attn_modules, self.n_ffn_modules) + 1
@@ -66,11 +67,6 @@ class MoMConfig:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
         if not self.load_balance_coef >= 0:
             raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef!r}")
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # GPT-2 small's sizes with its middle eight layers as the pools, and a tiny one for tests.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq._utils import check_int_choice, check_positive_ints
+from subq._utils import check_bool, check_int_choice, check_positive_ints, check_real
 from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
@@ -73,6 +73,7 @@ class _GatedUnit(nn.Module):
     def __init__(self, d_model: int, expansion: int, s: int, heads: int, norm: str, rope: bool, device, dtype):
         super().__init__()
         check_positive_ints(d_model=d_model, expansion=expansion, s=s)
+        rope = check_bool(rope, "rope")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         factory = {"device": device, "dtype": dtype}
@@ -139,6 +140,8 @@ class GAU(_GatedUnit):
         if max_len is not None:
             check_positive_ints(max_len=max_len)
         super().__init__(d_model, expansion, s, 2, norm, rope, device, dtype)
+        causal = check_bool(causal, "causal")
+        scale = None if scale is None else check_real(scale, "scale", finite=True)
         self.causal, self.scale, self.max_len = causal, scale, max_len
         self.rel_bias = None
         if max_len is not None:
@@ -240,6 +243,8 @@ class FLASH(_GatedUnit):
                  lin_scale: float | None = None, device=None, dtype=None):
         chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
         super().__init__(d_model, expansion, s, 4, norm, rope, device, dtype)
+        causal, rel_pos_bias = check_bool(causal, "causal"), check_bool(rel_pos_bias, "rel_pos_bias")
+        lin_scale = None if lin_scale is None else check_real(lin_scale, "lin_scale", finite=True)
         self.chunk_size, self.causal, self.lin_scale = chunk_size, causal, lin_scale
         self.rel_bias = None
         if rel_pos_bias:

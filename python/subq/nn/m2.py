@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq._utils import check_tensor
+from subq._utils import check_bool, check_tensor
 from subq.nn.monarch_linear import BlockdiagLinear
 from subq.ops.causal_conv1d import causal_conv1d_update
 from subq.ops.monarch_conv import monarch_conv, monarch_conv_filter
@@ -84,6 +84,7 @@ class HyenaFilter(nn.Module):
                  order: int = 16, num_inner_mlps: int = 2, sine_freq: float = 10.0, fast_decay_pct: float = 0.3,
                  slow_decay_pct: float = 1.5, target: float = 1e-2, shift: float = 0.0, device=None, dtype=None):
         super().__init__()
+        bidirectional = check_bool(bidirectional, "bidirectional")
         if emb_dim < 3 or emb_dim % 2 == 0:
             raise ValueError(f"emb_dim must be odd and >= 3 (time plus cos/sin pairs), got {emb_dim}")
         if max_seq_len < 1 or channels < 1:
@@ -178,6 +179,8 @@ class M2SequenceMixer(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.max_seq_len = d_model, max_seq_len
+        bidirectional = check_bool(bidirectional, "bidirectional")
+        residual_long_conv = check_bool(residual_long_conv, "residual_long_conv")
         self.bidirectional, self.residual_long_conv = bidirectional, residual_long_conv
         self.in_proj = nn.Linear(d_model, 3 * d_model, **factory)
         self.short_conv = nn.Conv1d(3 * d_model, 3 * d_model, short_conv_width, groups=3 * d_model,

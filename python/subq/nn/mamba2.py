@@ -7,14 +7,16 @@ norm, out_proj), so its checkpoints load with ``load_state_dict``.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from subq._utils import check_int_choice, check_positive_ints
+from subq._utils import check_bool, check_int, check_int_choice, check_positive_ints, check_real
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
+from subq.ops.ssd import CHUNK_SIZES as SSD_CHUNK_SIZES
+from subq.ops.ssd import MAX_DSTATE as SSD_MAX_DSTATE
+from subq.ops.ssd import MAX_HEADDIM as SSD_MAX_HEADDIM
 
 
 class RMSNormGated(nn.Module):
@@ -26,15 +28,16 @@ class RMSNormGated(nn.Module):
         super().__init__()
         check_positive_ints(hidden_size=hidden_size)
         # The op's own checks (eps, group_size) run at forward; made here too so a bad layer fails where it is built.
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        eps = check_real(eps, "eps", finite=True)
+        if eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if group_size is not None:
             check_positive_ints(group_size=group_size)
+            group_size = check_int(group_size, "group_size")
             if hidden_size % group_size:
                 raise ValueError(f"group_size ({group_size}) must divide hidden_size ({hidden_size})")
-        # As Python numbers: the op takes int / float, and the checks above also admit numpy ones.
-        self.eps, self.norm_before_gate = float(eps), norm_before_gate
-        self.group_size = None if group_size is None else int(group_size)
+        self.eps, self.norm_before_gate = eps, check_bool(norm_before_gate, "norm_before_gate")
+        self.group_size = group_size
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,6 +72,15 @@ class Mamba2(nn.Module):
         check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups)
         # causal_conv1d takes widths 2..4; checked here so the error names the layer's argument, not the weight's.
         d_conv = check_int_choice(d_conv, "d_conv", (2, 3, 4))
+        chunk_size = check_int_choice(chunk_size, "chunk_size", SSD_CHUNK_SIZES)
+        # ssd_chunk_scan's limits, here so a layer that cannot run fails where it is built, not at its first forward
+        if d_state > SSD_MAX_DSTATE or headdim > SSD_MAX_HEADDIM:
+            raise ValueError(f"d_state must be at most {SSD_MAX_DSTATE} and headdim at most {SSD_MAX_HEADDIM}, "
+                             f"got {d_state} and {headdim}")
+        D_has_hdim, rmsnorm, norm_before_gate, bias, conv_bias = (
+            check_bool(value, name) for name, value in (("D_has_hdim", D_has_hdim), ("rmsnorm", rmsnorm),
+                                                        ("norm_before_gate", norm_before_gate), ("bias", bias),
+                                                        ("conv_bias", conv_bias)))
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
         self.d_inner = expand * d_model
         if self.d_inner % headdim:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq._utils import check_positive_ints, check_tensor
+from subq._utils import check_bool, check_positive_ints, check_tensor
 from subq.ops.monarch import monarch_matmul
 
 
@@ -28,6 +28,7 @@ class _PaddedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype):
         super().__init__()
         check_positive_ints(in_features=in_features, out_features=out_features, nblocks=nblocks)
+        bias = check_bool(bias, "bias")
         self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
         self.in_block, self.out_block = _ceil_div(in_features, nblocks), _ceil_div(out_features, nblocks)
         factory = {"device": device, "dtype": dtype}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_ndim, check_tensor
+from subq._utils import check_bool, check_ndim, check_tensor
 from subq.reference.conv1d import causal_conv1d_ref
 
 ACTIVATIONS = (None, "silu", "swish")
@@ -97,6 +97,7 @@ def causal_conv1d(
     initial_states, including through final_states; gradients are deterministic.
     """
     silu = _silu(activation)
+    return_final_states = check_bool(return_final_states, "return_final_states")
     _check_weight_bias(x, weight, bias, "(batch, dim, seqlen)")
     if seq_idx is not None:
         if not isinstance(seq_idx, torch.Tensor):
@@ -114,7 +115,7 @@ def causal_conv1d(
     if initial_states is not None:
         _check_states(initial_states, x, "initial_states", "width - 1", weight.shape[1] - 1)
     y, final_states = torch.ops.subq.causal_conv1d_fwd(
-        x, weight, bias, seq_idx, initial_states, bool(return_final_states), silu
+        x, weight, bias, seq_idx, initial_states, return_final_states, silu
     )
     return (y, final_states) if return_final_states else y
 

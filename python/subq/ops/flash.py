@@ -8,23 +8,28 @@ are opt-in with ``SUBQ_EXPERIMENTAL_FLASH_KERNELS=1`` until they have been verif
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
 from subq._utils import (
+    FLOAT_DTYPES,
     autocast_inputs,
+    check_bool,
     check_device,
     check_dtype_in,
+    check_int,
     check_int_choice,
     check_like,
     check_ndim,
+    check_real,
+    check_shape,
     check_tensor,
 )
 
 CHUNK_SIZES = (64, 128, 256, 512)
+MAX_POSITION = 2**63 - 2  # the op's int64, and one more step after it
 MAX_QK_DIM = 256      # S: the query/key feature size (128 in the paper)
 MAX_VALUE_DIM = 4096  # E: the value/gate size (2 x d_model in the paper)
 
@@ -72,11 +77,12 @@ def flash_chunk_attention(
     _check_features((q_quad, k_quad, q_lin, k_lin), ("q_quad", "k_quad", "q_lin", "k_lin"), v, u)
     chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
     _check_rel_bias(rel_bias, 2 * chunk_size - 1, "2 * chunk_size - 1", v)
+    causal = check_bool(causal, "causal")
     seqlen = v.shape[1]
-    quad_scale = 1.0 / chunk_size if quad_scale is None else float(quad_scale)
-    lin_scale = 1.0 / max(seqlen, 1) if lin_scale is None else float(lin_scale)
+    quad_scale = _scale(quad_scale, "quad_scale", 1.0 / chunk_size)
+    lin_scale = _scale(lin_scale, "lin_scale", 1.0 / max(seqlen, 1))
     return torch.ops.subq.flash_chunk_attention_fwd(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, chunk_size,
-                                                    bool(causal), quad_scale, lin_scale)
+                                                    causal, quad_scale, lin_scale)
 
 
 def gau_attention(
@@ -100,13 +106,20 @@ def gau_attention(
 
     Shapes: ``q, k (B, L, S)`` with S ≤ 256, ``v`` and ``u (B, L, E)`` with E ≤ 4096. Dtypes as
     :func:`flash_chunk_attention`. Differentiable in every tensor input.
+
+    NaN/Inf policy: when causal, a NaN or Inf in q, k, v or u at position t reaches only the outputs at t and later:
+    the masked products are never formed (a masked zero times a NaN is NaN). So a padded tail holding NaN in q, k or
+    v leaves the outputs before it as they are without the tail, and for k and v their gradients too (a NaN in q
+    or u makes its whole output row NaN, and the backward multiplies that row by its gradient, zero or not, as
+    autograd does everywhere). Bidirectional: every output.
     """
     q, k, v, u = autocast_inputs(q, k, v, u)
     _check_features((q, k), ("q", "k"), v, u)
     seqlen = v.shape[1]
     _check_rel_bias(rel_bias, max(2 * seqlen - 1, 0), "2 * seqlen - 1", v)
-    scale = 1.0 / max(seqlen, 1) if scale is None else float(scale)
-    return torch.ops.subq.gau_attention_fwd(q, k, v, u, rel_bias, bool(causal), scale)
+    causal = check_bool(causal, "causal")
+    scale = _scale(scale, "scale", 1.0 / max(seqlen, 1))
+    return torch.ops.subq.gau_attention_fwd(q, k, v, u, rel_bias, causal, scale)
 
 
 @dataclass
@@ -127,7 +140,12 @@ class FlashDecodeState:
                  dtype: torch.dtype = torch.float32) -> FlashDecodeState:
         """An empty state for inputs of ``dtype`` (the state itself is float32, or float64 for float64)."""
         chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        batch = check_int(batch, "batch", minimum=0)
+        qk_dim = check_int(qk_dim, "qk_dim", 1, MAX_QK_DIM)
+        value_dim = check_int(value_dim, "value_dim", 1, MAX_VALUE_DIM)
+        if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES} (the inputs' dtype), got {dtype!r}")
+        state_dtype = _state_dtype(dtype)
         kw = {"device": device, "dtype": state_dtype}
         return cls(torch.zeros(batch, qk_dim, value_dim, **kw), torch.zeros(batch, qk_dim, value_dim, **kw),
                    torch.zeros(batch, chunk_size, qk_dim, **kw), torch.zeros(batch, chunk_size, value_dim, **kw))
@@ -163,11 +181,7 @@ def flash_step(
     # chunk_size is read from the cache's shape[1], so its rank is checked before that read.
     check_ndim(check_tensor(state.k_quad_cache, "state.k_quad_cache"), 3, "state.k_quad_cache",
                "(batch, chunk_size, S)")
-    # True would reach the op as position 1.
-    if isinstance(state.position, bool) or not isinstance(state.position, numbers.Integral):
-        raise TypeError(f"state.position must be an int, got {type(state.position).__name__}")
-    if state.position < 0:
-        raise ValueError(f"state.position must be >= 0, got {state.position}")
+    position = check_int(state.position, "state.position", 0, MAX_POSITION)  # True would reach the op as 1
     q_quad, k_quad, q_lin, k_lin, v, u = autocast_inputs(q_quad, k_quad, q_lin, k_lin, v, u)
     squeeze = check_tensor(v, "v").dim() == 3
     tensors = [q_quad, k_quad, q_lin, k_lin, v, u]
@@ -181,17 +195,40 @@ def flash_step(
                     layout="(batch, features)")
     C = state.chunk_size
     _check_rel_bias(rel_bias, 2 * C - 1, "2 * chunk_size - 1", v)
-    batch, qk_dim = q_quad.shape
-    expected = (batch, qk_dim, v.shape[-1])
-    if tuple(state.lin_state.shape) != expected or tuple(state.v_cache.shape) != (batch, C, v.shape[-1]):
-        raise ValueError(f"state was allocated for (batch, S, E) = {tuple(state.lin_state.shape)}, "
-                         f"but the inputs give {expected}")
-    quad_scale = 1.0 / C if quad_scale is None else float(quad_scale)
+    _check_state(state, q_quad, v)
+    quad_scale = _scale(quad_scale, "quad_scale", 1.0 / C)
+    lin_scale = check_real(lin_scale, "lin_scale", finite=True)
     out = torch.ops.subq.flash_step(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, state.lin_state, state.chunk_kv,
-                                    state.k_quad_cache, state.v_cache, int(state.position), quad_scale,
-                                    float(lin_scale))
-    state.position += 1
+                                    state.k_quad_cache, state.v_cache, position, quad_scale, lin_scale)
+    state.position = position + 1
     return out[:, None] if squeeze else out
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(value: object, name: str, default: float) -> float:
+    return default if value is None else check_real(value, name, finite=True)
+
+
+def _check_state(state: FlashDecodeState, q_quad: torch.Tensor, v: torch.Tensor) -> None:
+    """Every state tensor against the token: the op writes them in place, and one on another device (meta above
+    all) would send the whole call to another device's kernel, which for meta writes nothing."""
+    (batch, qk_dim), value_dim = q_quad.shape, v.shape[-1]
+    C = check_int_choice(state.chunk_size, "state.k_quad_cache.shape[1] (the chunk size)", CHUNK_SIZES)
+    shapes = {"lin_state": ((batch, qk_dim, value_dim), "(batch, S, E)"),
+              "chunk_kv": ((batch, qk_dim, value_dim), "(batch, S, E)"),
+              "k_quad_cache": ((batch, C, qk_dim), "(batch, chunk_size, S)"),
+              "v_cache": ((batch, C, value_dim), "(batch, chunk_size, E)")}
+    for field, (shape, layout) in shapes.items():
+        name = f"state.{field}"
+        t = check_tensor(getattr(state, field), name)
+        check_shape(t, shape, name, f"{layout} from the inputs")
+        if t.dtype != _state_dtype(v.dtype):
+            raise ValueError(f"{name}.dtype must be {_state_dtype(v.dtype)} for inputs of dtype {v.dtype}, "
+                             f"got {t.dtype}")
+        check_device(t, v, name, "v")
 
 
 def _check_features(features, names, v, u, layout="(batch, seqlen, features)") -> None:

@@ -16,7 +16,7 @@ import operator
 import torch
 
 from subq import _C
-from subq._utils import check_device, check_dtype_in, check_like, check_ndim, check_tensor
+from subq._utils import check_device, check_dtype_in, check_int, check_like, check_ndim, check_tensor
 
 ALGORITHMS = ("auto", "fft", "monarch")
 MAX_SEQLEN = 2**30  # monarch_conv::kMaxSeqlen (csrc/monarch_conv/monarch_conv.h)
@@ -28,13 +28,8 @@ def fft_size(seqlen: int) -> int:
     Even, so the Monarch DFT can take the real transform as a complex one of length M/2. One rule, in C++
     (csrc/monarch_conv/monarch_conv.h), shared with the fused CUDA forward.
     """
-    try:  # any integer (numpy, a 0-D integer tensor, a traced shape, which this specializes), but no bool or float
-        n = None if isinstance(seqlen, bool) else operator.index(seqlen)
-    except TypeError:
-        n = None
-    if n is None or not 1 <= n <= MAX_SEQLEN:
-        raise ValueError(f"seqlen must be an int in [1, {MAX_SEQLEN}], got {seqlen!r}")
-    return _C.monarch_conv_fft_size(n)
+    # operator.index specializes a traced shape: the size rule is a C++ call.
+    return _C.monarch_conv_fft_size(operator.index(check_int(seqlen, "seqlen", 1, MAX_SEQLEN)))
 
 
 def monarch_conv(
@@ -61,7 +56,8 @@ def monarch_conv(
     A linear (not circular) convolution: computed as a circular one of size M = :func:`fft_size` (L) >= 2L on the
     zero-padded input, keeping the first L outputs. The bidirectional form is one such convolution with a combined
     filter c of length M: ``c[j] = k[j]`` and ``c[M-1-j] = k_rev[j]`` (k_rev reversed, at the negative offsets
-    -1, -2, ...); because M >= 2L the two halves never meet and nothing wraps around (``k_rev[L-1]`` is never used).
+    -1, -2, ...); because M >= 2L the two halves never meet and nothing wraps around (length L never reaches
+    ``k_rev[L-1]``, but a longer one with the same M does).
 
     Shapes: ``u (B, H, L)`` with any L >= 1 (not only powers of two); ``k``, ``k_rev (H, Lk)`` with ``1 <= Lk <= L``
     (shorter filters are zero-extended); ``pregate``, ``postgate`` like u; ``D (H,)``. Each of k_rev, pregate,
@@ -74,8 +70,9 @@ def monarch_conv(
     makes every output of that row / channel NaN (the transform mixes all positions); other rows are untouched.
 
     ``filter_spectrum``: a precomputed ``monarch_conv_filter(k, L, k_rev)`` passed instead of k (and k_rev) for
-    inference or frozen filters. It is valid for every L with the same :func:`fft_size`. No gradient reaches the
-    filter through a spectrum; gradients of u, the gates and D still do.
+    inference or frozen filters. It is valid for every L with the same :func:`fft_size`, longer or shorter than the
+    L it was made for (it holds every tap of k and k_rev). No gradient reaches the filter through a spectrum;
+    gradients of u, the gates and D still do.
 
     ``algorithm``: how the real transforms of length M (forward and backward) are computed. ``"fft"``: ATen's FFT
     (pocketfft on CPU, cuFFT on CUDA). ``"monarch"``: the Monarch DFT of the Monarch Mixer paper, no FFT library:
@@ -110,9 +107,10 @@ def monarch_conv_filter(k: torch.Tensor, seqlen: int, k_rev: torch.Tensor | None
         if k_rev.shape != k.shape:
             raise ValueError(f"k_rev must have k's shape {tuple(k.shape)}, got {tuple(k_rev.shape)}")
         k_rev = k_rev.detach()
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or not max(1, k.shape[1]) <= seqlen <= MAX_SEQLEN:
+    seqlen = check_int(seqlen, "seqlen")
+    if not max(1, k.shape[1]) <= seqlen <= MAX_SEQLEN:
         raise ValueError(f"seqlen must be an int >= k's length ({k.shape[1]}) and 1, and <= {MAX_SEQLEN}, "
-                         f"got {seqlen!r}")
+                         f"got {seqlen}")
     return torch.ops.subq.monarch_conv_filter(k.detach(), k_rev, seqlen)
 
 

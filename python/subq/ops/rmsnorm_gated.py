@@ -12,7 +12,7 @@ import math
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_bool, check_device, check_like, check_real, check_shape, check_tensor
+from subq._utils import check_bool, check_device, check_int, check_like, check_real, check_shape, check_tensor
 
 
 def rmsnorm_gated(
@@ -55,13 +55,10 @@ def rmsnorm_gated(
     eps = check_real(eps, "eps")
     if not 0 <= eps < math.inf:  # false for NaN too; comparisons (not math.isfinite) trace under dynamic shapes
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if group_size is None:
-        group_size = dim
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+    group_size = dim if group_size is None else check_int(group_size, "group_size")
     if group_size <= 0 or dim % group_size != 0:
         raise ValueError(f"group_size must be a positive divisor of x.shape[-1] = {dim}, got {group_size}")
-    check_bool(norm_before_gate, "norm_before_gate")
+    norm_before_gate = check_bool(norm_before_gate, "norm_before_gate")
     x2d = x.reshape(-1, dim)
     z2d = None if z is None else z.reshape(-1, dim)
     y, _ = torch.ops.subq.rmsnorm_gated_fwd(x2d, weight, z2d, eps, group_size, norm_before_gate)

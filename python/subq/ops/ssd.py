@@ -10,7 +10,15 @@ import math
 import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
-from subq._utils import check_device, check_dtype_in, check_int_choice, check_param, check_tensor
+from subq._utils import (
+    check_bool,
+    check_device,
+    check_dtype_in,
+    check_int_choice,
+    check_param,
+    check_real,
+    check_tensor,
+)
 
 CHUNK_SIZES = (64, 128, 256)
 MAX_HEADDIM = 128
@@ -65,15 +73,18 @@ def ssd_chunk_scan(
     Returns ``y``, then ``final_states`` if ``return_final_states``, then ``varlen_states`` if
     ``return_varlen_states``. Differentiable in every tensor input except seq_idx and cu_seqlens.
     """
-    _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
+    chunk_size, (lo, hi) = _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx,
+                                       cu_seqlens)
+    dt_softplus = check_bool(dt_softplus, "dt_softplus")
+    return_final_states = check_bool(return_final_states, "return_final_states")
+    return_varlen_states = check_bool(return_varlen_states, "return_varlen_states")
     if return_varlen_states and cu_seqlens is None:
         raise ValueError("return_varlen_states=True needs cu_seqlens (the packed sequence boundaries)")
     if cu_seqlens is not None and seq_idx is None:
         seq_idx = _seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
-    lo, hi = (float(v) for v in dt_limit)
     y, final_states, varlen_states = torch.ops.subq.ssd_chunk_scan_fwd(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens if return_varlen_states else None,
-        int(chunk_size), dt_softplus, lo, hi,
+        chunk_size, dt_softplus, lo, hi,
     )
     out = (y,)
     if return_final_states:
@@ -111,7 +122,7 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
         raise ValueError(f"x's headdim must be in 1..{MAX_HEADDIM}, got {headdim}")
     if dstate > MAX_DSTATE or dstate == 0:
         raise ValueError(f"B and C's dstate must be in 1..{MAX_DSTATE}, got {dstate}")
-    check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
+    chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
     params = (x.dtype, torch.float32)
     check_param(dt, "dt", (batch, seqlen, nheads), "(batch, seqlen, nheads)", params, x)
     check_param(A, "A", (nheads,), "(nheads,)", params, x)
@@ -130,7 +141,7 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
                     "(batch, nheads, headdim, dstate)", params, x)
     if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2):
         raise ValueError(f"dt_limit must be a pair (lo, hi), got {dt_limit!r}")
-    lo, hi = dt_limit
+    lo, hi = (check_real(v, "dt_limit[i]") for v in dt_limit)
     if not (0 <= lo <= hi):
         raise ValueError(f"dt_limit must be (lo, hi) with 0 <= lo <= hi, got {tuple(dt_limit)}")
     for name, t in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
@@ -151,6 +162,7 @@ def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_sta
         # CUDA a failure is a device-side assertion), and torch.compile traces it.
         valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] <= seqlen) & (cu_seqlens.diff() >= 0).all()
         torch._assert_async(valid, "cu_seqlens must start at 0, never decrease, and end at most at x's seqlen")
+    return chunk_size, (lo, hi)
 
 
 # ---- fake kernels (shapes only), for torch.compile and meta tensors ------------------------------------------------

@@ -97,7 +97,7 @@ def ssd_step(
     if dt_bias is not None:
         _check_fp32_or_like(dt_bias, x, "dt_bias")
         check_shape(dt_bias, (heads,), "dt_bias", "(H,)")
-    check_bool(dt_softplus, "dt_softplus")
+    dt_softplus = check_bool(dt_softplus, "dt_softplus")
     lo, hi = _dt_limit(dt_limit)
     return torch.ops.subq.ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi)
 

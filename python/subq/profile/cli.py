@@ -126,7 +126,8 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 raise ProfileError(f"{spec.name} at {spec.label(size)} ({dtype_name}) needs about {_gib(need)}, "
                                    f"{device} has {_gib(free)} free: choose smaller sizes (--seqlen, --batch, --grid)")
 
-    repeats = args.repeats or (50 if device.type == "cuda" else 5)
+    # "is None", not "or": --repeats 0 is a bad request, not a request for the default.
+    repeats = args.repeats if args.repeats is not None else (50 if device.type == "cuda" else 5)
     if repeats < 1:
         raise ProfileError(f"--repeats must be at least 1, got {repeats}")
     return Plan(specs, sizes, dtype, device, passes, repeats), dtype_name

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from subq.profile.progress import Progress
-from subq.train import checkpoint, report
+from subq.train import checkpoint, memory, report
 from subq.train.config import TrainConfig, flag, merge
 from subq.train.corpus import Corpus
 from subq.train.errors import TrainError
 from subq.train.loop import Run, TrainState, make_optimizer, train
 from subq.train.objectives import OBJECTIVES
-from subq.train.registry import MODELS, build_model, lookup
+from subq.train.registry import MODELS, build_model, check_seq_len, lookup
 from subq.train.sample import sample
 
 HELP = {
@@ -86,19 +86,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _refuse_overwriting(out: Path, resumed_from: Path, step: int) -> None:
+    """A resumed run writes checkpoints after ``step`` into ``out``: none may be there already, or it would
+    replace checkpoints it did not make (and history.json would no longer describe them)."""
+    later = [p for p in checkpoint.listed(out) if checkpoint.step_of(p) > step]
+    if later:
+        names = ", ".join(p.name for p in reversed(later))
+        raise TrainError(f"--resume {resumed_from} is at step {step}, but {out / checkpoint.FOLDER} already holds "
+                         f"later checkpoints ({names}) that this run would overwrite: resume from the latest, "
+                         f"{later[0]}, or branch into a new folder with --out")
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     defaults = TrainConfig()
-    saved = resumed_from = None
+    saved = resumed_from = resumed_model = None
     if args.resume is not None:
         where = args.resume or args.out or default_out(args.model or defaults.model, args.preset or defaults.preset)
         resumed_from = checkpoint.find(Path(where))
-        saved = checkpoint.read(resumed_from)
+        saved, resumed_model = checkpoint.load(resumed_from)
     config = merge(saved and saved["config"], vars(args))
     out = args.out or (resumed_from.parent.parent if resumed_from else default_out(config.model, config.preset))
     if resumed_from is None and (out / checkpoint.FOLDER).exists():
         raise TrainError(f"--out {out} already holds checkpoints: add --resume to continue that run, "
                          "or choose another --out")
+    if resumed_from is not None:
+        _refuse_overwriting(out, resumed_from, saved["step"])
     entry = lookup(config.model)
     if args.generate < 0:
         raise TrainError(f"--generate must not be negative, got {args.generate}")
@@ -108,14 +121,19 @@ def _main(argv: list[str] | None) -> int:
         raise TrainError("--prompt must not be empty with --generate")
     device = resolve_device(args.device)
 
+    # The model's build, its length limit and the memory first, on the meta device (no memory, no time): each can
+    # refuse the run before the corpus is generated or a large model allocated.
+    planned = resumed_model
+    if planned is None:
+        with torch.device("meta"):
+            planned = build_model(config.model, config.preset, config.override)
+    check_seq_len(planned, config)
+    memory.check_fits(planned, config, device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.preset, config.override) if resumed_model is None else resumed_model
     objective = OBJECTIVES[entry.objective]
     corpus = Corpus.generate(config.corpus_chars, config.seed)
     train_blocks, val_blocks = corpus.blocks(config.seq_len + objective.extra_tokens)
-    torch.manual_seed(config.seed)
-    if resumed_from is None:
-        model = build_model(config.model, config.preset, config.override)
-    else:
-        model = entry.model_class.from_pretrained(resumed_from)
     model.to(device)
     state = TrainState(model, *make_optimizer(model, config), data_rng=torch.Generator().manual_seed(config.seed))
     if saved is not None:

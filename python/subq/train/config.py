@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from subq.train.errors import TrainError
@@ -34,11 +35,14 @@ class TrainConfig:
         positive = ["steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "save_every",
                     "corpus_chars"]
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # also false for NaN
                 raise TrainError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("warmup", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise TrainError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise TrainError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         return self
 
     def to_dict(self) -> dict:

@@ -19,6 +19,11 @@ def _convert(text: str, hint) -> object:
         value = text
     if typing.get_origin(hint) is tuple:
         value = tuple(value) if isinstance(value, list | tuple) else (value,)
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else object
+        if isinstance(item, type):
+            value = tuple(float(v) if item is float and type(v) is int else v for v in value)
+            if not all(isinstance(v, item) and (item is bool or type(v) is not bool) for v in value):
+                raise ValueError(f"expects a tuple of {item.__name__}")
         hint = tuple
     elif hint is float and type(value) is int:
         value = float(value)

@@ -54,6 +54,16 @@ def check_vocab(model: nn.Module, what: str) -> None:
                          f"{VOCAB_SIZE}; use --override vocab_size={VOCAB_SIZE}")
 
 
+def check_seq_len(model: nn.Module, config) -> None:
+    """--seq-len against the model's context (max_seq_len, or n_positions): longer fails only at the first
+    forward, after the corpus has been built."""
+    for name in ("max_seq_len", "n_positions"):
+        limit = getattr(model.config, name, None)
+        if limit is not None and config.seq_len > limit:
+            raise TrainError(f"--seq-len {config.seq_len} is longer than {config.model} ({config.preset})'s {name} "
+                             f"{limit}: lower --seq-len, or --override {name}={config.seq_len}")
+
+
 def build_model(name: str, preset: str, overrides: list[str]) -> nn.Module:
     """``MODELS[name].model_class.from_preset(preset, **overrides)``, with a one-line error for what cannot be built."""
     entry = lookup(name)

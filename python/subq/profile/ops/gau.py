@@ -8,10 +8,13 @@ Size (ops/flash_sizes.py): b ``batch``, L ``seqlen``, S ``qk_dim`` (q, k), E ``v
 
 matmul FLOPs. subq (csrc/flash/flash_attention_cpu.cpp; update this when a CUDA kernel lands) walks key tiles of
   T = 256 keys; tile j (cols = min(T, L - jT) keys) is seen by rows = L queries, or L - jT when causal (the queries
-  from the tile's first key on; the tile's diagonal square is computed and masked). With R = sum over tiles of
-  rows x cols (L^2 bidirectional, about L^2 / 2 causal):
-    fwd 2 b R (S + E)   (scores, relu² V)
-    fwd+bwd 2 b R (4 S + 3 E): the backward recomputes the scores (S), then dV and dP (E each), dQ and dK (S each).
+  from the tile's first key on). R = sum over tiles of rows x cols (L^2 bidirectional, about L^2 / 2 causal); R' = R
+  bidirectional, and causal the same with each tile's diagonal square (cols x cols) counted as the strict lower
+  triangle of that square padded to a power of two P, P (P - 1) / 2 pairs (the products with V, dV, dQ and dK are
+  formed as that triangle, never multiplying masked entries):
+    fwd 2 b (R S + R' E)   (scores, relu² V)
+    fwd+bwd 2 b (R (2 S + E) + R' (2 S + 2 E)): the backward recomputes the scores (S, R) and forms dP (E, R), then
+    dV (E), dQ and dK (S each) over R'.
   reference: the full square whatever the mode, fwd 2 b L^2 (S + E), fwd+bwd 3x (autograd, nothing recomputed).
 useful FLOPs: 2 S (q . k) + 2 E (p v) per attended pair, L^2 bidirectional or L (L + 1) / 2 causal; 3x for fwd+bwd.
 Minimum bytes: q, k, v in and the output out; per ops/base.py for fwd+bwd.
@@ -31,16 +34,28 @@ KEY_TILE = 256  # kKeyTile in csrc/flash/flash_attention_cpu.cpp
 _LEAVES = ("q", "k", "v")
 
 
-def _tile_pairs(size: Size) -> int:
-    """R: the (query, key) pairs subq's key tiles compute."""
-    L = size["seqlen"]
-    return sum((L - k0 if size["causal"] else L) * min(KEY_TILE, L - k0) for k0 in range(0, L, KEY_TILE))
+def _tile_pairs(size: Size, triangle: bool) -> int:
+    """The (query, key) pairs subq's key tiles compute: all rows x cols of a tile, or with ``triangle`` (causal) its
+    diagonal square as the strict lower triangle of the square padded to a power of two, P (P - 1) / 2."""
+    L, causal = size["seqlen"], size["causal"]
+    pairs = 0
+    for k0 in range(0, L, KEY_TILE):
+        cols = min(KEY_TILE, L - k0)
+        rows = L - k0 if causal else L
+        if causal and triangle:
+            padded = 1 << (cols - 1).bit_length()
+            pairs += (rows - cols) * cols + padded * (padded - 1) // 2
+        else:
+            pairs += rows * cols
+    return pairs
 
 
 def _subq_matmul_flops(size: Size, pass_name: str) -> float:
     S, E = size["qk_dim"], size["value_dim"]
-    per_pair = S + E if pass_name == "fwd" else 4 * S + 3 * E
-    return 2 * size["batch"] * _tile_pairs(size) * per_pair
+    full, triangle = _tile_pairs(size, triangle=False), _tile_pairs(size, triangle=True)
+    if pass_name == "fwd":
+        return 2 * size["batch"] * (full * S + triangle * E)
+    return 2 * size["batch"] * (full * (2 * S + E) + triangle * (2 * S + 2 * E))
 
 
 def _reference_flops(size: Size) -> float:
