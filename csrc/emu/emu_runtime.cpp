@@ -38,6 +38,8 @@ void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
 void __tsan_set_fiber_name(void* fiber, const char* name) __attribute__((weak));
 void __tsan_acquire(void* addr) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
+void __tsan_ignore_thread_begin() __attribute__((weak));
+void __tsan_ignore_thread_end() __attribute__((weak));
 }
 
 // Saves the callee-saved registers on the current stack, stores its pointer in *save and continues on `load`.
@@ -570,9 +572,13 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
   for (const SharedAllocation& s : b.shared) {
     if (s.key == key) return s.ptr;
   }
+  // The array exists before any thread of the block runs: to TSan, neither the allocation nor the fill is an access
+  // of the thread that happens to declare it first (nothing orders that thread before the others' accesses).
+  if (__tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
+  if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.shared.push_back({key, p, bytes});
   b.static_bytes += bytes;
   if (b.static_bytes > kStaticSmemLimit && !b.launch->static_limit_reported.exchange(true)) {
