@@ -40,6 +40,8 @@ void __tsan_acquire(void* addr) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
 void __tsan_ignore_thread_begin() __attribute__((weak));
 void __tsan_ignore_thread_end() __attribute__((weak));
+void AnnotateIgnoreSyncBegin(const char* file, int line) __attribute__((weak));
+void AnnotateIgnoreSyncEnd(const char* file, int line) __attribute__((weak));
 }
 
 // Saves the callee-saved registers on the current stack, stores its pointer in *save and continues on `load`.
@@ -661,15 +663,25 @@ const int* wmma_layout(int n) {
   static std::map<std::pair<int, std::uint64_t>, std::vector<int>> layouts;
   const Config c = read_config();
   const std::uint64_t seed = c.order == Order::kRandom ? c.seed : c.order == Order::kReverse ? 2 : 1;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto& v = layouts[{n, seed}];
-  if (v.empty()) {
-    v.resize(n);
-    for (int i = 0; i < n; ++i) v[i] = i;
-    std::mt19937_64 rng(seed * 7919 + n);
-    std::shuffle(v.begin(), v.end(), rng);
+  // To TSan the table is there before any thread runs, and its lock orders nothing: otherwise every block that uses
+  // WMMA would be ordered after the blocks that used it before, and TSan would miss races between them.
+  if (AnnotateIgnoreSyncBegin) AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  if (__tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
+  const int* layout;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto& v = layouts[{n, seed}];
+    if (v.empty()) {
+      v.resize(n);
+      for (int i = 0; i < n; ++i) v[i] = i;
+      std::mt19937_64 rng(seed * 7919 + n);
+      std::shuffle(v.begin(), v.end(), rng);
+    }
+    layout = v.data();
   }
-  return v.data();
+  if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
+  if (AnnotateIgnoreSyncEnd) AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  return layout;
 }
 
 bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, unsigned ldm, std::size_t element,
