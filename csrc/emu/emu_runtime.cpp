@@ -128,7 +128,7 @@ std::vector<std::string> reports;
 thread_local std::string last_error_message;
 thread_local cudaError_t last_error = cudaSuccess;
 
-std::vector<std::string> launched;  // kernel names since the last take_launches(), so tests know what ran
+std::vector<std::string> launched;  // "kernel at file:line" since the last take_launches(): what ran, from where
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::mutex attribute_mutex;
 
@@ -307,8 +307,8 @@ void abandon(Block& b) { b.abandoned = true; }
 void release_barrier(Block& b, Site site) {
   if (b.exited > 0) {
     report_here("synccheck", site,
-                "__syncthreads reached by part of the block: %d of %d threads had exited", b.threads - b.exited,
-                b.threads);
+                "__syncthreads reached by part of the block: %d of %d threads (the others had exited)",
+                b.threads - b.exited, b.threads);
   }
   if (b.barrier_other_site.file) {
     report_here("synccheck", site, "threads of one block wait at different __syncthreads: %s and %s",
@@ -735,7 +735,7 @@ void run_grid(const LaunchConfig& config, void (*thread_main)(void*), void* args
   }
   {
     const std::lock_guard<std::mutex> lock(report_mutex);
-    if (launched.size() < 100000) launched.emplace_back(config.kernel_name);
+    if (launched.size() < 100000) launched.emplace_back(std::string(config.kernel_name) + " at " + where(config.site));
   }
   GridRun launch;
   launch.config = &config;
