@@ -686,10 +686,11 @@ const int* wmma_layout(int n) {
 
 bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, unsigned ldm, std::size_t element,
                         const void* const lane_ptrs[32], const unsigned lane_ldms[32]) {
-  for (int l = 0; l < 32; ++l) {
-    if (lane_ptrs[l] != ptr || lane_ldms[l] != ldm) {
+  // Against lane 0's: `ptr` and `ldm` are the completing lane's, which may be any lane.
+  for (int l = 1; l < 32; ++l) {
+    if (lane_ptrs[l] != lane_ptrs[0] || lane_ldms[l] != lane_ldms[0]) {
       report_here("wmma", first.site, "%s: lane %d passes pointer %p ldm %u, lane 0 pointer %p ldm %u", op, l,
-                  lane_ptrs[l], lane_ldms[l], ptr, ldm);
+                  lane_ptrs[l], lane_ldms[l], lane_ptrs[0], lane_ldms[0]);
       return false;
     }
   }
