@@ -118,8 +118,9 @@ std::size_t smem_optin_limit(int arch) {  // cudaDevAttrMaxSharedMemoryPerBlockO
   }
 }
 constexpr std::size_t kStaticSmemLimit = 48 * 1024;
-// Per worker; TSan allows 8k threads in all.
-constexpr std::size_t kRetiredFibers = 1024;
+// Finished blocks' TSan fibers kept alive, shared out over the workers (run_block). TSan allows 8k threads in all,
+// and each worker runs a block of up to 1024 more.
+constexpr std::size_t kRetiredFibers = 2048;
 
 // ---- reports --------------------------------------------------------------------------------------------------
 
@@ -514,9 +515,10 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
   std::free(b.dynamic);
   std::free(b.sync);
   // TSan gives a new thread the id of a destroyed one, and with the id that thread's accesses as its own: a block's
-  // fibers live on until kRetiredFibers later ones have finished, so that blocks run close together stay unordered.
-  if (w.retired.size() > kRetiredFibers) {
-    const auto oldest = w.retired.begin() + static_cast<std::ptrdiff_t>(w.retired.size() - kRetiredFibers);
+  // fibers live on while later ones finish, so that blocks run close together stay unordered.
+  const std::size_t keep = kRetiredFibers / static_cast<std::size_t>(launch.settings.workers);
+  if (w.retired.size() > keep) {
+    const auto oldest = w.retired.begin() + static_cast<std::ptrdiff_t>(w.retired.size() - keep);
     for (auto it = w.retired.begin(); it != oldest; ++it) __tsan_destroy_fiber(*it);
     w.retired.erase(w.retired.begin(), oldest);
   }
