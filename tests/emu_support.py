@@ -185,21 +185,26 @@ def record_calls(cases: list[Case], monkeypatch) -> list[tuple[str, list]]:
         return list(calls)
 
 
+def run_runner(runner: Path, calls: list[tuple[str, list]], path: Path, timeout: float = 1200,
+               workers: int = 2) -> tuple[int, str]:
+    """Runs recorded raw op calls (saved to `path`) through a runner built by csrc/emu/build.py, in the sanitizer
+    runs' schedule on `workers` threads; returns its exit status and its output (stdout, then stderr)."""
+    torch.save(calls, path)
+    env = dict(os.environ, **{flag: "1" for flag in KERNEL_FLAGS})
+    env.update(SUBQ_EMU_WORKERS=str(workers), SUBQ_EMU_SCHEDULE="random", SUBQ_EMU_SEED="3",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+               TSAN_OPTIONS="halt_on_error=1:history_size=4:report_signal_unsafe=0")
+    result = subprocess.run([str(runner), str(path)], env=env, capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
 def run_sanitized(calls: list[tuple[str, list]], variant: str, tmp_path: Path) -> str:
     """Runs recorded raw op calls through build/emu/subq_emu_run_<variant> (ASan+UBSan or TSan); fails on any
     finding (a sanitizer's, the emulator's, or a non-finite output)."""
     emu_build.build([variant])
-    path = tmp_path / f"calls_{variant}.pt"
-    torch.save(calls, path)
-    env = dict(os.environ, **{flag: "1" for flag in KERNEL_FLAGS})
-    env.update(SUBQ_EMU_WORKERS="2", SUBQ_EMU_SCHEDULE="random", SUBQ_EMU_SEED="3",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
-               TSAN_OPTIONS="halt_on_error=1:history_size=4:report_signal_unsafe=0")
-    result = subprocess.run([str(emu_build.target(variant)), str(path)], env=env, capture_output=True, text=True,
-                            timeout=1200)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{variant} runner exit {result.returncode}:\n{output[-12000:]}"
+    returncode, output = run_runner(emu_build.target(variant), calls, tmp_path / f"calls_{variant}.pt")
+    assert returncode == 0, f"{variant} runner exit {returncode}:\n{output[-12000:]}"
     return output
 
 

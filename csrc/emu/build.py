@@ -11,6 +11,7 @@ The two runners take a file of op calls written by torch.save (tests/emu_cases.p
 report. ThreadSanitizer cannot run inside the Python interpreter, hence separate programs.
 
 Incremental: the rewritten tree is rewritten only where a source changed, and ninja recompiles only what changed.
+`build_mutant` builds a target with one kernel compiled from changed sources (tests that seed bugs).
 """
 from __future__ import annotations
 
@@ -106,7 +107,21 @@ def _object(src: str, kind: str) -> str:
     return f"obj/{kind}/{src.replace('/', '_')}.o"
 
 
-def write_ninja(variants: list[str]) -> Path:
+_RULES = [
+    "ninja_required_version = 1.3",
+    "rule cxx",
+    "  command = c++ -MMD -MF $out.d $flags -c $in -o $out",
+    "  depfile = $out.d",
+    "  deps = gcc",
+    "  description = CXX $out",
+    "rule link",
+    "  command = c++ $in -o $out $ldflags",
+    "  description = LINK $out",
+]
+
+
+def _flags() -> dict[str, str]:
+    """The compile flags of the glue (host) and the kernels (device), and the libraries every target links."""
     torch_includes, torch_lib = _torch_paths()
     import torch
 
@@ -122,30 +137,30 @@ def write_ninja(variants: list[str]) -> Path:
 
     device = f"{common} -isystem {cutlass_include_dir()} -include {EMU / 'emu_device.h'}"
     libs = f"-L{torch_lib} -Wl,-rpath,{torch_lib} -ltorch_cpu -lc10 -lpthread"
-    lines = [
-        "ninja_required_version = 1.3",
-        f"host_flags = {host}",
-        f"device_flags = {device}",
-        "rule cxx",
-        "  command = c++ -MMD -MF $out.d $flags -c $in -o $out",
-        "  depfile = $out.d",
-        "  deps = gcc",
-        "  description = CXX $out",
-        "rule link",
-        "  command = c++ $in -o $out $ldflags",
-        "  description = LINK $out",
-    ]
-    host_objects = []
+    return {"host": host, "device": device, "libs": libs}
+
+
+def _shared_objects() -> list[str]:
+    """The objects every variant links besides its kernels (paths relative to OUT)."""
+    return [_object(s, "host") for s in GLUE + COMPOSITES] + ["obj/host/emu_ops.o", "obj/host/emu_runtime.o"]
+
+
+def _link(variant: str, objects: list[str], runner: str) -> list[str]:
+    """The ninja statement that links `objects` into the variant's target (the runners add their main, `runner`)."""
+    if variant == "plain":
+        return [f"build libsubq_emu.so: link {' '.join(objects)}", "  ldflags = -shared -Wl,-Bsymbolic $libs"]
+    return [f"build subq_emu_run_{variant}: link {' '.join(objects)} {runner}", f"  ldflags = {LINK[variant]} $libs"]
+
+
+def write_ninja(variants: list[str]) -> Path:
+    flags = _flags()
+    src = OUT / "src"
+    lines = _RULES + [f"host_flags = {flags['host']}", f"device_flags = {flags['device']}", f"libs = {flags['libs']}"]
     for s in GLUE + COMPOSITES:
-        obj = _object(s, "host")
-        lines += [f"build {obj}: cxx {src / s}", "  flags = $host_flags"]
-        host_objects.append(obj)
-    ops = "obj/host/emu_ops.o"
-    lines += [f"build {ops}: cxx {EMU / 'emu_ops.cpp'}", "  flags = $host_flags"]
-    runner = "obj/host/emu_runner.o"
-    lines += [f"build {runner}: cxx {EMU / 'emu_runner.cpp'}", "  flags = $host_flags"]
-    runtime = "obj/host/emu_runtime.o"
-    lines += [f"build {runtime}: cxx {EMU / 'emu_runtime.cpp'}", "  flags = $device_flags -O2"]
+        lines += [f"build {_object(s, 'host')}: cxx {src / s}", "  flags = $host_flags"]
+    for name in ("emu_ops", "emu_runner"):
+        lines += [f"build obj/host/{name}.o: cxx {EMU / (name + '.cpp')}", "  flags = $host_flags"]
+    lines += [f"build obj/host/emu_runtime.o: cxx {EMU / 'emu_runtime.cpp'}", "  flags = $device_flags -O2"]
     for variant in variants:
         objects = []
         for s in KERNELS:
@@ -153,15 +168,12 @@ def write_ninja(variants: list[str]) -> Path:
             lines += [f"build {obj}: cxx {src / (s + '.cpp')}", f"  flags = $device_flags {VARIANTS[variant]}"]
             objects.append(obj)
         # The permutation kernel is reached through emu_ops, compiled with the same sanitizers as the kernels.
-        everything = " ".join(objects + host_objects + [ops, runtime])
-        if variant == "plain":
-            lines += [f"build libsubq_emu.so: link {everything}", f"  ldflags = -shared -Wl,-Bsymbolic {libs}"]
-        else:
-            lines += [f"build subq_emu_run_{variant}: link {everything} {runner}",
-                      f"  ldflags = {LINK[variant]} {libs}"]
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "build.ninja"
-    text = "\n".join(lines) + "\n"
+        lines += _link(variant, objects + _shared_objects(), "obj/host/emu_runner.o")
+    return _write_if_changed(OUT / "build.ninja", "\n".join(lines) + "\n")
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -188,6 +200,47 @@ def build(variants: list[str] | None = None, verbose: bool = False) -> float:
         output = (result.stdout or "") + (result.stderr or "")
         raise RuntimeError(f"emulator build failed: {shlex.join(cmd)}\n{output[-20000:]}")
     return time.time() - start
+
+
+def build_mutant(name: str, kernel: str, sources: dict[str, str], variant: str) -> Path:
+    """Builds the variant's target in build/emu/mutants/<name>/ with the kernel source `kernel` (a KERNELS entry)
+    compiled from changed sources: `sources` maps paths under csrc/ (the kernel's .cu or headers it includes) to
+    their new text. Every other object is the main build's, so a mutant costs one compile and a link. Returns the
+    target. Tests seed known bugs this way (tests/test_emulator_catches_bugs.py); the real sources stay as they are.
+
+    A changed text must keep the original's line count, so that reports name the original file and line. The mutant
+    object links first: where a changed header's inline functions are also compiled into other kernels' objects, the
+    linker keeps the mutant's copy."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{kernel} is not one of the emulated kernel sources {KERNELS}")
+    build([variant])
+    home = OUT / "mutants" / name
+    for rel, text in sources.items():
+        line_count = (CSRC / rel).read_text().count("\n")
+        if text.count("\n") != line_count:
+            raise ValueError(f"the changed {rel} must keep its {line_count} lines")
+        rewritten = rewrite.rewrite_source(Path(rel), text, CSRC / rel)
+        _write_if_changed(home / "src" / rewrite.rewritten_path(Path(rel)), rewritten)
+    # The kernel compiles from the mutant's tree, changed or not, with that tree first on the include path: a
+    # changed header is found before the main build's copy.
+    tu = home / "src" / rewrite.rewritten_path(Path(kernel))
+    if kernel not in sources:
+        _write_if_changed(tu, rewrite.rewrite_source(Path(kernel), (CSRC / kernel).read_text(), CSRC / kernel))
+    flags = _flags()
+    mutant_object = _object(kernel, variant)
+    others = [str(OUT / o) for o in [_object(s, variant) for s in KERNELS if s != kernel] + _shared_objects()]
+    lines = _RULES + [f"libs = {flags['libs']}",
+                      f"build {mutant_object}: cxx {tu}",
+                      f"  flags = -I{home / 'src'} {flags['device']} {VARIANTS[variant]}"]
+    lines += _link(variant, [mutant_object] + others, str(OUT / "obj/host/emu_runner.o"))
+    _write_if_changed(home / "build.ninja", "\n".join(lines) + "\n")
+    with open(OUT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the main build's objects must not change under the link
+        cmd = ["ninja", "-C", str(home)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"mutant build failed: {shlex.join(cmd)}\n{(result.stdout + result.stderr)[-20000:]}")
+    return home / target(variant).name
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 
 namespace subq_emu {
 std::vector<std::string> take_reports();
+std::vector<std::string> take_launches();
 }
 
 namespace {
@@ -37,6 +38,24 @@ c10::IValue as_argument(const c10::IValue& value, const c10::TypePtr& type) {
   return value;
 }
 
+// Which elements, and which kernels (with their launch sites) wrote the output: the kernel that left an element
+// unwritten is one of them.
+void report_non_finite(const std::string& op, size_t k, const at::Tensor& t,
+                       const std::vector<std::string>& launches) {
+  const at::Tensor bad = t.isfinite().logical_not().nonzero();
+  std::string first;
+  for (int64_t d = 0; d < bad.size(1); ++d) first += (d ? ", " : "") + std::to_string(bad[0][d].item<int64_t>());
+  std::string kernels;
+  for (const std::string& launch : launches) {
+    if (kernels.find(launch) == std::string::npos) kernels += (kernels.empty() ? "" : "; ") + launch;
+  }
+  std::fprintf(stderr,
+               "subq-emu initcheck: %s output %zu has %lld of %lld elements non-finite (never written?), the first "
+               "at [%s]; kernels run: %s\n",
+               op.c_str(), k, static_cast<long long>(bad.size(0)), static_cast<long long>(t.numel()), first.c_str(),
+               kernels.c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -57,7 +76,9 @@ int main(int argc, char** argv) {
     const auto args = call[1].toListRef();
     for (size_t i = 0; i < args.size(); ++i) stack.push_back(as_argument(args[i], arguments.at(i).type()));
     try {
+      subq_emu::take_launches();
       handle.callBoxed(stack);
+      const std::vector<std::string> launches = subq_emu::take_launches();
       // initcheck: outputs start as NaN, and finite random inputs must give finite outputs.
       for (const auto& out : stack) {
         std::vector<at::Tensor> tensors;
@@ -66,8 +87,7 @@ int main(int argc, char** argv) {
         for (size_t k = 0; k < tensors.size(); ++k) {
           const at::Tensor& t = tensors[k];
           if (t.defined() && t.is_floating_point() && t.numel() > 0 && !t.isfinite().all().item<bool>()) {
-            std::fprintf(stderr, "subq-emu initcheck: %s output %zu has non-finite elements (never written?)\n",
-                         name.c_str(), k);
+            report_non_finite(name, k, t, launches);
             ++failures;
           }
         }

@@ -39,6 +39,10 @@ void __tsan_set_fiber_name(void* fiber, const char* name) __attribute__((weak));
 void __tsan_acquire(void* addr) __attribute__((weak));
 void __sanitizer_set_death_callback(void (*callback)()) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
+void __tsan_ignore_thread_begin() __attribute__((weak));
+void __tsan_ignore_thread_end() __attribute__((weak));
+void AnnotateIgnoreSyncBegin(const char* file, int line) __attribute__((weak));
+void AnnotateIgnoreSyncEnd(const char* file, int line) __attribute__((weak));
 }
 
 // Saves the callee-saved registers on the current stack, stores its pointer in *save and continues on `load`.
@@ -115,6 +119,9 @@ std::size_t smem_optin_limit(int arch) {  // cudaDevAttrMaxSharedMemoryPerBlockO
   }
 }
 constexpr std::size_t kStaticSmemLimit = 48 * 1024;
+// Finished blocks' TSan fibers kept alive, shared out over the workers (run_block). TSan allows 8k threads in all,
+// and each worker runs a block of up to 1024 more.
+constexpr std::size_t kRetiredFibers = 2048;
 
 // ---- reports --------------------------------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ std::vector<std::string> reports;
 thread_local std::string last_error_message;
 thread_local cudaError_t last_error = cudaSuccess;
 
-std::vector<std::string> launched;  // kernel names since the last take_launches(), so tests know what ran
+std::vector<std::string> launched;  // "kernel at file:line" since the last take_launches(): what ran, from where
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::mutex attribute_mutex;
 
@@ -159,6 +166,8 @@ struct Worker {
   const void* native_bottom = nullptr;
   std::size_t native_size = 0;
   void* tsan_native = nullptr;
+  void* tsan_teardown = nullptr;  // the TSan context that frees finished blocks (run_block)
+  std::vector<void*> retired;     // TSan fibers of finished blocks, destroyed late (run_block)
   std::vector<Fiber> fibers;
   Block* block = nullptr;
   int current = -1;
@@ -171,7 +180,10 @@ struct GridRun {
   void* args;
   Config settings;
   int threads;
-  char* launch_sync;  // TSan: host -> blocks at the start, blocks -> host at the end
+  // TSan: host -> every block at the start, every block -> host at the end. Two objects, so that no block is
+  // ordered after another one that ended before it started.
+  char* launch_start;
+  char* launch_end;
   std::atomic<bool> failed{false};
   std::atomic<bool> static_limit_reported{false};
 };
@@ -297,8 +309,8 @@ void abandon(Block& b) { b.abandoned = true; }
 void release_barrier(Block& b, Site site) {
   if (b.exited > 0) {
     report_here("synccheck", site,
-                "__syncthreads reached by part of the block: %d of %d threads had exited", b.threads - b.exited,
-                b.threads);
+                "__syncthreads reached by part of the block: %d of %d threads (the others had exited)",
+                b.threads - b.exited, b.threads);
   }
   if (b.barrier_other_site.file) {
     report_here("synccheck", site, "threads of one block wait at different __syncthreads: %s and %s",
@@ -380,10 +392,10 @@ void check_exit_against_pending(Block& b, Fiber& f) {
     __sanitizer_finish_switch_fiber(nullptr, &w.native_bottom, &w.native_size);
   }
   Block& b = *w.block;
-  tsan_acquire(b.launch->launch_sync);
+  tsan_acquire(b.launch->launch_start);
   b.launch->thread_main(b.launch->args);
-  tsan_release(b.launch->launch_sync);
-  tsan_release(b.sync);  // the scheduler frees the block's memory after this
+  tsan_release(b.launch->launch_end);
+  tsan_release(b.sync);  // the block's memory is freed after this
   Fiber& f = current_fiber();
   f.state = FiberState::kExited;
   ++b.exited;
@@ -458,9 +470,10 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
     if (under_tsan()) {
       f.tsan_fiber = __tsan_create_fiber(0);
       if (__tsan_set_fiber_name) {
+        // Block and thread first: TSan's reports cut a thread's name at 64 characters.
         static thread_local char name[160];
-        std::snprintf(name, sizeof name, "%s block (%u,%u,%u) thread (%u,%u,%u)", cfg.kernel_name, b.block_idx.x,
-                      b.block_idx.y, b.block_idx.z, f.index.thread_idx.x, f.index.thread_idx.y, f.index.thread_idx.z);
+        std::snprintf(name, sizeof name, "block (%u,%u,%u) thread (%u,%u,%u) of %s", b.block_idx.x, b.block_idx.y,
+                      b.block_idx.z, f.index.thread_idx.x, f.index.thread_idx.y, f.index.thread_idx.z, cfg.kernel_name);
         __tsan_set_fiber_name(f.tsan_fiber, name);
       }
     }
@@ -479,11 +492,15 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
       abandon(b);
     }
   }
+  // The block's memory is freed in a TSan context of its own that has seen the block's accesses. Were it the
+  // scheduler's, every later block's threads (which the scheduler creates) would be ordered after this block, and
+  // TSan would miss the races between blocks that happen to run one after the other.
+  if (__tsan_switch_to_fiber) __tsan_switch_to_fiber(w.tsan_teardown, 1);
   tsan_acquire(b.sync);
   for (int i = 0; i < b.threads; ++i) {
     Fiber& f = w.fibers[i];
     if (f.tsan_fiber) {
-      __tsan_destroy_fiber(f.tsan_fiber);
+      w.retired.push_back(f.tsan_fiber);
       f.tsan_fiber = nullptr;
     }
     if (!f.stack_mapped) {
@@ -499,6 +516,15 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
   for (auto& s : b.shared) std::free(s.ptr);
   std::free(b.dynamic);
   std::free(b.sync);
+  // TSan gives a new thread the id of a destroyed one, and with the id that thread's accesses as its own: a block's
+  // fibers live on while later ones finish, so that blocks run close together stay unordered.
+  const std::size_t keep = kRetiredFibers / static_cast<std::size_t>(launch.settings.workers);
+  if (w.retired.size() > keep) {
+    const auto oldest = w.retired.begin() + static_cast<std::ptrdiff_t>(w.retired.size() - keep);
+    for (auto it = w.retired.begin(); it != oldest; ++it) __tsan_destroy_fiber(*it);
+    w.retired.erase(w.retired.begin(), oldest);
+  }
+  if (__tsan_switch_to_fiber) __tsan_switch_to_fiber(w.tsan_native, 1);
   w.block = nullptr;
 }
 
@@ -506,10 +532,23 @@ void run_worker(GridRun& launch, const std::vector<std::uint64_t>& order, std::a
   Worker w;
   Worker* saved = worker;
   worker = &w;
-  if (__tsan_get_current_fiber) w.tsan_native = __tsan_get_current_fiber();
+  if (under_tsan()) {
+    w.tsan_native = __tsan_get_current_fiber();
+    w.tsan_teardown = __tsan_create_fiber(0);
+  }
   for (std::size_t i = next++; i < order.size(); i = next++) run_block(launch, order[i]);
   for (Fiber& f : w.fibers) {
     if (f.stack_mapped) munmap(f.stack - sysconf(_SC_PAGESIZE), f.stack_size + sysconf(_SC_PAGESIZE));
+  }
+  if (w.tsan_teardown) {
+    // The threads read their indices from w.fibers, and `retired` grew in this context: freed, like the blocks'
+    // memory, where the blocks were seen to end.
+    __tsan_switch_to_fiber(w.tsan_teardown, 1);
+    std::vector<Fiber>().swap(w.fibers);
+    for (void* f : w.retired) __tsan_destroy_fiber(f);
+    std::vector<void*>().swap(w.retired);
+    __tsan_switch_to_fiber(w.tsan_native, 1);
+    __tsan_destroy_fiber(w.tsan_teardown);
   }
   worker = saved;
 }
@@ -583,11 +622,16 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
       return s.ptr;
     }
   }
+  // The array exists before any thread of the block runs: to TSan, neither the allocation, nor the fill, nor the
+  // block's bookkeeping is an access of the thread that happens to declare it first (nothing orders that thread
+  // before the others' accesses, nor before the scheduler that frees the block).
+  if (__tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
   tsan_release(p);
   b.shared.push_back({key, p, bytes});
+  if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.static_bytes += bytes;
   if (b.static_bytes > kStaticSmemLimit && !b.launch->static_limit_reported.exchange(true)) {
     report_here("launch", site, "static shared memory reaches %zu bytes with '%s' (the limit is 48 KB)", b.static_bytes,
@@ -636,23 +680,34 @@ const int* wmma_layout(int n) {
   static std::map<std::pair<int, std::uint64_t>, std::vector<int>> layouts;
   const Config c = read_config();
   const std::uint64_t seed = c.order == Order::kRandom ? c.seed : c.order == Order::kReverse ? 2 : 1;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto& v = layouts[{n, seed}];
-  if (v.empty()) {
-    v.resize(n);
-    for (int i = 0; i < n; ++i) v[i] = i;
-    std::mt19937_64 rng(seed * 7919 + n);
-    std::shuffle(v.begin(), v.end(), rng);
+  // To TSan the table is there before any thread runs, and its lock orders nothing: otherwise every block that uses
+  // WMMA would be ordered after the blocks that used it before, and TSan would miss races between them.
+  if (AnnotateIgnoreSyncBegin) AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  if (__tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
+  const int* layout;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto& v = layouts[{n, seed}];
+    if (v.empty()) {
+      v.resize(n);
+      for (int i = 0; i < n; ++i) v[i] = i;
+      std::mt19937_64 rng(seed * 7919 + n);
+      std::shuffle(v.begin(), v.end(), rng);
+    }
+    layout = v.data();
   }
-  return v.data();
+  if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
+  if (AnnotateIgnoreSyncEnd) AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  return layout;
 }
 
 bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, unsigned ldm, std::size_t element,
                         const void* const lane_ptrs[32], const unsigned lane_ldms[32]) {
-  for (int l = 0; l < 32; ++l) {
-    if (lane_ptrs[l] != ptr || lane_ldms[l] != ldm) {
+  // Against lane 0's: `ptr` and `ldm` are the completing lane's, which may be any lane.
+  for (int l = 1; l < 32; ++l) {
+    if (lane_ptrs[l] != lane_ptrs[0] || lane_ldms[l] != lane_ldms[0]) {
       report_here("wmma", first.site, "%s: lane %d passes pointer %p ldm %u, lane 0 pointer %p ldm %u", op, l,
-                  lane_ptrs[l], lane_ldms[l], ptr, ldm);
+                  lane_ptrs[l], lane_ldms[l], lane_ptrs[0], lane_ldms[0]);
       return false;
     }
   }
@@ -703,7 +758,7 @@ void run_grid(const LaunchConfig& config, void (*thread_main)(void*), void* args
   }
   {
     const std::lock_guard<std::mutex> lock(report_mutex);
-    if (launched.size() < 100000) launched.emplace_back(config.kernel_name);
+    if (launched.size() < 100000) launched.emplace_back(std::string(config.kernel_name) + " at " + where(config.site));
   }
   GridRun launch;
   launch.config = &config;
@@ -711,22 +766,23 @@ void run_grid(const LaunchConfig& config, void (*thread_main)(void*), void* args
   launch.args = args;
   launch.settings = settings;
   launch.threads = static_cast<int>(threads);
-  launch.launch_sync = static_cast<char*>(std::malloc(1));
+  launch.launch_start = static_cast<char*>(std::malloc(2));
+  launch.launch_end = launch.launch_start + 1;
   std::vector<std::uint64_t> order(blocks);
   for (std::uint64_t i = 0; i < blocks; ++i) order[i] = settings.order == Order::kReverse ? blocks - 1 - i : i;
   if (settings.order == Order::kRandom) {
     std::mt19937_64 rng(settings.seed);
     std::shuffle(order.begin(), order.end(), rng);
   }
-  tsan_release(launch.launch_sync);
+  tsan_release(launch.launch_start);
   std::atomic<std::size_t> next{0};
   const int workers = static_cast<int>(std::min<std::uint64_t>(settings.workers, blocks));
   std::vector<std::thread> pool;
   for (int i = 1; i < workers; ++i) pool.emplace_back([&] { run_worker(launch, order, next); });
   run_worker(launch, order, next);
   for (auto& t : pool) t.join();
-  tsan_acquire(launch.launch_sync);
-  std::free(launch.launch_sync);
+  tsan_acquire(launch.launch_end);
+  std::free(launch.launch_start);
   if (launch.failed) {
     last_error = cudaErrorLaunchFailure;
     last_error_message = "subq-emu found errors" + at + " (see the subq-emu reports)";

@@ -171,6 +171,20 @@ def rewrite_glue_source(src: str) -> str:
     return src
 
 
+def rewritten_path(rel: Path) -> Path:
+    """Where the rewritten copy of csrc/`rel` goes, relative to the rewritten tree: a .cu becomes a .cu.cpp."""
+    return rel.with_suffix(".cu.cpp") if rel.suffix == ".cu" else rel
+
+
+def rewrite_source(rel: Path, text: str, original: Path) -> str:
+    """The rewritten text of csrc/`rel` (whose text is `text`), its lines named after `original`."""
+    if rel.parts[0] == "torch":
+        text = rewrite_glue_source(text)
+    elif rel.suffix in {".cu", ".cuh"}:
+        text = rewrite_kernel_source(text)
+    return f'#line 1 "{original.resolve()}"\n' + text
+
+
 def rewrite_tree(csrc: Path, out: Path) -> list[Path]:
     """Rewrites every source under csrc/ into out/ (same relative paths); returns the files whose text changed.
 
@@ -180,15 +194,8 @@ def rewrite_tree(csrc: Path, out: Path) -> list[Path]:
         if path.suffix not in {".cu", ".cuh", ".h", ".cpp"} or "emu" in path.relative_to(csrc).parts[:1]:
             continue
         rel = path.relative_to(csrc)
-        text = path.read_text()
-        if rel.parts[0] == "torch":
-            text = rewrite_glue_source(text)
-        elif path.suffix in {".cu", ".cuh"}:
-            text = rewrite_kernel_source(text)
-        target = out / rel
-        if path.suffix == ".cu":
-            target = target.with_suffix(".cu.cpp")
-        text = f'#line 1 "{path.resolve()}"\n' + text
+        target = out / rewritten_path(rel)
+        text = rewrite_source(rel, path.read_text(), path)
         if not target.exists() or target.read_text() != text:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
