@@ -448,8 +448,7 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
   if (cfg.dynamic_smem > 0) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, cfg.dynamic_smem) != 0) std::abort();
-    std::memset(p, 0xFF, cfg.dynamic_smem);
-    tsan_release(p);
+    std::memset(p, 0xFF, cfg.dynamic_smem);  // before the block's fibers are created, which orders it before them
     b.dynamic = p;
   }
   w.block = &b;
@@ -614,13 +613,8 @@ void warp_collective(WarpCall& call) {
 
 void* block_shared(const void* key, std::size_t bytes, std::size_t align, const char* name, Site site) {
   Block& b = *worker->block;
-  // On the GPU shared memory exists before any thread runs: every thread's use is ordered after the allocation
-  // and fill (for TSan), whichever thread reached the declaration first.
   for (const SharedAllocation& s : b.shared) {
-    if (s.key == key) {
-      tsan_acquire(s.ptr);
-      return s.ptr;
-    }
+    if (s.key == key) return s.ptr;
   }
   // The array exists before any thread of the block runs: to TSan, neither the allocation, nor the fill, nor the
   // block's bookkeeping is an access of the thread that happens to declare it first (nothing orders that thread
@@ -629,7 +623,6 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
-  tsan_release(p);
   b.shared.push_back({key, p, bytes});
   if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.static_bytes += bytes;
@@ -643,7 +636,6 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
 void* dynamic_shared(Site site) {
   Block& b = *worker->block;
   if (!b.dynamic) report_here("memcheck", site, "extern __shared__ used by a launch with no dynamic shared memory");
-  if (b.dynamic) tsan_acquire(b.dynamic);  // after run_block's fill
   return b.dynamic;
 }
 
