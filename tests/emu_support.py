@@ -39,10 +39,14 @@ _loaded: list[bool] = []
 
 
 def load_plain() -> None:
-    """Builds (incrementally) and loads build/emu/libsubq_emu.so once per process."""
+    """Builds (incrementally) and loads build/emu/libsubq_emu.so once per process; SUBQ_EMU_LIBRARY names another
+    build of it instead (a seeded mutant's, in a process of its own)."""
     if not _loaded:
-        emu_build.build(["plain"])
-        torch.ops.load_library(str(emu_build.target("plain")))
+        library = os.environ.get("SUBQ_EMU_LIBRARY")
+        if not library:
+            emu_build.build(["plain"])
+            library = str(emu_build.target("plain"))
+        torch.ops.load_library(library)
         _loaded.append(True)
 
 

@@ -6,7 +6,10 @@ nothing. The same case through the unseeded runner must be clean: the report is 
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -180,3 +183,43 @@ def test_seeded_bug_is_reported(bug, tmp_path):
         assert re.search(re.escape(str(site)) + r"(?!\d)", report), f"the report does not name {site}:\n{report[:8000]}"
     if bug.between_blocks:
         assert len(blocks_named(report)) == 2, f"not a race between two blocks:\n{report[:8000]}"
+
+
+LAYOUT_PROBE = """
+import sys
+import pytest, torch
+import emu_cases, emu_support
+
+class Env:
+    def setenv(self, name, value):
+        import os
+        os.environ[name] = value
+
+case = emu_cases.monarch_conv_cases(1, 1, 256, torch.float16, 9, bidirectional=False, gates=False)[0]
+outs = []
+for schedule in emu_support.SCHEDULES[:2]:
+    with pytest.raises(AssertionError, match="exceeds budget"):
+        emu_support.check(case, Env(), schedule)
+    with emu_support.emulated(Env(), schedule):
+        outs.append(case.op(**case.inputs))
+print("layouts differ:", not torch.equal(outs[0], outs[1]))
+"""
+
+
+def test_code_that_depends_on_the_fragment_layout_fails(tmp_path):
+    """WMMA leaves a fragment's per-lane layout unspecified: code that treats elements by position (here the
+    tensor-core DFT's 3xTF32 split negating only the first half of each lane's elements) is wrong under the
+    emulator's layouts, which differ from the hardware's and between schedules: the emulated case fails its budget
+    in both schedules, with different results."""
+    file = "monarch_conv/monarch_dft_tensor_core.cuh"
+    old = "    const float x = sign * s.hi.x[i];"
+    new = "    const float x = (2 * i < s.hi.num_elements ? -sign : sign) * s.hi.x[i];"
+    source = (emu_build.CSRC / file).read_text()
+    assert source.count(old) == 1
+    library = emu_build.build_mutant("fragment_layout", "monarch_conv/monarch_conv_fused_fwd.cu",
+                                     {file: source.replace(old, new)}, "plain")
+    env = dict(os.environ, SUBQ_EMU_LIBRARY=str(library),
+               PYTHONPATH=os.pathsep.join([str(emu_build.ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", LAYOUT_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    assert "layouts differ: True" in result.stdout, result.stdout
