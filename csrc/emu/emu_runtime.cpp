@@ -567,12 +567,18 @@ void warp_collective(WarpCall& call) {
 
 void* block_shared(const void* key, std::size_t bytes, std::size_t align, const char* name, Site site) {
   Block& b = *worker->block;
+  // On the GPU a block's shared memory exists before its threads run: the fiber that happens to allocate (and
+  // fill) it releases, every later one acquires, so TSan orders the allocation, and only it, before their accesses.
   for (const SharedAllocation& s : b.shared) {
-    if (s.key == key) return s.ptr;
+    if (s.key == key) {
+      tsan_acquire(s.ptr);
+      return s.ptr;
+    }
   }
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
+  tsan_release(p);
   b.shared.push_back({key, p, bytes});
   b.static_bytes += bytes;
   if (b.static_bytes > kStaticSmemLimit && !b.launch->static_limit_reported.exchange(true)) {
