@@ -10,6 +10,7 @@ import subq
 from emu_support import Case
 from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.flash import flash_chunked_ref
+from subq.reference.grouped_matmul import grouped_matmul_ref
 from subq.reference.monarch_conv import monarch_conv_ref
 from subq.reference.rmsnorm_gated import rmsnorm_gated_ref
 from subq.reference.ssd import ssd_chunked_ref
@@ -178,6 +179,24 @@ def monarch_conv_cases(batch, heads, seqlen, dtype, seed, bidirectional=True, ga
                   "monarch_conv_fused_bwd_filter_kernel"])]
 
 
+# ---- grouped_matmul (the helper kernels; the GEMMs run on the emulator's host stand-in for CUTLASS) ---------------
+
+def grouped_cases(sizes, tail, k, n, dtype, seed, bias=True, sizes_dtype=torch.int64) -> list[Case]:
+    """Rows sorted into groups of `sizes`, then `tail` rows past the total (outputs and dx zero there)."""
+    g = _g(seed)
+    tokens, groups = sum(sizes) + tail, len(sizes)
+    inputs = dict(x=_randn(g, tokens, k, dtype=dtype), w=_randn(g, groups, k, n, dtype=dtype, scale=k ** -0.5),
+                  group_sizes=torch.tensor(sizes, dtype=sizes_dtype))
+    if bias:
+        inputs["bias"] = _randn(g, groups, n, dtype=dtype)
+    shown = "_".join(map(str, sizes)) if len(sizes) <= 6 else f"{groups}groups"
+    name = f"grouped_s{shown}_t{tail}_k{k}_n{n}{'_bias' if bias else ''}_{_tag(sizes_dtype)}_{_tag(dtype)}"
+    grads = ["x", "w"] + (["bias"] if bias else [])
+    # Every product runs the setup kernel; the bias gradient needs a bias and a group.
+    kernels = ["setup_problems"] + (["bias_grad"] if bias and groups else [])
+    return [Case(name, subq.ops.grouped_matmul, grouped_matmul_ref, inputs, grads, kernels)]
+
+
 def cases() -> list[Case]:
     out: list[Case] = []
     for i, dtype in enumerate(LOW):
@@ -194,6 +213,13 @@ def cases() -> list[Case]:
         out += monarch_conv_cases(2, 3, 100, dtype, 600 + i)
         out += monarch_conv_cases(1, 2, 256, dtype, 610 + i, bidirectional=False, gates=False)
         out += monarch_conv_cases(1, 2, 2048, dtype, 620 + i)
+        out += grouped_cases([37, 1, 90, 0, 13], 5, 24, 40, dtype, 700 + i)  # not tiles; K, N multiples of 8
+        out += grouped_cases([0, 13, 29, 0], 3, 7, 9, dtype, 710 + i, sizes_dtype=torch.int32)  # K, N padded
+        out += grouped_cases([7], 0, 16, 8, dtype, 720 + i, bias=False)
+    # More groups than the setup kernel's 256 threads: its prefix sum carries across chunks.
+    out += grouped_cases([(7 * g) % 5 for g in range(300)], 4, 8, 16, torch.bfloat16, 730)
+    out += grouped_cases([0, 0], 0, 8, 8, torch.float16, 731)  # no rows: only the weight and bias gradients run
+    out += grouped_cases([], 3, 8, 8, torch.float32, 732)  # no groups: every row is past the total
     for i, dtype in enumerate(HALF):
         out += ssd_cases(1, 256, 2, 64, 64, 1, 256, dtype, 400 + i)
         out += ssd_cases(2, 200, 4, 40, 48, 2, 64, dtype, 410 + i)
@@ -214,4 +240,5 @@ def tiny_cases() -> list[Case]:
     out += ssd_cases(1, 80, 2, 32, 32, 1, 64, torch.bfloat16, 5)
     out += flash_cases(1, 128, 16, 32, 64, True, torch.bfloat16, 6)
     out += monarch_conv_cases(1, 1, 100, torch.bfloat16, 7)
+    out += grouped_cases([5, 0, 11], 2, 8, 40, torch.bfloat16, 8)
     return out

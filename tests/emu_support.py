@@ -28,7 +28,7 @@ import build as emu_build  # noqa: E402
 
 # Every opt-in kernel family: emulated cases run the kernels, never the glue's composite fallback.
 KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_SSD_KERNELS",
-                "SUBQ_EXPERIMENTAL_FLASH_KERNELS", "SUBQ_EXPERIMENTAL_CONV_KERNELS")
+                "SUBQ_EXPERIMENTAL_FLASH_KERNELS", "SUBQ_EXPERIMENTAL_CONV_KERNELS", "SUBQ_EXPERIMENTAL_GROUPED_GEMM")
 # (SUBQ_EMU_SCHEDULE, SUBQ_EMU_SEED): thread and block order, and the WMMA fragment layout with them.
 SCHEDULES = (("forward", "1"), ("reverse", "1"), ("random", "7"))
 # The worst fraction of its error budget each op's outputs and gradients used (printed in pytest's summary).

@@ -20,6 +20,13 @@ def test_emulated_kernel_matches_reference(case, schedule, monkeypatch):
     check(case, monkeypatch, schedule)
 
 
+def test_grouped_matmul_tf32_dispatch(monkeypatch):
+    """float32 with TF32 allowed takes the TensorOpTF32 family: 4-element vectors, so K = 7 and N = 9 are padded."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    for case in emu_cases.grouped_cases([0, 13, 29, 0], 3, 7, 9, torch.float32, 740):
+        check(case, monkeypatch)
+
+
 def test_monarch_permutation_kernel():
     from emu_support import load_plain
 

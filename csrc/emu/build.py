@@ -44,6 +44,7 @@ KERNELS = [
     "monarch_conv/monarch_conv_fused_fwd.cu",
     "monarch_conv/monarch_conv_fused_bwd.cu",
     "monarch/monarch_permute.cu",
+    "grouped_gemm/grouped_gemm.cu",
 ]
 GLUE = [
     "torch/causal_conv1d.cpp",
@@ -52,6 +53,7 @@ GLUE = [
     "torch/ssd_chunk_scan.cpp",
     "torch/flash_attention.cpp",
     "torch/monarch_conv.cpp",
+    "torch/grouped_matmul.cpp",
 ]
 COMPOSITES = [
     "conv1d/causal_conv1d_cpu.cpp",
@@ -61,6 +63,11 @@ COMPOSITES = [
     "flash/flash_attention_cpu.cpp",
     "monarch_conv/monarch_conv_cpu.cpp",
     "monarch_conv/monarch_dft.cpp",
+    "grouped_gemm/grouped_gemm_cpu.cpp",
+]
+# Emulator-only stand-ins (csrc/emu/) for code the emulator cannot run, compiled like the kernels.
+STAND_INS = [
+    "grouped_gemm_host.cpp",  # the CUTLASS grouped GEMM behind grouped_gemm.cu's setup kernel
 ]
 VARIANTS = {
     "plain": "-O2",
@@ -166,6 +173,10 @@ def write_ninja(variants: list[str]) -> Path:
         for s in KERNELS:
             obj = _object(s, variant)
             lines += [f"build {obj}: cxx {src / (s + '.cpp')}", f"  flags = $device_flags {VARIANTS[variant]}"]
+            objects.append(obj)
+        for s in STAND_INS:
+            obj = _object(s, variant)
+            lines += [f"build {obj}: cxx {EMU / s}", f"  flags = $device_flags {VARIANTS[variant]}"]
             objects.append(obj)
         # The permutation kernel is reached through emu_ops, compiled with the same sanitizers as the kernels.
         lines += _link(variant, objects + _shared_objects(), "obj/host/emu_runner.o")

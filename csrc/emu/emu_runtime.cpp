@@ -613,8 +613,13 @@ void warp_collective(WarpCall& call) {
 
 void* block_shared(const void* key, std::size_t bytes, std::size_t align, const char* name, Site site) {
   Block& b = *worker->block;
+  // On the GPU a block's shared memory exists before its threads run: the fiber that happens to allocate (and
+  // fill) it releases, every later one acquires, so TSan orders the allocation, and only it, before their accesses.
   for (const SharedAllocation& s : b.shared) {
-    if (s.key == key) return s.ptr;
+    if (s.key == key) {
+      tsan_acquire(s.ptr);
+      return s.ptr;
+    }
   }
   // The array exists before any thread of the block runs: to TSan, neither the allocation, nor the fill, nor the
   // block's bookkeeping is an access of the thread that happens to declare it first (nothing orders that thread
@@ -623,6 +628,7 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
+  tsan_release(p);
   b.shared.push_back({key, p, bytes});
   if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.static_bytes += bytes;
