@@ -90,6 +90,9 @@ SCORE_STORE = "score[i][j], kKeyTile + kOutPad,"
 CB_A_LOAD = ("sB[s][n]: column-major\n      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], "
              "&sC[wr * 32 + i * 16][kk], kStep + kPad);")
 
+# chunk_state's epilogue barrier, after the barriers of its main loop: TSan must see races past a block's first barrier.
+STATE_EPILOGUE_BARRIER = "wmma::mem_row_major);\n  __syncthreads();\n  float* out = states"
+
 SEEDED_BUGS = [
     SeededBug("shared_write_past_the_end", kernel=CONV_FWD, file=CONV_COMMON,
               old="for (int i = threadIdx.x; i < kTileChannels * len; i += kThreads) {",
@@ -100,6 +103,10 @@ SEEDED_BUGS = [
               old=GROUP_SUM_BARRIER, new=GROUP_SUM_BARRIER.replace("    __syncthreads();", ""),
               runner="tsan", case=rmsnorm_block_case, check="WARNING: ThreadSanitizer: data race",
               sites=(Site(RMSNORM, "partials[warp] = v;"), Site(RMSNORM, "total += partials[w];"))),
+    SeededBug("missing_barrier_after_the_first", kernel=SSD_FWD, file=SSD_FWD,
+              old=STATE_EPILOGUE_BARRIER, new=STATE_EPILOGUE_BARRIER.replace("  __syncthreads();\n", "\n"),
+              runner="tsan", case=ssd_case, check="WARNING: ThreadSanitizer: data race",
+              sites=(Site(SSD_FWD, "out[pp * d.N + nn] = sOut[r][col];"),)),
     SeededBug("barrier_in_divergent_branch", kernel=CONV_FWD, file=CONV_FWD,
               old=TILE_BARRIER, new=TILE_BARRIER.replace("__syncthreads", "if (threadIdx.x < 32) __syncthreads"),
               runner="asan", case=conv_case,

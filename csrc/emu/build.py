@@ -239,7 +239,8 @@ def build_mutant(name: str, kernel: str, sources: dict[str, str], variant: str) 
         _write_if_changed(tu, rewrite.rewrite_source(Path(kernel), (CSRC / kernel).read_text(), CSRC / kernel))
     flags = _flags()
     mutant_object = _object(kernel, variant)
-    others = [str(OUT / o) for o in [_object(s, variant) for s in KERNELS if s != kernel] + _shared_objects()]
+    others = [str(OUT / o) for o in [_object(s, variant) for s in KERNELS + STAND_INS if s != kernel]
+              + _shared_objects()]
     lines = _RULES + [f"libs = {flags['libs']}",
                       f"build {mutant_object}: cxx {tu}",
                       f"  flags = -I{home / 'src'} {flags['device']} {VARIANTS[variant]}"]

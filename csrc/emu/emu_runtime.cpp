@@ -306,6 +306,18 @@ void prepare_stack(Fiber& f, std::size_t size) {
 
 void abandon(Block& b) { b.abandoned = true; }
 
+// TSan: `f` acquires `sync` now, at the barrier's or collective's completion, although it runs later. Were it to
+// acquire when resumed, the threads resumed before it would already have run on and released their next stretch's
+// accesses into `sync`, which would order them before f's: every race inside a block after its first barrier would
+// be hidden. Ends in the calling fiber's own TSan context.
+void acquire_as(Fiber& f, void* sync) {
+  if (!__tsan_switch_to_fiber || !f.tsan_fiber) return;
+  Fiber& self = current_fiber();
+  if (&f != &self) __tsan_switch_to_fiber(f.tsan_fiber, 1);
+  __tsan_acquire(sync);
+  if (&f != &self) __tsan_switch_to_fiber(self.tsan_fiber, 1);
+}
+
 void release_barrier(Block& b, Site site) {
   if (b.exited > 0) {
     report_here("synccheck", site,
@@ -319,8 +331,12 @@ void release_barrier(Block& b, Site site) {
   b.barrier_arrived = 0;
   b.barrier_site = b.barrier_other_site = Site{nullptr, 0};
   for (int i = 0; i < b.threads; ++i) {
-    if (worker->fibers[i].state == FiberState::kBarrier) worker->fibers[i].state = FiberState::kRunnable;
+    Fiber& f = worker->fibers[i];
+    if (f.state != FiberState::kBarrier) continue;
+    f.state = FiberState::kRunnable;
+    acquire_as(f, b.sync);
   }
+  acquire_as(current_fiber(), b.sync);
 }
 
 bool same_site(Site a, Site b) { return a.line == b.line && a.file && b.file && std::strcmp(a.file, b.file) == 0; }
@@ -369,6 +385,7 @@ void try_complete(Block& b, int base, WarpCall& call) {
     Fiber& f = worker->fibers[base + l];
     f.pending = nullptr;
     f.state = FiberState::kRunnable;
+    acquire_as(f, sync);
   }
 }
 
@@ -590,9 +607,8 @@ void block_barrier(Site site) {
   if (b.barrier_arrived + b.exited == b.threads) {
     release_barrier(b, site);
   } else {
-    suspend(false);
+    suspend(false);  // release_barrier acquired b.sync for this thread
   }
-  tsan_acquire(b.sync);
 }
 
 void warp_collective(WarpCall& call) {
@@ -607,19 +623,13 @@ void warp_collective(WarpCall& call) {
   f.state = FiberState::kWarp;
   tsan_release(b.sync + 1 + f.linear / 32);
   try_complete(b, warp_base(), call);
-  if (f.state == FiberState::kWarp) suspend(false);
-  tsan_acquire(b.sync + 1 + f.linear / 32);
+  if (f.state == FiberState::kWarp) suspend(false);  // try_complete acquired the warp's sync for this lane
 }
 
 void* block_shared(const void* key, std::size_t bytes, std::size_t align, const char* name, Site site) {
   Block& b = *worker->block;
-  // On the GPU a block's shared memory exists before its threads run: the fiber that happens to allocate (and
-  // fill) it releases, every later one acquires, so TSan orders the allocation, and only it, before their accesses.
   for (const SharedAllocation& s : b.shared) {
-    if (s.key == key) {
-      tsan_acquire(s.ptr);
-      return s.ptr;
-    }
+    if (s.key == key) return s.ptr;
   }
   // The array exists before any thread of the block runs: to TSan, neither the allocation, nor the fill, nor the
   // block's bookkeeping is an access of the thread that happens to declare it first (nothing orders that thread
@@ -628,7 +638,6 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
-  tsan_release(p);
   b.shared.push_back({key, p, bytes});
   if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.static_bytes += bytes;
@@ -661,7 +670,11 @@ void shuffle_complete(WarpCall* const lanes[32], const WarpCall& first) {
       case ShuffleMode::kIdx: src = segment + (c->operand & (width - 1)); break;
       case ShuffleMode::kUp: src = (l - segment) >= c->operand ? l - c->operand : l; break;
       case ShuffleMode::kDown: src = (l - segment) + c->operand < width ? l + c->operand : l; break;
-      case ShuffleMode::kXor: src = ((l ^ c->operand) & ~(width - 1)) == segment ? (l ^ c->operand) : l; break;
+      case ShuffleMode::kXor: {  // shfl.bfly: any lane up to the end of this segment, earlier segments included
+        const int j = l ^ (c->operand & 31);
+        src = j <= (segment | (width - 1)) ? j : l;
+        break;
+      }
     }
     if (!lanes[src]) {
       report_here("synccheck", first.site, "%s: lane %d reads lane %d, which the mask 0x%08x leaves out", first.kind,
@@ -672,10 +685,12 @@ void shuffle_complete(WarpCall* const lanes[32], const WarpCall& first) {
   }
 }
 
-const int* wmma_layout(int n) {
-  // One permutation per tile size and schedule seed, made once (the layout is fixed for a process's schedule).
+const int* wmma_layout(int n, int kind) {
+  // One permutation per fragment kind, tile size and schedule seed, made once (fixed for a process's schedule).
+  // Kinds get different permutations, so code that copies elements from one kind of fragment to another (an
+  // accumulator into a matrix_a, say) fails too.
   static std::mutex mutex;
-  static std::map<std::pair<int, std::uint64_t>, std::vector<int>> layouts;
+  static std::map<std::tuple<int, int, std::uint64_t>, std::vector<int>> layouts;
   const Config c = read_config();
   const std::uint64_t seed = c.order == Order::kRandom ? c.seed : c.order == Order::kReverse ? 2 : 1;
   // To TSan the table is there before any thread runs, and its lock orders nothing: otherwise every block that uses
@@ -685,11 +700,11 @@ const int* wmma_layout(int n) {
   const int* layout;
   {
     const std::lock_guard<std::mutex> lock(mutex);
-    auto& v = layouts[{n, seed}];
+    auto& v = layouts[{n, kind, seed}];
     if (v.empty()) {
       v.resize(n);
       for (int i = 0; i < n; ++i) v[i] = i;
-      std::mt19937_64 rng(seed * 7919 + n);
+      std::mt19937_64 rng(seed * 7919 + n * 31 + kind);
       std::shuffle(v.begin(), v.end(), rng);
     }
     layout = v.data();

@@ -15,8 +15,8 @@
 //                          gradient through the clamp, softplus and dt_bias.
 // The forward runs first (its public entry point, without D and z) to recompute dt, the cumulative sums, C.B per
 // chunk, the entering states and the SSM output y_ssm (from which dz and, by g . y_ssm, the t-side of dcum follow).
-// y_ssm stays float32 and dcum's g is recomputed in float32: dcum's chunk sums (dA, ddt_bias) add up the per-position
-// terms' rounding, which in 16 bits is correlated and put bf16's dA ~20% off.
+// y_ssm and a copy of g stay float32: dcum's intra-chunk terms cancel in the chunk's sums (dA, ddt_bias), so
+// chunk_dt_backward forms both of their sides from the same float32 values (see there).
 // Products are WMMA tiles as in the forward: 16-bit operands staged through shared memory, float32 accumulators.
 #include "ssd/ssd_chunk_scan.h"
 #include "common/cuda_status.h"
@@ -126,6 +126,7 @@ struct BackwardWorkspace {
   float* final_states;  // (b, H, P, N): written by the recomputing forward, unused
   float* y_ssm;         // (b, L, H, P) float32: C.h + intra-chunk output, before skip and gate
   void* g;              // (b, L, H, P) 16-bit: dy silu(z) (only with z; otherwise g is dy)
+  float* g32;           // (b, L, H, P) float32: the same g unrounded, for dcum's sums (only with z)
   float* dstates;       // (b, nc, H, P, N): d(entering state), then dS_c in place
   float* dcb;           // (b, nc, G, Q, Q): lower-triangular 64 x 64 tiles
   float* r_state;       // (p_tiles, b, H, Lp): x_s . exp(cum_last - cum_s) (dS_c B_s), partial over P tiles
@@ -137,7 +138,7 @@ int64_t pn_blocks_of(const Dims& d) { return (d.P * d.N + kPassThreads - 1) / kP
 
 // Bytes of each buffer after the forward's workspace, in carve order.
 struct BackwardSizes {
-  size_t final_states, y_ssm, g, dstates, dcb, r_state, dcarry;
+  size_t final_states, y_ssm, g, g32, dstates, dcb, r_state, dcarry;
 };
 
 BackwardSizes backward_sizes(const Dims& d) {
@@ -146,6 +147,7 @@ BackwardSizes backward_sizes(const Dims& d) {
   s.final_states = aligned(sizeof(float) * d.b * d.H * d.P * d.N);
   s.y_ssm = aligned(sizeof(float) * d.b * d.L * d.H * d.P);
   s.g = aligned(half * d.b * d.L * d.H * d.P);
+  s.g32 = s.y_ssm;
   s.dstates = aligned(sizeof(float) * d.b * d.nc * d.H * d.P * d.N);
   s.dcb = aligned(sizeof(float) * d.b * d.nc * d.G * d.Q * d.Q);
   s.r_state = aligned(sizeof(float) * p_tiles_of(d) * d.b * d.H * d.Lp);
@@ -165,6 +167,8 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
   bytes += s.y_ssm;
   w.g = bytes;
   bytes += s.g;
+  w.g32 = reinterpret_cast<float*>(bytes);
+  bytes += s.g32;
   w.dstates = reinterpret_cast<float*>(bytes);
   bytes += s.dstates;
   w.dcb = reinterpret_cast<float*>(bytes);
@@ -178,7 +182,7 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
 // ---- 1. gate_skip_backward: g = dy silu(z), dz = dy y sigmoid(z) (1 + z (1 - sigmoid(z))), dD = sum g x --------
 // grid (ceil(b * L / kGateRows), H). y = y_ssm + D x is the output before the gate.
 template <typename T>
-__global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const float* y_ssm, T* g) {
+__global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const float* y_ssm, T* g, float* g32) {
   __shared__ float dD_sum[kMaxP];
   __shared__ float scratch[32];
   const int64_t h = blockIdx.y, row0 = static_cast<int64_t>(blockIdx.x) * kGateRows;
@@ -200,6 +204,7 @@ __global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const flo
       const float yv = y_ssm[offset] + Dv * xv;
       gv = dyv * zv * sig;
       g[offset] = from_float<T>(gv);
+      g32[offset] = gv;
       dz[offset] = from_float<T>(dyv * yv * sig * (1.f + zv * (1.f - sig)));
     }
     if (p.D) atomicAdd(&dD_sum[pp], gv * xv);
@@ -547,34 +552,31 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
 // forward's 16-bit y_ssm and the 16-bit-operand products of chunk_dx, their roundings did not cancel and the
 // reverse cumsum carried them into dA and ddt_bias (bf16 dA off by tens of percent). d(dt_t) = r_state_t +
 // sum_{t' >= t} W[t', t] + da_t A. dA and ddt_bias take one float32 atomic per block.
+// g unrounded: gate_skip_backward's float32 copy with z, else dy.
 template <typename T>
-__device__ __forceinline__ float gate_gradient(const SsdBackwardParams& p, int64_t offset) {
-  float gv = to_float(static_cast<const T*>(p.dy)[offset]);
-  if (p.z) {
-    const float zv = to_float(static_cast<const T*>(p.z)[offset]);
-    gv *= zv * sigmoid(zv);
-  }
-  return gv;
+__device__ __forceinline__ float gate_gradient(const SsdBackwardParams& p, const float* g32, int64_t offset) {
+  return p.z ? g32[offset] : to_float(static_cast<const T*>(p.dy)[offset]);
 }
 
 // W[t, s] = cb[t, s] exp(cum_t - cum_s) (g_t . x_s) for s <= t in one sequence (and inside L), else 0: the same
 // float operations wherever it is evaluated, so every use sees the same value.
 template <typename T>
 __device__ __forceinline__ float intra_term(const SsdBackwardParams& p, const Dims& d, int64_t b, int64_t c,
-                                            int64_t h, const float* cb_chunk, const float* cum_row, int t, int s) {
+                                            int64_t h, const float* g32, const float* cb_chunk, const float* cum_row,
+                                            int t, int s) {
   const int64_t t_pos = c * d.Q + t, s_pos = c * d.Q + s;
   if (s > t || t_pos >= d.L || seq_at(p.seq_idx, d, b, t_pos) != seq_at(p.seq_idx, d, b, s_pos)) return 0.f;
   const T* x = static_cast<const T*>(p.x);
   const int64_t t_base = ((b * d.L + t_pos) * d.H + h) * d.P, s_base = ((b * d.L + s_pos) * d.H + h) * d.P;
   float gx = 0.f;
-  for (int64_t pp = 0; pp < d.P; ++pp) gx += gate_gradient<T>(p, t_base + pp) * to_float(x[s_base + pp]);
+  for (int64_t pp = 0; pp < d.P; ++pp) gx += gate_gradient<T>(p, g32, t_base + pp) * to_float(x[s_base + pp]);
   return cb_chunk[t * d.Q + s] * expf(cum_row[t] - cum_row[s]) * gx;
 }
 
 template <typename T>
-__global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const float* dtp, const float* cum,
-                                         const float* cb, const float* entering, const float* r_state,
-                                         const float* dcarry, int64_t pn_blocks) {
+__global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const float* g32, const float* dtp,
+                                         const float* cum, const float* cb, const float* entering,
+                                         const float* r_state, const float* dcarry, int64_t pn_blocks) {
   __shared__ float scratch[32];
   __shared__ float reversed[kMaxQ];
   const int t = threadIdx.x;
@@ -592,14 +594,14 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const floa
     for (int64_t pp = 0; pp < d.P; ++pp) {
       float ec = 0.f;
       for (int64_t n = 0; n < d.N; ++n) ec += E[pp * d.N + n] * to_float(C[n]);
-      gy_state += gate_gradient<T>(p, base + pp) * ec;
+      gy_state += gate_gradient<T>(p, g32, base + pp) * ec;
     }
     gy_state *= expf(cum[row + t]);
   }
   const float* cb_chunk = cb + ((b * d.nc + c) * d.G + grp) * d.Q * d.Q;
   float t_side = 0.f, s_side = 0.f;  // sum_{s <= t} dt_s W[t, s] and sum_{t' >= t} W[t', t]
-  for (int s = 0; s <= t; ++s) t_side += dtp[row + s] * intra_term<T>(p, d, b, c, h, cb_chunk, cum + row, t, s);
-  for (int u = t; u < d.Q; ++u) s_side += intra_term<T>(p, d, b, c, h, cb_chunk, cum + row, u, t);
+  for (int s = 0; s <= t; ++s) t_side += dtp[row + s] * intra_term<T>(p, d, b, c, h, g32, cb_chunk, cum + row, t, s);
+  for (int u = t; u < d.Q; ++u) s_side += intra_term<T>(p, d, b, c, h, g32, cb_chunk, cum + row, u, t);
   const float ra = rs + s_side;
   float d_carry = 0.f;
   for (int64_t k = 0; k < pn_blocks; ++k) d_carry += dcarry[((b * d.H + h) * d.nc + c) * pn_blocks + k];
@@ -683,7 +685,7 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
   if (p.z || p.D) {
     const unsigned row_blocks = static_cast<unsigned>((d.b * d.L + kGateRows - 1) / kGateRows);
     gate_skip_backward_kernel<T><<<dim3(row_blocks, heads), kThreads, 0, stream>>>(p, d, y_ssm,
-                                                                                   static_cast<T*>(w.g));
+                                                                                   static_cast<T*>(w.g), w.g32);
   }
   entering_state_grad_kernel<T><<<dim3(bc, heads, p_tiles * n_tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.cum,
                                                                                              w.dstates);
@@ -698,7 +700,7 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
   chunk_db_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, d, w.fwd.dtp, w.fwd.cum,
                                                                                  w.dstates, w.dcb);
   chunk_dt_backward_kernel<T><<<dim3(bc, heads), static_cast<unsigned>(d.Q), 0, stream>>>(
-      p, d, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.fwd.states, w.r_state, w.dcarry, pn_blocks);
+      p, d, w.g32, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.fwd.states, w.r_state, w.dcarry, pn_blocks);
   return launch_status();
 }
 
@@ -707,7 +709,7 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
 size_t ssd_backward_workspace_bytes(const SsdShape& shape) {
   const Dims d = make_dims(shape);
   const BackwardSizes s = backward_sizes(d);
-  return ssd_forward_workspace_bytes(shape) + s.final_states + s.y_ssm + s.g + s.dstates + s.dcb + s.r_state +
+  return ssd_forward_workspace_bytes(shape) + s.final_states + s.y_ssm + s.g + s.g32 + s.dstates + s.dcb + s.r_state +
          s.dcarry;
 }
 

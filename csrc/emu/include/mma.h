@@ -19,8 +19,9 @@
 #include "emu_device.h"
 
 namespace subq_emu {
-// A permutation of [0, n): the logical (row-major) tile index of lane l's element e is layout[l * n / 32 + e].
-const int* wmma_layout(int n);
+// A permutation of [0, n): the logical (row-major) tile index of lane l's element e is layout[l * n / 32 + e], for
+// fragments of kind `kind` (each use and layout its own).
+const int* wmma_layout(int n, int kind);
 bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, unsigned ldm, std::size_t element,
                         const void* const lane_ptrs[32], const unsigned lane_ldms[32]);
 }  // namespace subq_emu
@@ -101,6 +102,19 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const typename f
 
 namespace detail {
 
+// Which layout table a fragment type's elements follow (csrc/emu/emu_runtime.cpp: wmma_layout).
+template <typename Frag>
+struct fragment_kind;
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+struct fragment_kind<fragment<Use, M, N, K, T, Layout>> {
+  static constexpr int value = (std::is_same_v<Use, matrix_a> ? 0 : std::is_same_v<Use, matrix_b> ? 2 : 4) +
+                               (std::is_same_v<Layout, col_major> ? 1 : 0);
+};
+template <typename Frag>
+const int* layout_of() {
+  return subq_emu::wmma_layout(Frag::rows * Frag::cols, fragment_kind<std::remove_const_t<Frag>>::value);
+}
+
 template <typename Frag, typename Mem>
 struct MemoryCall {
   subq_emu::WarpCall call;
@@ -125,7 +139,7 @@ struct MemoryCall {
       return;
     }
     constexpr int kRows = Frag::rows, kCols = Frag::cols, kPer = Frag::num_elements;
-    const int* layout = subq_emu::wmma_layout(kRows * kCols);
+    const int* layout = layout_of<Frag>();
     for (int l = 0; l < 32; ++l) {
       auto* c = reinterpret_cast<MemoryCall*>(lanes[l]);
       for (int e = 0; e < kPer; ++e) {
@@ -191,7 +205,7 @@ struct MmaCall {
   template <typename Frag>
   static void gather(subq_emu::WarpCall* const lanes[32], const Frag* MmaCall::*member, float* tile) {
     constexpr int kPer = Frag::num_elements;
-    const int* layout = subq_emu::wmma_layout(Frag::rows * Frag::cols);
+    const int* layout = layout_of<Frag>();
     for (int l = 0; l < 32; ++l) {
       const Frag* f = reinterpret_cast<const MmaCall*>(lanes[l])->*member;
       for (int e = 0; e < kPer; ++e) {
@@ -217,7 +231,7 @@ struct MmaCall {
       }
     }
     constexpr int kPer = FD::num_elements;
-    const int* layout = subq_emu::wmma_layout(kM * kN);
+    const int* layout = layout_of<FD>();
     for (int l = 0; l < 32; ++l) {
       FD* f = reinterpret_cast<MmaCall*>(lanes[l])->d;
       for (int e = 0; e < kPer; ++e) {
