@@ -1,6 +1,6 @@
 """The emulated cases: every hand-written CUDA kernel, forward and backward, every dtype it takes, shapes that reach
 the tile and remainder paths, called through the public ops (tests/emu_support.py). `cases()` is the full set
-(tests/test_emulated_kernels.py runs each in two schedules); `tiny_cases()` one small case per kernel for the
+(tests/test_emulated_kernels.py runs each in three schedules); `tiny_cases()` one small case per kernel for the
 ASan+UBSan and TSan runners. Inputs are fresh random values from a seeded generator (never zeros)."""
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_within_budget
 
@@ -51,18 +52,6 @@ def load_plain() -> None:
 
 
 _EMU_OWN_OPS = {"take_reports", "take_launches", "transpose_within_rows"}
-_recorded: list[tuple[str, list]] | None = None
-
-
-def _emulated_kernel(name: str):
-    emu_op = getattr(torch.ops.subq_emu, name)
-
-    def kernel(*args):
-        if _recorded is not None:
-            _recorded.append((f"subq_emu::{name}", [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
-        return emu_op(*args)
-
-    return kernel
 
 
 @contextlib.contextmanager
@@ -84,22 +73,26 @@ def emulated(monkeypatch, schedule: tuple[str, str] = SCHEDULES[0]):
         for qualified in torch._C._dispatch_get_all_op_names():
             namespace, _, name = qualified.partition("::")
             if namespace == "subq_emu" and name not in _EMU_OWN_OPS:
-                lib.impl(name, _emulated_kernel(name), "CPU")
+                lib.impl(name, getattr(torch.ops.subq_emu, name), "CPU")
     try:
         yield
     finally:
         lib._destroy()
 
 
-@contextlib.contextmanager
-def recording():
-    """Records the raw op calls made under emulated() (for the sanitizer runners)."""
-    global _recorded
-    _recorded = []
-    try:
-        yield _recorded
-    finally:
-        _recorded = None
+class RawCalls(TorchDispatchMode):
+    """Records the subq ops' raw calls as the sanitizer runners take them (under the emulator's namespace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "subq":
+            assert not kwargs, f"{func} called with keyword arguments {kwargs}"
+            name = func._schema.name.partition("::")[2]
+            self.calls.append((f"subq_emu::{name}", [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -177,16 +170,21 @@ def check(case: Case, monkeypatch, schedule: tuple[str, str] = SCHEDULES[0]) -> 
     BUDGET_USED[op] = max(BUDGET_USED.get(op, 0.0), *used)
 
 
-def record_calls(cases: list[Case], monkeypatch) -> list[tuple[str, list]]:
-    """The raw op calls the cases make (forward and backward), for the sanitizer runners."""
-    with recording() as calls:
-        for case in cases:
-            recorded = len(calls)
-            cotangents = _cotangents(case, monkeypatch, SCHEDULES[0]) if case.grads else None
-            del calls[recorded:]  # that forward is recorded again below
-            with emulated(monkeypatch):
-                _evaluate(case.op, case.inputs, case.grads, cotangents, to64=False)
-        return list(calls)
+def record_calls(cases: list[Case], backward: bool = True) -> list[tuple[str, list]]:
+    """The raw op calls the cases make, forward and (with random cotangents) backward, for the sanitizer runners.
+    Made through the CPU composites: the calls' arguments are the same, and no emulator is needed to record them."""
+    calls = []
+    for case in cases:
+        grads = case.grads if backward else []
+        cotangents = None
+        if grads:
+            outs, _ = _evaluate(case.op, case.inputs, [], None, to64=False)
+            cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+        with RawCalls() as recorder:
+            _evaluate(case.op, case.inputs, grads, cotangents, to64=False)
+        assert recorder.calls, f"{case.name} called no subq op"
+        calls += recorder.calls
+    return calls
 
 
 def run_runner(runner: Path, calls: list[tuple[str, list]], path: Path, timeout: float = 1200,

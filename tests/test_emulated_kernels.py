@@ -1,5 +1,5 @@
 """Every hand-written CUDA kernel executed on the CPU by the emulator (csrc/emu/), forward and backward, every
-dtype, in two schedules (thread, block and WMMA-layout orders), against the float64 composite within the error
+dtype, in three schedules (thread and block orders, and WMMA layouts), against the float64 references within the error
 budget; then each kernel once under ASan+UBSan and once under TSan. See tests/emu_support.py."""
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def test_monarch_conv_plans_within_each_targets_shared_memory(arch, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
-def test_kernels_are_clean_under_sanitizers(variant, tmp_path, monkeypatch):
-    calls = record_calls(emu_cases.tiny_cases(), monkeypatch)
+def test_kernels_are_clean_under_sanitizers(variant, tmp_path):
+    calls = record_calls(emu_cases.tiny_cases())
     calls.append(("subq_emu::transpose_within_rows", [torch.randn(3, 7 * 5).bfloat16(), 7, 5]))
     output = run_sanitized(calls, variant, tmp_path)
     assert "0 reports" in output

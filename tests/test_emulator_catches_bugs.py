@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import emu_cases
-from emu_support import Case, emu_build, requires_emulator, run_runner
+from emu_support import Case, emu_build, record_calls, requires_emulator, run_runner
 
 pytestmark = requires_emulator
 
@@ -141,29 +140,6 @@ SEEDED_BUGS = [
 ]
 
 
-class RawCalls(TorchDispatchMode):
-    """Records the subq ops' raw calls as the sanitizer runners take them (under the emulator's namespace)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "subq":
-            assert not kwargs, f"{func} called with keyword arguments {kwargs}"
-            name = func._schema.name.partition("::")[2]
-            self.calls.append((f"subq_emu::{name}", [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
-        return func(*args, **(kwargs or {}))
-
-
-def forward_calls(case: Case) -> list[tuple[str, list]]:
-    """The raw calls of the case's forward, made through the CPU composites (no emulator needed to record)."""
-    with torch.no_grad(), RawCalls() as recorder:
-        case.op(**case.inputs)
-    assert recorder.calls, f"{case.name} called no subq op"
-    return recorder.calls
-
-
 def blocks_named(report: str) -> set[str]:
     """The blocks of the emulated threads a TSan report names (the runtime names each fiber after its thread)."""
     return set(re.findall(r"block \(\d+,\d+,\d+\)", report))
@@ -174,7 +150,7 @@ def test_seeded_bug_is_reported(bug, tmp_path):
     source = (emu_build.CSRC / bug.file).read_text()
     assert source.count(bug.old) == 1, f"{bug.file} must hold the text to seed exactly once: {bug.old!r}"
     runner = emu_build.build_mutant(bug.name, bug.kernel, {bug.file: source.replace(bug.old, bug.new)}, bug.runner)
-    calls = forward_calls(bug.case())
+    calls = record_calls([bug.case()], backward=False)
 
     clean_status, clean = run_runner(emu_build.target(bug.runner), calls, tmp_path / "calls.pt", timeout=300)
     assert clean_status == 0, f"the unseeded {bug.runner} runner already reports on this case:\n{clean[-8000:]}"

@@ -168,17 +168,12 @@ def write_ninja(variants: list[str]) -> Path:
     for name in ("emu_ops", "emu_runner"):
         lines += [f"build obj/host/{name}.o: cxx {EMU / (name + '.cpp')}", "  flags = $host_flags"]
     lines += [f"build obj/host/emu_runtime.o: cxx {EMU / 'emu_runtime.cpp'}", "  flags = $device_flags -O2"]
+    # The rewritten kernels, and the stand-ins for what the emulator cannot run, with the variant's sanitizers.
+    device_sources = [(k, src / (k + ".cpp")) for k in KERNELS] + [(k, EMU / k) for k in STAND_INS]
     for variant in variants:
-        objects = []
-        for s in KERNELS:
-            obj = _object(s, variant)
-            lines += [f"build {obj}: cxx {src / (s + '.cpp')}", f"  flags = $device_flags {VARIANTS[variant]}"]
-            objects.append(obj)
-        for s in STAND_INS:
-            obj = _object(s, variant)
-            lines += [f"build {obj}: cxx {EMU / s}", f"  flags = $device_flags {VARIANTS[variant]}"]
-            objects.append(obj)
-        # The permutation kernel is reached through emu_ops, compiled with the same sanitizers as the kernels.
+        objects = [_object(name, variant) for name, _ in device_sources]
+        for obj, (_, path) in zip(objects, device_sources, strict=True):
+            lines += [f"build {obj}: cxx {path}", f"  flags = $device_flags {VARIANTS[variant]}"]
         lines += _link(variant, objects + _shared_objects(), "obj/host/emu_runner.o")
     return _write_if_changed(OUT / "build.ninja", "\n".join(lines) + "\n")
 

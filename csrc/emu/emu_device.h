@@ -65,7 +65,6 @@ struct WarpCall {
 };
 void warp_collective(WarpCall& call);
 void block_barrier(Site site);
-int lane_id();
 // A finding of the emulator's own checks (synccheck, WMMA and launch rules), with kernel, block, thread and site.
 void report(const char* check, Site site, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -101,39 +100,10 @@ struct LaunchConfig {
 // Runs every block of the grid; `thread_main(args)` is one thread's body.
 void run_grid(const LaunchConfig& config, void (*thread_main)(void*), void* args);
 
-template <typename... P>
-struct BoundKernel {
-  void (*kernel)(P...);
-  std::tuple<std::decay_t<P>...> args;
-  // Each thread gets its own copies of the parameters, as on the GPU.
-  static void thread_main(void* self) {
-    auto* bound = static_cast<BoundKernel*>(self);
-    std::apply(bound->kernel, bound->args);
-  }
-};
-
-template <typename... P>
-struct Launch {
-  LaunchConfig config;
-  void (*kernel)(P...);
-  template <typename... A>
-  void operator()(A&&... a) const {
-    BoundKernel<P...> bound{kernel, std::tuple<std::decay_t<P>...>(static_cast<P>(std::forward<A>(a))...)};
-    run_grid(config, &BoundKernel<P...>::thread_main, &bound);
-  }
-};
-
-template <typename... P>
-Launch<P...> launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, std::size_t smem = 0,
-                    cudaStream_t = nullptr, SUBQ_EMU_SITE_ARGS) {
-  return Launch<P...>{LaunchConfig{name, reinterpret_cast<const void*>(kernel), grid, block, smem, SUBQ_EMU_SITE},
-                      kernel};
-}
-
-// A launch of a function template whose arguments the call deduces: `call(args...)` calls it; it has no address
-// for cudaFuncSetAttribute to have named.
+// A launch: `call(args...)` is one thread's body, `call` the kernel's address or, for a function template whose
+// arguments the call deduces, a lambda calling it (which leaves no address for cudaFuncSetAttribute to have named).
 template <typename Call>
-struct CallLaunch {
+struct Launch {
   LaunchConfig config;
   Call call;
   template <typename... A>
@@ -141,6 +111,7 @@ struct CallLaunch {
     struct Bound {
       Call call;
       std::tuple<std::decay_t<A>...> args;
+      // Each thread gets its own copies of the parameters, as on the GPU.
       static void thread_main(void* self) {
         auto* bound = static_cast<Bound*>(self);
         std::apply([&](auto&... x) { bound->call(x...); }, bound->args);
@@ -150,10 +121,16 @@ struct CallLaunch {
   }
 };
 
+template <typename... P>
+Launch<void (*)(P...)> launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, std::size_t smem = 0,
+                              cudaStream_t = nullptr, SUBQ_EMU_SITE_ARGS) {
+  return {LaunchConfig{name, reinterpret_cast<const void*>(kernel), grid, block, smem, SUBQ_EMU_SITE}, kernel};
+}
+
 template <typename Call>
-CallLaunch<Call> launch_by_call(const char* name, Call call, dim3 grid, dim3 block, std::size_t smem = 0,
-                                cudaStream_t = nullptr, SUBQ_EMU_SITE_ARGS) {
-  return CallLaunch<Call>{LaunchConfig{name, nullptr, grid, block, smem, SUBQ_EMU_SITE}, call};
+Launch<Call> launch_by_call(const char* name, Call call, dim3 grid, dim3 block, std::size_t smem = 0,
+                            cudaStream_t = nullptr, SUBQ_EMU_SITE_ARGS) {
+  return {LaunchConfig{name, nullptr, grid, block, smem, SUBQ_EMU_SITE}, call};
 }
 
 // ---- shuffles -------------------------------------------------------------------------------------------------

@@ -95,7 +95,6 @@ struct Config {
   std::uint64_t seed = 1;
   int workers = 1;
   int arch = 90;
-  bool abort_on_report = false;
 };
 
 Config read_config() {
@@ -107,7 +106,6 @@ Config read_config() {
   if (const char* s = std::getenv("SUBQ_EMU_SEED")) c.seed = std::strtoull(s, nullptr, 10);
   if (const char* s = std::getenv("SUBQ_EMU_WORKERS")) c.workers = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SUBQ_EMU_ARCH")) c.arch = std::atoi(s);
-  if (const char* s = std::getenv("SUBQ_EMU_ABORT_ON_REPORT")) c.abort_on_report = std::string(s) == "1";
   return c;
 }
 
@@ -146,7 +144,6 @@ struct Fiber {
   FiberState state = FiberState::kRunnable;
   ThreadIndex index{};
   int linear = 0;
-  Site wait_site{nullptr, 0};
   WarpCall* pending = nullptr;
   void* tsan_fiber = nullptr;
   void* fake_stack = nullptr;
@@ -155,7 +152,6 @@ struct Fiber {
 struct SharedAllocation {
   const void* key;
   void* ptr;
-  std::size_t bytes;
 };
 
 struct Block;
@@ -236,19 +232,19 @@ void add_report(const std::string& message) {
   if (abort_flag && std::string(abort_flag) == "1") std::abort();
 }
 
-void vreport(const char* check, Site site, const char* fmt, va_list ap) {
+}  // namespace
+
+void report(const char* check, Site site, const char* fmt, ...) {
   char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
   std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
   add_report(std::string("subq-emu ") + check + ": " + buf + " at " + where(site) + context());
 }
 
-void report_here(const char* check, Site site, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-void report_here(const char* check, Site site, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vreport(check, site, fmt, ap);
-  va_end(ap);
-}
+namespace {
+
 
 // ---- switching ------------------------------------------------------------------------------------------------
 
@@ -320,12 +316,12 @@ void acquire_as(Fiber& f, void* sync) {
 
 void release_barrier(Block& b, Site site) {
   if (b.exited > 0) {
-    report_here("synccheck", site,
+    report("synccheck", site,
                 "__syncthreads reached by part of the block: %d of %d threads (the others had exited)",
                 b.threads - b.exited, b.threads);
   }
   if (b.barrier_other_site.file) {
-    report_here("synccheck", site, "threads of one block wait at different __syncthreads: %s and %s",
+    report("synccheck", site, "threads of one block wait at different __syncthreads: %s and %s",
                 where(b.barrier_site).c_str(), where(b.barrier_other_site).c_str());
   }
   b.barrier_arrived = 0;
@@ -334,14 +330,13 @@ void release_barrier(Block& b, Site site) {
     Fiber& f = worker->fibers[i];
     if (f.state != FiberState::kBarrier) continue;
     f.state = FiberState::kRunnable;
-    acquire_as(f, b.sync);
+    acquire_as(f, b.sync);  // the last thread to arrive included
   }
-  acquire_as(current_fiber(), b.sync);
 }
 
 bool same_site(Site a, Site b) { return a.line == b.line && a.file && b.file && std::strcmp(a.file, b.file) == 0; }
 
-// Lane l of the calling thread's warp, or -1 where the block has no such thread.
+// The linear index of the calling thread's warp's lane 0.
 int warp_base() { return current_fiber().linear & ~31; }
 
 // Completes the warp collective of the lanes in `call`'s mask when every one of them has arrived.
@@ -350,14 +345,14 @@ void try_complete(Block& b, int base, WarpCall& call) {
   for (int l = 0; l < 32; ++l) {
     if (!(call.mask >> l & 1u)) continue;
     if (base + l >= b.threads) {
-      report_here("synccheck", call.site, "%s names lane %d, which this block (%d threads) does not have", call.kind,
+      report("synccheck", call.site, "%s names lane %d, which this block (%d threads) does not have", call.kind,
                   l, b.threads);
       abandon(b);
       return;
     }
     Fiber& f = worker->fibers[base + l];
     if (f.state == FiberState::kExited) {
-      report_here("synccheck", call.site, "%s names lane %d, which has exited", call.kind, l);
+      report("synccheck", call.site, "%s names lane %d, which has exited", call.kind, l);
       abandon(b);
       return;
     }
@@ -369,7 +364,7 @@ void try_complete(Block& b, int base, WarpCall& call) {
     const WarpCall& o = *lanes[l];
     const bool same_op = std::strcmp(o.kind, call.kind) == 0 && o.mask == call.mask;
     if (!same_op || (call.same_site_required && !same_site(o.site, call.site))) {
-      report_here("synccheck", call.site,
+      report("synccheck", call.site,
                   "diverged warp: lane %d is at %s (mask 0x%08x) at %s while this lane is at %s (mask 0x%08x)", l,
                   o.kind, o.mask, where(o.site).c_str(), call.kind, call.mask);
       abandon(b);
@@ -394,7 +389,7 @@ void check_exit_against_pending(Block& b, Fiber& f) {
   for (int l = 0; l < 32 && base + l < b.threads; ++l) {
     Fiber& o = worker->fibers[base + l];
     if (o.state == FiberState::kWarp && (o.pending->mask >> lane & 1u)) {
-      report_here("synccheck", o.pending->site, "%s (mask 0x%08x) waits for lane %d, which exited", o.pending->kind,
+      report("synccheck", o.pending->site, "%s (mask 0x%08x) waits for lane %d, which exited", o.pending->kind,
                   o.pending->mask, lane);
       abandon(b);
       return;
@@ -441,7 +436,7 @@ void describe_deadlock(Block& b) {
       break;
     }
   }
-  report_here("synccheck", b.barrier_site.file ? b.barrier_site : Site{"?", 0},
+  report("synccheck", b.barrier_site.file ? b.barrier_site : Site{"?", 0},
               "deadlock: no thread can go on (%d exited): %s", b.exited, waiting.c_str());
 }
 
@@ -525,7 +520,7 @@ void run_block(GridRun& launch, std::uint64_t linear_block) {
     }
   }
   if (b.static_bytes + cfg.dynamic_smem > smem_optin_limit(launch.settings.arch)) {
-    report_here("launch", cfg.site, "%zu bytes of shared memory per block (%zu static + %zu dynamic) exceed sm_%d's %zu",
+    report("launch", cfg.site, "%zu bytes of shared memory per block (%zu static + %zu dynamic) exceed sm_%d's %zu",
                 b.static_bytes + cfg.dynamic_smem, b.static_bytes, cfg.dynamic_smem, launch.settings.arch,
                 smem_optin_limit(launch.settings.arch));
   }
@@ -583,14 +578,6 @@ void fail_launch(cudaError_t error, const std::string& message) {
 
 }  // namespace
 
-void report(const char* check, Site site, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vreport(check, site, fmt, ap);
-  va_end(ap);
-}
-
-int lane_id() { return current_fiber().linear & 31; }
 
 void block_barrier(Site site) {
   Block& b = *worker->block;
@@ -603,7 +590,6 @@ void block_barrier(Site site) {
   tsan_release(b.sync);
   ++b.barrier_arrived;
   f.state = FiberState::kBarrier;
-  f.wait_site = site;
   if (b.barrier_arrived + b.exited == b.threads) {
     release_barrier(b, site);
   } else {
@@ -616,7 +602,7 @@ void warp_collective(WarpCall& call) {
   Fiber& f = current_fiber();
   const int lane = f.linear & 31;
   if (!(call.mask >> lane & 1u)) {
-    report_here("synccheck", call.site, "%s called by lane %d, which its mask 0x%08x leaves out", call.kind, lane,
+    report("synccheck", call.site, "%s called by lane %d, which its mask 0x%08x leaves out", call.kind, lane,
                 call.mask);
   }
   f.pending = &call;
@@ -638,11 +624,11 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(align, sizeof(void*)), bytes) != 0) std::abort();
   std::memset(p, 0xFF, bytes);
-  b.shared.push_back({key, p, bytes});
+  b.shared.push_back({key, p});
   if (__tsan_ignore_thread_end) __tsan_ignore_thread_end();
   b.static_bytes += bytes;
   if (b.static_bytes > kStaticSmemLimit && !b.launch->static_limit_reported.exchange(true)) {
-    report_here("launch", site, "static shared memory reaches %zu bytes with '%s' (the limit is 48 KB)", b.static_bytes,
+    report("launch", site, "static shared memory reaches %zu bytes with '%s' (the limit is 48 KB)", b.static_bytes,
                 name);
   }
   return p;
@@ -650,7 +636,7 @@ void* block_shared(const void* key, std::size_t bytes, std::size_t align, const 
 
 void* dynamic_shared(Site site) {
   Block& b = *worker->block;
-  if (!b.dynamic) report_here("memcheck", site, "extern __shared__ used by a launch with no dynamic shared memory");
+  if (!b.dynamic) report("memcheck", site, "extern __shared__ used by a launch with no dynamic shared memory");
   return b.dynamic;
 }
 
@@ -658,7 +644,7 @@ void shuffle_complete(WarpCall* const lanes[32], const WarpCall& first) {
   const auto& f = reinterpret_cast<const ShuffleCall&>(first);
   const int width = f.width;
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
-    report_here("synccheck", first.site, "%s width %d is not a power of two in [1, 32]", first.kind, width);
+    report("synccheck", first.site, "%s width %d is not a power of two in [1, 32]", first.kind, width);
     return;
   }
   for (int l = 0; l < 32; ++l) {
@@ -677,7 +663,7 @@ void shuffle_complete(WarpCall* const lanes[32], const WarpCall& first) {
       }
     }
     if (!lanes[src]) {
-      report_here("synccheck", first.site, "%s: lane %d reads lane %d, which the mask 0x%08x leaves out", first.kind,
+      report("synccheck", first.site, "%s: lane %d reads lane %d, which the mask 0x%08x leaves out", first.kind,
                   l, src, first.mask);
       continue;
     }
@@ -719,17 +705,17 @@ bool wmma_check_pointer(const char* op, const WarpCall& first, const void* ptr, 
   // Against lane 0's: `ptr` and `ldm` are the completing lane's, which may be any lane.
   for (int l = 1; l < 32; ++l) {
     if (lane_ptrs[l] != lane_ptrs[0] || lane_ldms[l] != lane_ldms[0]) {
-      report_here("wmma", first.site, "%s: lane %d passes pointer %p ldm %u, lane 0 pointer %p ldm %u", op, l,
+      report("wmma", first.site, "%s: lane %d passes pointer %p ldm %u, lane 0 pointer %p ldm %u", op, l,
                   lane_ptrs[l], lane_ldms[l], lane_ptrs[0], lane_ldms[0]);
       return false;
     }
   }
   if (reinterpret_cast<std::uintptr_t>(ptr) % 32 != 0) {
-    report_here("wmma", first.site, "%s: pointer %p is not 32-byte aligned", op, ptr);
+    report("wmma", first.site, "%s: pointer %p is not 32-byte aligned", op, ptr);
     return false;
   }
   if ((ldm * element) % 16 != 0) {
-    report_here("wmma", first.site, "%s: ldm %u (%zu bytes) is not a multiple of 16 bytes", op, ldm, ldm * element);
+    report("wmma", first.site, "%s: ldm %u (%zu bytes) is not a multiple of 16 bytes", op, ldm, ldm * element);
     return false;
   }
   return true;

@@ -5,7 +5,7 @@
 // CUDA leaves the per-lane layout of a fragment unspecified. Here each lane's elements come from a permutation of
 // the tile that the schedule picks (emu_runtime.cpp: wmma_layout), different from the hardware's: code that only
 // applies the same operation to every element gives the same result in every schedule, code that depends on which
-// element a lane holds does not, and the two-schedule tests see the difference.
+// element a lane holds does not, and the emulated tests see the difference in every schedule.
 #pragma once
 
 #include <cuda_bf16.h>
