@@ -34,18 +34,30 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_pretrained(model_cls, path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild ``model_cls`` from ``config.json`` and load ``model.safetensors`` (strict)."""
-    from safetensors.torch import load_model
+    """Rebuild ``model_cls`` from ``config.json`` and load its weights (strict), in the checkpoint's dtype.
+
+    subq's own format has a ``"model"`` key in config.json; other formats (``subq.models.convert.FORMATS``) are
+    recognised from their config fields. A checkpoint that does not fit raises ``CheckpointError`` naming the file,
+    the expected format(s) and the failing key."""
+    from subq.models.convert import (CheckpointError, checkpoint_dtype, load_checked, load_foreign, read_config,
+                                     read_weights, weights_file)
 
     path = Path(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read_config(path, model_cls)
+    if "model" not in config:
+        return load_foreign(model_cls, path, config, device)
     name = config.pop("model")
     if name != model_cls.__name__:
-        raise ValueError(f"{path} holds a {name}, not a {model_cls.__name__}")
+        raise CheckpointError(f"{path / CONFIG_FILE} holds a {name}, not a {model_cls.__name__}")
     fields = {f.name: f.type for f in dataclasses.fields(model_cls.config_class)}
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
     model = model_cls(model_cls.config_class(**config))
-    load_model(model, str(path / WEIGHTS_FILE), device=str(device))
+    file = weights_file(path, "subq", (WEIGHTS_FILE,))
+    state = read_weights(file)
+    dtype = checkpoint_dtype(state)
+    if dtype is not None:
+        model = model.to(dtype)
+    load_checked(model, state, file, "subq")
     return model.to(device)
 
 
@@ -72,8 +84,13 @@ class Pretrained:
     def from_preset(cls, name: str, **overrides) -> Self:
         return cls(preset(cls.config_class, cls.presets, name, **overrides))
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        return save_pretrained(self, path)
+    def save_pretrained(self, path: str | Path, format: str = "subq") -> Path:
+        """Write subq's format, or (``format``) one of ``subq.models.convert.FORMATS`` for this class."""
+        if format == "subq":
+            return save_pretrained(self, path)
+        from subq.models.convert import save_foreign
+
+        return save_foreign(self, Path(path), format)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Self:

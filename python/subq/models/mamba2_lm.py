@@ -7,6 +7,7 @@ layer, so each new token costs O(1) in the sequence length for the SSM layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,14 @@ class Mamba2Config:
     attn_num_heads: int = 12
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # The Mamba-2 mixer's options (state-spaces/mamba's names), for checkpoints trained with other settings.
+    rmsnorm: bool = True
+    norm_before_gate: bool = False
+    mixer_norm_eps: float = 1e-5
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    D_has_hdim: bool = False
+    bias: bool = False
+    conv_bias: bool = True
 
     def __post_init__(self):
         check_positive_ints(**{name: getattr(self, name) for name in (
@@ -43,7 +52,13 @@ class Mamba2Config:
                                               0, self.n_layer - 1) for i in self.attn_layer_idx)
         if check_real(self.norm_eps, "norm_eps", finite=True) < 0:
             raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
-        check_bool(self.tie_embeddings, "tie_embeddings")
+        for name in ("tie_embeddings", "rmsnorm", "norm_before_gate", "D_has_hdim", "bias", "conv_bias"):
+            check_bool(getattr(self, name), name)
+        if check_real(self.mixer_norm_eps, "mixer_norm_eps", finite=True) < 0:
+            raise ValueError(f"mixer_norm_eps must be >= 0, got {self.mixer_norm_eps}")
+        if not isinstance(self.dt_limit, tuple | list) or len(self.dt_limit) != 2:
+            raise ArgumentTypeError(f"dt_limit must be a pair (min, max), got {self.dt_limit!r}")
+        self.dt_limit = tuple(check_real(v, "dt_limit's entries") for v in self.dt_limit)
 
 
 # The released Mamba-2 sizes (vocabulary padded to a multiple of 16), and a tiny one for tests.
@@ -66,7 +81,11 @@ class Mamba2Block(nn.Module):
         else:
             self.mixer = Mamba2(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                                 headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size,
-                                layer_idx=layer_idx)
+                                dt_limit=config.dt_limit, D_has_hdim=config.D_has_hdim, rmsnorm=config.rmsnorm,
+                                norm_before_gate=config.norm_before_gate, bias=config.bias,
+                                conv_bias=config.conv_bias, layer_idx=layer_idx)
+            if config.rmsnorm:
+                self.mixer.norm.eps = config.mixer_norm_eps
 
     @property
     def is_attention(self) -> bool:
