@@ -38,11 +38,13 @@ class M2EncoderConfig:
     mixer_residual: bool = True     # residual + LayerNorm around the sequence mixer (see the module docstring)
     dropout: float = 0.1
     norm_eps: float = 1e-12
+    learned_filter_features: bool = False  # the filters' positional features as parameters (HazyResearch's pos_emb.z)
 
     def __post_init__(self):
         check_positive_ints(**{name: getattr(self, name) for name in (
             "d_model", "n_layer", "expansion", "nblocks", "filter_order", "filter_emb_dim")})
         check_bool(self.residual_long_conv, "residual_long_conv")
+        check_bool(self.learned_filter_features, "learned_filter_features")
         check_bool(self.mixer_residual, "mixer_residual")
         if not 0 <= check_real(self.dropout, "dropout") < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -79,6 +81,10 @@ class M2BertLayer(nn.Module):
         d = config.d_model
         self.mixer = M2SequenceMixer(d, max_seq_len, bidirectional=True, residual_long_conv=config.residual_long_conv,
                                      filter_kwargs=dict(order=config.filter_order, emb_dim=config.filter_emb_dim))
+        if config.learned_filter_features:
+            from subq.models.convert.m2_hazy import learn_filter_features
+
+            learn_filter_features(self.mixer, config)
         self.mixer_norm = nn.LayerNorm(d, eps=config.norm_eps) if config.mixer_residual else None
         self.mlp = M2DimensionMixer(d, expansion=config.expansion, nblocks=config.nblocks)
         self.mlp_norm = nn.LayerNorm(d, eps=config.norm_eps)

@@ -98,6 +98,14 @@ def checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def build(model_cls, config, file: Path, fmt: str) -> nn.Module:
+    """``model_cls(config)``, its argument checks reported against the checkpoint's config file."""
+    try:
+        return model_cls(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {fmt} config does not fit subq's {model_cls.__name__}: {err}") from err
+
+
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], file: Path, fmt: str,
                  names: dict[str, str] | None = None) -> nn.Module:
     """``model.load_state_dict(state)`` (strict) with one :class:`CheckpointError` naming ``file``, the format and the

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from subq.models.convert import (CheckpointError, checkpoint_dtype, load_checked, read_weights, require,
+from subq.models.convert import (CheckpointError, build, checkpoint_dtype, load_checked, read_weights, require,
                                  weights_file, write_json)
 
 NAME = "hf"
@@ -85,7 +85,7 @@ def load(model_cls, path: Path, config: dict, device):
     file = path / "config.json"
     if not issubclass(model_cls, Mamba2LM):
         raise CheckpointError(f"{file}: a {NAME} Mamba-2 checkpoint loads into Mamba2LM, not {model_cls.__name__}")
-    model = model_cls(config_from_hf(config, file))
+    model = build(model_cls, config_from_hf(config, file), file, NAME)
     weights = weights_file(path, NAME)
     theirs = read_weights(weights)
     ours = {key_from_hf(k): v for k, v in theirs.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from subq.models.convert import CheckpointError, checkpoint_dtype, load_checked, read_weights, require, write_json
+from subq.models.convert import CheckpointError, build, checkpoint_dtype, load_checked, read_weights, require, write_json
 
 NAME = "mamba_ssm"
 DESCRIPTION = "mamba_ssm (MambaLMHeadModel: config.json with d_model, n_layer, ssm_cfg + pytorch_model.bin)"
@@ -87,7 +87,7 @@ def load(model_cls, path: Path, config: dict, device):
     file = path / "config.json"
     if not issubclass(model_cls, Mamba2LM):
         raise CheckpointError(f"{file}: a {NAME} Mamba-2 checkpoint loads into Mamba2LM, not {model_cls.__name__}")
-    model = model_cls(config_from_mamba_ssm(config, file))
+    model = build(model_cls, config_from_mamba_ssm(config, file), file, NAME)
     weights = weights_file(path, NAME)
     theirs = read_weights(weights)
     ours = {key_from_mamba_ssm(k): v for k, v in theirs.items()}
