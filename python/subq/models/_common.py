@@ -39,8 +39,15 @@ def load_pretrained(model_cls, path: str | Path, device: str | torch.device = "c
     subq's own format has a ``"model"`` key in config.json; other formats (``subq.models.convert.FORMATS``) are
     recognised from their config fields. A checkpoint that does not fit raises ``CheckpointError`` naming the file,
     the expected format(s) and the failing key."""
-    from subq.models.convert import (CheckpointError, checkpoint_dtype, load_checked, load_foreign, read_config,
-                                     read_weights, weights_file)
+    from subq.models.convert import (
+        CheckpointError,
+        checkpoint_dtype,
+        load_checked,
+        load_foreign,
+        read_config,
+        read_weights,
+        weights_file,
+    )
 
     path = Path(path)
     config = read_config(path, model_cls)

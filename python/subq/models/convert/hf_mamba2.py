@@ -11,10 +11,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
-from subq.models.convert import (CheckpointError, build, checkpoint_dtype, load_checked, read_weights, require,
-                                 weights_file, write_json)
+from subq.models.convert import (
+    CheckpointError,
+    build,
+    checkpoint_dtype,
+    load_checked,
+    read_weights,
+    require,
+    weights_file,
+    write_json,
+)
 
 NAME = "hf"
 DESCRIPTION = "hf (transformers Mamba2ForCausalLM: config.json with model_type 'mamba2')"

@@ -16,8 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from subq.models.convert import (CheckpointError, build, checkpoint_dtype, load_checked, read_weights, require,
-                                 weights_file, write_json)
+from subq.models.convert import (
+    CheckpointError,
+    build,
+    checkpoint_dtype,
+    load_checked,
+    read_weights,
+    require,
+    weights_file,
+    write_json,
+)
 from subq.nn.m2 import HyenaFilter
 
 NAME = "m2"
@@ -56,7 +64,7 @@ class LearnedFeaturesHyenaFilter(HyenaFilter):
 
 
 def learn_filter_features(mixer: nn.Module, config) -> None:
-    """Give an M2SequenceMixer's filter banks learned positional features (``M2EncoderConfig.learned_filter_features``)."""
+    """Give an M2SequenceMixer's filter banks learned positional features (``learned_filter_features``)."""
     kwargs = dict(bidirectional=mixer.bidirectional, emb_dim=config.filter_emb_dim, order=config.filter_order)
     mixer.filter = LearnedFeaturesHyenaFilter(mixer.d_model, mixer.max_seq_len, **kwargs)
     if mixer.residual_long_conv:

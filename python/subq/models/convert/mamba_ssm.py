@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from subq.models.convert import CheckpointError, build, checkpoint_dtype, load_checked, read_weights, require, write_json
+from subq.models.convert import (
+    CheckpointError,
+    build,
+    checkpoint_dtype,
+    load_checked,
+    read_weights,
+    require,
+    write_json,
+)
 
 NAME = "mamba_ssm"
 DESCRIPTION = "mamba_ssm (MambaLMHeadModel: config.json with d_model, n_layer, ssm_cfg + pytorch_model.bin)"
