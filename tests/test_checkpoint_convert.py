@@ -129,6 +129,14 @@ def test_hf_mamba2_loads_into_subq(tmp_path, overrides):
     with torch.no_grad():
         expected = mamba2_reference(hf64.state_dict(), full_hf_config(hf64), ids)
         assert rel_err(ours64(ids), expected) <= 1e-10
+    # older transformers files: pytorch_model.bin, the embedding under its old name
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((tmp_path / "hf64" / "config.json").read_text())
+    torch.save({k.replace("embeddings", "embedding"): v for k, v in hf64.state_dict().items()},
+               legacy / "pytorch_model.bin")
+    with torch.no_grad():
+        assert torch.equal(Mamba2LM.from_pretrained(legacy).eval()(ids), ours64(ids))
     # float32: against transformers itself, logits and greedy generation.
     hf32 = hf_mamba2(torch.float32, **overrides)
     hf32.save_pretrained(tmp_path / "hf32")
@@ -246,6 +254,8 @@ def test_checkpoint_errors_name_file_format_and_key(tmp_path):
     expect(variant("shape", state_change=lambda s: s.update(
         {"backbone.layers.0.mixer.dt_bias": torch.ones(5)})),
            "key 'backbone.layers.0.mixer.dt_bias' has shape (5,)", "expects (4,)")
+    expect(variant("tied", {"tie_word_embeddings": True}), "keys 'backbone.embeddings.weight' and 'lm_head.weight'",
+           "differ")
     expect(variant("act", {"hidden_act": "gelu"}), "hidden_act='gelu'")
     expect(variant("heads", {"num_heads": 8}), "num_heads=8")
     expect(variant("chunk", {"chunk_size": 100}), "chunk_size")

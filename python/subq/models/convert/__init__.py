@@ -119,6 +119,12 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], file: Path, f
     group = {name: aliases.get(id(tensor), [name]) for name, tensor in own.items()}
     state = dict(state)
     for name in own:
+        present = [alias for alias in group[name] if alias in state]
+        for alias in present[1:]:
+            if not torch.equal(state[alias], state[present[0]]):
+                raise CheckpointError(f"{file}: {fmt} checkpoint does not fit this {type(model).__name__}: keys "
+                                      f"{names.get(present[0], present[0])!r} and {names.get(alias, alias)!r} are "
+                                      "one tied tensor in the model but differ in the checkpoint")
         if name not in state:
             present = [alias for alias in group[name] if alias in state]
             if not present:
