@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import transformers
+
+from subq.models import M2BertForMaskedLM, Mamba2LM, MoM
 from test_checkpoint_convert import (
     M2_SMALL,
     full_hf_config,
@@ -26,8 +28,6 @@ from test_checkpoint_convert import (
     mamba_ssm_folder,
     rel_err,
 )
-
-from subq.models import M2BertForMaskedLM, Mamba2LM, MoM
 
 RESULTS = Path(__file__).parent / "results" / "convert_roundtrip.json"
 
@@ -89,7 +89,8 @@ def mamba2_rows(tmp: Path) -> list[dict]:
                     torch.equal(ours32.generate(prompt % 61, 16),
                                 hf32.generate(prompt % 61, max_new_tokens=16, do_sample=False))))
     back = ours.save_pretrained(tmp / "ms-back", format="mamba_ssm")
-    rows.append(row("mamba_ssm", "subq -> mamba_ssm", torch.float64, "largest abs. tensor difference vs the original file",
+    rows.append(row("mamba_ssm", "subq -> mamba_ssm", torch.float64,
+                    "largest abs. tensor difference vs the original file",
                     same_tensors(torch.load(back / "pytorch_model.bin", weights_only=True),
                                  torch.load(folder / "pytorch_model.bin", weights_only=True))))
     return rows
