@@ -135,8 +135,11 @@ def test_hf_mamba2_loads_into_subq(tmp_path, overrides):
     (legacy / "config.json").write_text((tmp_path / "hf64" / "config.json").read_text())
     torch.save({k.replace("embeddings", "embedding"): v for k, v in hf64.state_dict().items()},
                legacy / "pytorch_model.bin")
+    hf64.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     with torch.no_grad():
         assert torch.equal(Mamba2LM.from_pretrained(legacy).eval()(ids), ours64(ids))
+        assert torch.equal(Mamba2LM.from_pretrained(tmp_path / "sharded").eval()(ids), ours64(ids))
     # float32: against transformers itself, logits and greedy generation.
     hf32 = hf_mamba2(torch.float32, **overrides)
     hf32.save_pretrained(tmp_path / "hf32")
