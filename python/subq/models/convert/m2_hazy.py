@@ -137,7 +137,7 @@ _TOP_MAP = [
 ]
 _LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.*)$")
 _SUBQ_LAYER = re.compile(r"^bert\.encoder\.layers\.(\d+)\.(.*)$")
-# The modulation's decay rates are fixed (m2 registers them with lr 0): checked, not loaded.
+# The modulation's decay rates are fixed (m2 registers them with lr 0): checked, then copied (load_decay_rates).
 _DELTAS = re.compile(r"^bert\.encoder\.layer\.(\d+)\.attention\.(filter_fn2?)\.modulation\.deltas$")
 
 
@@ -162,8 +162,7 @@ def key_to_m2(name: str) -> str:
     match = _SUBQ_LAYER.match(name)
     if match:
         index, rest = match.groups()
-        # longest subq prefix first: "mixer.filter.fwd.mlp." before "mixer.filter.features" etc. are disjoint anyway
-        for theirs, ours in sorted(_LAYER_MAP, key=lambda pair: -len(pair[1])):
+        for theirs, ours in _LAYER_MAP:    # no prefix in the map starts another, on either side
             if rest.startswith(ours):
                 return f"bert.encoder.layer.{index}.{theirs}{rest[len(ours):]}"
         return name
