@@ -74,7 +74,7 @@ def causal_conv1d(
     # The last rank sends nothing; its tail is padded only to give the receive buffer the halo's shape.
     halo = _comm.shift_to_next_rank(_last_columns(x, halo_len), group)
     if seq_idx is not None:
-        halo_seq = _comm._shift(_last_columns(seq_idx, halo_len).contiguous(), group, +1)
+        halo_seq = _comm.shift_to_next_rank(_last_columns(seq_idx, halo_len), group)
     if rank == 0:
         y, final = _conv.causal_conv1d(x, weight, bias, seq_idx, initial_states, True, activation)
         y = _comm.attach(y, halo)  # rank 0 uses no halo, but must receive its gradient for rank 1
