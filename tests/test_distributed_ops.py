@@ -108,6 +108,11 @@ def _conv_inputs(gen, seqlen, *, batch=2, dim=6, width=4, dtype=torch.float64, b
     return t
 
 
+def _channels_last(t: dict) -> dict:
+    """x as Mamba-2 holds it: a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)."""
+    return {**t, "x": t["x"].transpose(1, 2).contiguous().transpose(1, 2)}
+
+
 def make_cases(world: int) -> list[Case]:
     """Every equality case, the same in the test process and in each rank (fixed seeds)."""
     gen = torch.Generator().manual_seed(1234)
@@ -143,6 +148,8 @@ def make_cases(world: int) -> list[Case]:
                                  "seq_idx": _seq_idx(L["conv"], [3, 5, 10, 12], [8])}, {"activation": "silu"},
              final=True),
         Case("conv", "width2", _conv_inputs(gen, L["conv"], width=2)),
+        Case("conv", "channels_last", _channels_last(_conv_inputs(gen, L["conv"], width=3, init=True)),
+             final=True),
         Case("conv", "float32", _conv_inputs(gen, L["conv"], dtype=torch.float32, bias=True, init=True),
              {"activation": "silu"}, final=True, budget="float32"),
         Case("conv", "bfloat16", _conv_inputs(gen, L["conv"], dtype=torch.bfloat16, bias=True),
