@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from subq._utils import check_bool, check_int, check_int_choice, check_positive_ints, check_real
+from subq.distributed import tensor_parallel
+from subq.distributed._comm import check_group, copy_to_parallel
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
 from subq.ops.ssd import CHUNK_SIZES as SSD_CHUNK_SIZES
 from subq.ops.ssd import MAX_DSTATE as SSD_MAX_DSTATE
@@ -59,6 +61,10 @@ class Mamba2(nn.Module):
     ``forward(u (batch, seqlen, d_model), seq_idx=None, cache=None)``: with ``cache`` (from
     ``allocate_inference_cache``) the layer continues from the cached states and leaves its final states there,
     so a prompt can be prefilled and then extended token by token with ``step``.
+
+    ``tp_group``: tensor parallelism (:mod:`subq.distributed.tensor_parallel`): this rank holds nheads/T heads and
+    ngroups/T groups (ngroups a multiple of the group's size T); ``d_inner``, ``nheads``, ``ngroups`` and
+    ``conv_dim`` are then this rank's, and the caches per rank. u and the output are whole on every rank.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
@@ -66,7 +72,7 @@ class Mamba2(nn.Module):
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] = (0.0, math.inf), D_has_hdim: bool = False, rmsnorm: bool = True,
                  norm_before_gate: bool = False, bias: bool = False, conv_bias: bool = True,
-                 layer_idx: int | None = None, device=None, dtype=None):
+                 layer_idx: int | None = None, cp_group=None, tp_group=None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups)
@@ -82,11 +88,15 @@ class Mamba2(nn.Module):
                                                         ("norm_before_gate", norm_before_gate), ("bias", bias),
                                                         ("conv_bias", conv_bias)))
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
-        self.d_inner = expand * d_model
-        if self.d_inner % headdim:
-            raise ValueError(f"expand * d_model ({self.d_inner}) must be a multiple of headdim ({headdim})")
-        if self.d_inner // headdim % ngroups:
-            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({self.d_inner // headdim})")
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"expand * d_model ({d_inner}) must be a multiple of headdim ({headdim})")
+        if d_inner // headdim % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({d_inner // headdim})")
+        self.tp_group = check_group(tp_group, "tp_group")
+        self.tp_rank, self.tp_size = tensor_parallel.split_heads(d_inner // headdim, ngroups, self.tp_group)
+        # This rank's share (all of it without tensor parallelism).
+        self.d_inner, ngroups = d_inner // self.tp_size, ngroups // self.tp_size
         self.nheads = self.d_inner // headdim
         self.ngroups, self.chunk_size, self.dt_limit = ngroups, chunk_size, tuple(dt_limit)
         self.rmsnorm, self.layer_idx = rmsnorm, layer_idx
@@ -110,6 +120,12 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        if self.tp_size > 1:
+            # nn.Linear's init bound is 1/sqrt(fan_in); the row-parallel slice keeps the whole layer's.
+            with torch.no_grad():
+                self.out_proj.weight.mul_(self.tp_size ** -0.5)
+            tensor_parallel.mark_sharded(*(p for name, p in self.named_parameters() if name != "out_proj.bias"))
+            tensor_parallel.sync_replicated_(self, self.tp_group)
 
     # ---- pieces shared by forward and step --------------------------------------------------------------------
 
@@ -123,9 +139,16 @@ class Mamba2(nn.Module):
         D = self.D.view(self.nheads, self.headdim) if self.D.numel() == self.d_inner else self.D
         return A, D.to(pdtype), self.dt_bias.to(pdtype)
 
+    def _in(self, u):
+        if self.tp_size > 1:
+            u = copy_to_parallel(u, self.tp_group)
+        return self._split(self.in_proj(u))
+
     def _out(self, y, z):
         if self.rmsnorm:
             y = self.norm(y, z)
+        if self.tp_size > 1:
+            return tensor_parallel.row_parallel_linear(y, self.out_proj, self.tp_group)
         return self.out_proj(y)
 
     # ---- full sequence ------------------------------------------------------------------------------------------
@@ -133,7 +156,7 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: Mamba2Cache | None = None) -> torch.Tensor:
         batch, seqlen, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))
+        z, xBC, dt = self._in(u)
         conv = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                              seq_idx=seq_idx, activation="silu",
                              initial_states=None if cache is None else cache.conv_state,
@@ -177,7 +200,7 @@ class Mamba2(nn.Module):
                 raise ValueError(f"step takes one token, u (batch, 1, d_model); got shape {tuple(u.shape)}")
             u = u[:, 0]
         batch = u.shape[0]
-        z, xBC, dt = self._split(self.in_proj(u))
+        z, xBC, dt = self._in(u)
         xBC = causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    activation="silu")
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
