@@ -290,6 +290,18 @@ def _cp_world(rank, world):
     record("flash lm", _cp_compare(FlashLM(flash_config, cp_group=group).to(F64), full, ids, w, lengths,
                                    rank, group))
 
+    # The bytes a rank sends (forward + backward) do not grow with the shard length.
+    for name, layer, chunk in (("mamba2", Mamba2(**LAYER_CASES[0], cp_group=group).to(F64), 3),
+                               ("flash", FLASH(16, chunk_size=64, s=8, causal=True, cp_group=group, dtype=F64), 64)):
+        sent_bytes = []
+        for length in (chunk, 4 * chunk):
+            x = torch.randn(2, length, 16, dtype=F64, requires_grad=True)
+            with counting_bytes() as sent:
+                layer(x).square().sum().backward()
+            sent_bytes.append(sent())
+        errors[f"{name} bytes at 4x the length - at 1x"] = (
+            float(sent_bytes[1] - sent_bytes[0]) if sent_bytes[0] > 0 else float("inf"))
+
     messages = []
     for make in (lambda: FlashLM(FlashLMConfig(**{**FLASH_LM_CONFIG, "layer": "flash-quad"}), cp_group=group),
                  lambda: Mamba2LM(Mamba2Config(**LM_CONFIG), cp_group=group),

@@ -25,7 +25,7 @@ from torch import nn
 
 from subq import distributed
 from subq._utils import check_bool, check_int_choice, check_positive_ints, check_real
-from subq.distributed._comm import all_gather, check_group
+from subq.distributed._comm import check_group, gather_shard_layout
 from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
@@ -314,7 +314,7 @@ class FLASH(_GatedUnit):
 
 def shard_lengths(seqlen: int, group, device: torch.device) -> list[int]:
     """Every rank's shard length under context parallelism: one all-gather of an int64 (and a host sync)."""
-    return all_gather(torch.tensor(seqlen, device=device), group).tolist()
+    return gather_shard_layout(seqlen, {}, device, group)
 
 
 def shard_positions(seqlen: int, group, device: torch.device) -> torch.Tensor:
