@@ -57,13 +57,18 @@ def _run_tp_layer(rank, group, kwargs, seqlen=70):
     y_ref = full(u)
     (y_ref * w).sum().backward()
 
+    torch.manual_seed(0)
     layer = Mamba2(**kwargs, tp_group=group).to(F64)
-    layer.load_state_dict(tp.shard_mamba2_state_dict(full.state_dict(), full, rank, size))
+    # Built from the same seed, the TP layer is the shard of the single-process one (its init cut to this rank).
+    shard = tp.shard_mamba2_state_dict(full.state_dict(), full, rank, size)
+    errors = {"init is the shard": max(_rel(v, shard[k]) for k, v in layer.state_dict().items())}
+    errors["A_log keeps _no_weight_decay"] = float(not getattr(layer.A_log, "_no_weight_decay", False))
+    layer.load_state_dict(shard)
     u_tp = u.detach().clone().requires_grad_()
     with counting_bytes() as sent:
         y = layer(u_tp)
         (y * w).sum().backward()
-    errors = {"out": _rel(y, y_ref), "du": _rel(u_tp.grad, u.grad)}
+    errors.update({"out": _rel(y, y_ref), "du": _rel(u_tp.grad, u.grad)})
     # One all-reduce of (batch, seqlen, d_model) forward and one backward: 2 · 2(T-1)/T · n · 8 bytes (ring).
     errors["bytes vs formula"] = abs(sent() - 2 * (2 * (size - 1) * u.numel() * 8 // size))
     grads = tp.gather_mamba2_state_dict(_gather(_grads(layer), group), layer)
@@ -92,8 +97,11 @@ def _tp_world(rank, world):
     w = torch.randn(2, 70, config.vocab_size, dtype=F64)
     logits_ref = full(ids)
     (logits_ref * w).sum().backward()
+    torch.manual_seed(1)
     model = Mamba2LM(config, tp_group=group).to(F64)
-    model.load_state_dict(tp.shard_mamba2_lm_state_dict(full.state_dict(), config, rank, world))
+    shard = tp.shard_mamba2_lm_state_dict(full.state_dict(), config, rank, world)
+    errors["lm init is the shard"] = max(_rel(v, shard[k]) for k, v in model.state_dict().items())
+    model.load_state_dict(shard)
     logits = model(ids)
     (logits * w).sum().backward()
     errors["lm logits"] = _rel(logits, logits_ref)

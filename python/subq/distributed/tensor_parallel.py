@@ -55,22 +55,50 @@ def row_parallel_linear(x: torch.Tensor, linear: nn.Linear, group) -> torch.Tens
     return out if linear.bias is None else out + linear.bias
 
 
-def mark_sharded(*params: nn.Parameter) -> None:
-    for p in params:
-        setattr(p, SHARDED_ATTR, True)
+@torch.no_grad()
+def keep_shard_(layer: nn.Module, group) -> None:
+    """Cut a whole :class:`~subq.nn.Mamba2`, initialised as one process initialises it, to this rank's heads and
+    groups in place. Initialising whole and slicing (Megatron's "master weight" init) gives every rank distinct
+    heads even where the ranks share a seed, the same init as one process, and equal replicated parameters."""
+    rank, size = rank_and_size(group)
+    shape = Mamba2Shape(layer.d_inner, layer.nheads, layer.ngroups, layer.d_state)
+    for name, whole in list(layer.named_parameters()):
+        rule = shape._rule(name, layer.D.shape[0])
+        if rule is None:
+            continue
+        blocks, dim = rule
+        piece = nn.Parameter(whole.index_select(dim, shape.index(blocks, rank, size)),
+                             requires_grad=whole.requires_grad)
+        piece.__dict__.update(whole.__dict__)  # markers such as _no_weight_decay
+        setattr(piece, SHARDED_ATTR, True)
+        owner, _, leaf = name.rpartition(".")
+        setattr(layer.get_submodule(owner), leaf, piece)
+    layer.d_inner, layer.nheads, layer.ngroups = shape.d_inner // size, shape.nheads // size, shape.ngroups // size
+    layer.conv_dim = layer.d_inner + 2 * layer.ngroups * layer.d_state
+    layer.in_proj.out_features = layer.in_proj.weight.shape[0]
+    layer.conv1d.in_channels = layer.conv1d.out_channels = layer.conv1d.groups = layer.conv_dim
+    layer.out_proj.in_features = layer.d_inner
+    sync_replicated_(layer, group)
 
 
 @torch.no_grad()
 def sync_replicated_(module: nn.Module, group) -> None:
     """Broadcast from the group's rank 0 every parameter and buffer of ``module`` that is not a tensor-parallel
-    slice, so the replicated ones start equal on all ranks (DDP does this only across its own group)."""
+    slice. Ranks that share a seed hold equal ones already; this makes it so whatever the seeds (DDP does it only
+    across its own group)."""
     rank, size = rank_and_size(group)
     if size == 1:
         return
     src = dist.get_global_rank(group, 0)
-    for p in list(module.parameters()) + list(module.buffers()):
-        if not getattr(p, SHARDED_ATTR, False):
-            dist.broadcast(p.data, src=src, group=group)
+    # NCCL moves CUDA tensors only, and a model is often built on the CPU before .cuda().
+    stage = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None)
+    for t in list(module.parameters()) + list(module.buffers()):
+        if getattr(t, SHARDED_ATTR, False):
+            continue
+        staged = t.data if stage is None or t.device == stage else t.data.to(stage)
+        dist.broadcast(staged, src=src, group=group)
+        if staged is not t.data:
+            t.data.copy_(staged)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ class Mamba2(nn.Module):
     this shard's part, summed over the group by the caller (DDP). No inference cache.
     ``tp_group``: tensor parallelism (:mod:`subq.distributed.tensor_parallel`): this rank holds nheads/T heads and
     ngroups/T groups (ngroups a multiple of the group's size T); ``d_inner``, ``nheads``, ``ngroups`` and
-    ``conv_dim`` are then this rank's, and the caches per rank. u and the output are whole on every rank.
+    ``conv_dim`` are then this rank's, and the caches per rank. u and the output are whole on every rank. The
+    layer is initialised whole, as one process would from the same seed, and cut to this rank's heads.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
@@ -93,15 +94,13 @@ class Mamba2(nn.Module):
                                                         ("norm_before_gate", norm_before_gate), ("bias", bias),
                                                         ("conv_bias", conv_bias)))
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
-        d_inner = expand * d_model
-        if d_inner % headdim:
-            raise ValueError(f"expand * d_model ({d_inner}) must be a multiple of headdim ({headdim})")
-        if d_inner // headdim % ngroups:
-            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({d_inner // headdim})")
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"expand * d_model ({self.d_inner}) must be a multiple of headdim ({headdim})")
+        if self.d_inner // headdim % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({self.d_inner // headdim})")
         self.cp_group, self.tp_group = check_group(cp_group, "cp_group"), check_group(tp_group, "tp_group")
-        self.tp_rank, self.tp_size = tensor_parallel.split_heads(d_inner // headdim, ngroups, self.tp_group)
-        # This rank's share (all of it without tensor parallelism).
-        self.d_inner, ngroups = d_inner // self.tp_size, ngroups // self.tp_size
+        self.tp_rank, self.tp_size = tensor_parallel.split_heads(self.d_inner // headdim, ngroups, self.tp_group)
         self.nheads = self.d_inner // headdim
         self.ngroups, self.chunk_size, self.dt_limit = ngroups, chunk_size, tuple(dt_limit)
         self.rmsnorm, self.layer_idx = rmsnorm, layer_idx
@@ -126,11 +125,7 @@ class Mamba2(nn.Module):
                                      norm_before_gate=norm_before_gate, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         if self.tp_size > 1:
-            # nn.Linear's init bound is 1/sqrt(fan_in); the row-parallel slice keeps the whole layer's.
-            with torch.no_grad():
-                self.out_proj.weight.mul_(self.tp_size ** -0.5)
-            tensor_parallel.mark_sharded(*(p for name, p in self.named_parameters() if name != "out_proj.bias"))
-            tensor_parallel.sync_replicated_(self, self.tp_group)
+            tensor_parallel.keep_shard_(self, self.tp_group)
 
     # ---- pieces shared by forward and step --------------------------------------------------------------------
 
