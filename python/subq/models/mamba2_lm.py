@@ -92,8 +92,9 @@ class Mamba2LM(CachedGeneration, Pretrained, nn.Module):
     """``cp_group``: context parallelism: each rank of the group runs a contiguous shard of every sequence
     (``input_ids`` and ``seq_idx`` its shard, the logits those positions'); its parameter gradients are this shard's
     part, to be summed over the group. ``tp_group``: tensor parallelism of the Mamba-2 layers (heads and groups
-    split, :mod:`subq.distributed.tensor_parallel`); embedding, norms, head and attention layers are replicated and
-    broadcast from the group's rank 0 here. Both are ``torch.distributed`` process groups, or None.
+    split, :mod:`subq.distributed.tensor_parallel`), initialised as one process would from the same seed and cut to
+    this rank's heads; embedding, norms, head and attention layers are replicated (broadcast from the group's rank 0
+    here). Both are ``torch.distributed`` process groups, or None.
     """
 
     config_class = Mamba2Config
