@@ -50,11 +50,13 @@ class Case:
         return 1 if name == "seq_idx" else SEQ_DIM[self.op]
 
 
-def _seq_idx(batch: int, seqlen: int, boundaries: list[int]) -> torch.Tensor:
-    idx = torch.zeros(seqlen, dtype=torch.int32)
-    for b in boundaries:
-        idx[b:] += 1
-    return idx.expand(batch, seqlen).contiguous()
+def _seq_idx(seqlen: int, *rows: list[int]) -> torch.Tensor:
+    """(len(rows), seqlen) int32 packed-sequence indices: each row's sequences start at its listed boundaries."""
+    idx = torch.zeros(len(rows), seqlen, dtype=torch.int32)
+    for row, boundaries in enumerate(rows):
+        for b in boundaries:
+            idx[row, b:] += 1
+    return idx
 
 
 def _ssd_inputs(gen, seqlen, *, batch=2, nheads=4, headdim=8, ngroups=2, dstate=16, dtype=torch.float64,
@@ -106,9 +108,16 @@ def _conv_inputs(gen, seqlen, *, batch=2, dim=6, width=4, dtype=torch.float64, b
     return t
 
 
+def _channels_last(t: dict) -> dict:
+    """x as Mamba-2 holds it: a (batch, seqlen, dim) tensor seen as (batch, dim, seqlen)."""
+    return {**t, "x": t["x"].transpose(1, 2).contiguous().transpose(1, 2)}
+
+
 def make_cases(world: int) -> list[Case]:
     """Every equality case, the same in the test process and in each rank (fixed seeds)."""
     gen = torch.Generator().manual_seed(1234)
+    # seq_idx rows: boundaries inside shards, on shard starts (70 for 2 and 4 ranks; 3, 10 for conv) and
+    # sequences spanning three shards (the second rows on 4 ranks).
     L = {op: sum(SHARDS4[op]) for op in SHARDS4}
     ssd_opts = {"chunk_size": 64}
     dt_opts = {"dt_softplus": True, "dt_limit": (0.01, 0.4)}
@@ -117,7 +126,7 @@ def make_cases(world: int) -> list[Case]:
         Case("ssd", "all_options", _ssd_inputs(gen, L["ssd"], D=True, D_per_channel=True, z=True, dt_bias=True,
                                                init=True), {**ssd_opts, **dt_opts}, final=True),
         Case("ssd", "seq_idx", {**_ssd_inputs(gen, L["ssd"], D=True, z=True, init=True),
-                                "seq_idx": _seq_idx(2, L["ssd"], [30, 70, 110, 130])}, ssd_opts, final=True),
+                                "seq_idx": _seq_idx(L["ssd"], [30, 70, 120], [50, 140])}, ssd_opts, final=True),
         Case("ssd", "float32", _ssd_inputs(gen, L["ssd"], dtype=torch.float32, D=True, z=True, dt_bias=True,
                                            init=True), {**ssd_opts, **dt_opts}, final=True, budget="float32"),
         Case("ssd", "bfloat16", _ssd_inputs(gen, L["ssd"], dtype=torch.bfloat16, param_dtype=torch.float32, D=True,
@@ -136,9 +145,11 @@ def make_cases(world: int) -> list[Case]:
         Case("conv", "silu_bias_init", _conv_inputs(gen, L["conv"], bias=True, init=True), {"activation": "silu"},
              final=True),
         Case("conv", "seq_idx", {**_conv_inputs(gen, L["conv"], bias=True),
-                                 "seq_idx": _seq_idx(2, L["conv"], [3, 5, 10, 12])}, {"activation": "silu"},
+                                 "seq_idx": _seq_idx(L["conv"], [3, 5, 10, 12], [8])}, {"activation": "silu"},
              final=True),
         Case("conv", "width2", _conv_inputs(gen, L["conv"], width=2)),
+        Case("conv", "channels_last", _channels_last(_conv_inputs(gen, L["conv"], width=3, init=True)),
+             final=True),
         Case("conv", "float32", _conv_inputs(gen, L["conv"], dtype=torch.float32, bias=True, init=True),
              {"activation": "silu"}, final=True, budget="float32"),
         Case("conv", "bfloat16", _conv_inputs(gen, L["conv"], dtype=torch.bfloat16, bias=True),

@@ -173,7 +173,8 @@ def reduce_from_parallel(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def shift_to_next_rank(x: torch.Tensor, group) -> torch.Tensor:
-    """Rank r gets rank r-1's x (rank 0 gets zeros): a halo from the previous shard; the gradient is sent back."""
+    """Rank r gets rank r-1's x (rank 0 gets zeros): a halo from the previous shard; the gradient is sent back.
+    Integer tensors (sequence indices) pass too, without a gradient."""
     return _ShiftToNext.apply(x, group)
 
 

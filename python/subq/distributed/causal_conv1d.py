@@ -53,9 +53,18 @@ def causal_conv1d(
         return _conv.causal_conv1d(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     _conv._silu(activation)
     _conv._check_weight_bias(x, weight, bias, "(batch, dim, seqlen)")
-    if seq_idx is not None and initial_states is not None:
-        raise ValueError("initial_states cannot be combined with seq_idx (packed sequences start from zeros)")
     batch, dim, seqlen = x.shape
+    # Checked before any collective, so that a bad argument raises rather than leaving the other ranks waiting.
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype != torch.int32 or seq_idx.shape != (batch, seqlen):
+            got = (f"{seq_idx.dtype} tensor of shape {tuple(seq_idx.shape)}" if isinstance(seq_idx, torch.Tensor)
+                   else type(seq_idx).__name__)
+            raise ValueError(f"seq_idx must be an int32 tensor of shape (batch, seqlen) = ({batch}, {seqlen}), "
+                             f"got {got}")
+        if initial_states is not None:
+            raise ValueError("initial_states cannot be combined with seq_idx (packed sequences start from zeros)")
+    if initial_states is not None:
+        _conv._check_states(initial_states, x, "initial_states", "width - 1", weight.shape[1] - 1)
     halo_len = weight.shape[1] - 1
     lengths = _comm.gather_shard_layout(seqlen, {
         "x's (batch, dim)": (batch, dim),
@@ -74,7 +83,7 @@ def causal_conv1d(
     # The last rank sends nothing; its tail is padded only to give the receive buffer the halo's shape.
     halo = _comm.shift_to_next_rank(_last_columns(x, halo_len), group)
     if seq_idx is not None:
-        halo_seq = _comm._shift(_last_columns(seq_idx, halo_len).contiguous(), group, +1)
+        halo_seq = _comm.shift_to_next_rank(_last_columns(seq_idx, halo_len), group)
     if rank == 0:
         y, final = _conv.causal_conv1d(x, weight, bias, seq_idx, initial_states, True, activation)
         y = _comm.attach(y, halo)  # rank 0 uses no halo, but must receive its gradient for rank 1

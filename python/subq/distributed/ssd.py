@@ -104,7 +104,7 @@ def _pass_states(x, dt, A, C, z, dt_bias, dt_softplus, dt_limit, initial_states,
     if seq_idx is not None:
         # The positions still in the sequence that entered the shard: those with the previous shard's last index
         # (rank 0: its own first, as initial_states belongs to the first sequence).
-        prev_last = _comm._shift(seq_idx[:, -1:].contiguous(), group, +1)
+        prev_last = _comm.shift_to_next_rank(seq_idx[:, -1:], group)
         if rank == 0:
             prev_last = seq_idx[:, :1]
         entering = (seq_idx == prev_last).to(cdtype)                         # (b, L_r)
