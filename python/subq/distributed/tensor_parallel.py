@@ -284,6 +284,7 @@ __all__ = [
     "Mamba2Shape",
     "gather_mamba2_lm_state_dict",
     "gather_mamba2_state_dict",
+    "keep_shard_",
     "row_parallel_linear",
     "shard_mamba2_lm_state_dict",
     "shard_mamba2_state_dict",
