@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_support import run_ranks
 
+from dist_support import run_ranks
 from subq.models import Mamba2LM
 from subq.train import checkpoint
 from subq.train.cli import main

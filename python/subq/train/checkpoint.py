@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from subq.models._common import CONFIG_FILE, WEIGHTS_FILE
+from subq.train import parallel
 from subq.train.config import TrainConfig
 from subq.train.errors import TrainError
-from subq.train import parallel
 from subq.train.loop import TrainState
 from subq.train.parallel import Layout
 from subq.train.registry import MODELS
