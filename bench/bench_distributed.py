@@ -18,7 +18,7 @@ it reports the median wall time of a forward + backward on each rank (the slowes
 the same collectives alone (recorded during one step, then replayed with tensors of the same shapes), and that time
 as a fraction of the local compute (the same layer on the same local shapes with no group: what one rank computes).
 Strong scaling: the global sequence is fixed, a rank's shard is 1/W of it. On this 2-core machine W = 4 runs two
-processes a core, so its times say little; bytes and formulas are exact. Writes bench/results/distributed_<dev>.json
+processes a core, so its times say little; bytes and formulas are exact. Each rank runs one thread. Writes bench/results/distributed_<dev>.json
 and .txt.
 """
 
@@ -283,7 +283,7 @@ def measure(name: str, world: int, rank: int, repeats: int) -> dict:
 
 def _rank_main(rank, world, port, out_dir, cases, repeats, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(1)  # one thread a rank at every W, so a rank's compute compares across W
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
