@@ -8,6 +8,7 @@ inside one spawned process group per world size (``dist_support.run_ranks``), as
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from dist_support import run_ranks
-from subq.models import Mamba2LM
+from subq.models import FlashLM, Mamba2LM
 from subq.train import checkpoint
 from subq.train.cli import main
 
@@ -29,6 +30,9 @@ RUN = ["--steps", "4", "--eval-every", "2", "--save-every", "2", *TINY]
 MASKED = ["--model", "m2-bert", "--override", "d_model=32", "--override", "dropout=0.0", "--seq-len", "64",
           "--corpus-chars", "20000", "--eval-batches", "2", "--warmup", "1", "--lr", "1e-2", "--no-progress",
           "--steps", "2", "--eval-every", "2", "--save-every", "2"]
+# FLASH (tiny: chunk 64): 128-token blocks, so that --cp 2 cuts each into two whole chunks.
+FLASH = ["--model", "flash", "--seq-len", "128", "--corpus-chars", "20000", "--eval-batches", "1", "--warmup", "1",
+         "--lr", "1e-2", "--no-progress", "--steps", "2", "--eval-every", "2", "--save-every", "2"]
 RTOL = 1e-5  # float32: the sums over the batch and the ranks are taken in another order
 
 
@@ -57,6 +61,8 @@ def single(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("single")
     assert cli("--batch-size", 4, "--out", root / "mamba2", *RUN) == 0
     assert cli("--batch-size", 4, "--out", root / "masked", *MASKED) == 0
+    if _has_cp(FlashLM):
+        assert cli("--batch-size", 4, "--out", root / "flash", *FLASH) == 0
     return root
 
 
@@ -92,15 +98,15 @@ def _two_ranks(rank: int, world: int, single: str, out: str) -> dict:
         "resume_fsdp": cli("--resume", step2, "--fsdp", "--out", out / "resume_fsdp", "--no-progress"),
         "masked": cli("--batch-size", 4, "--out", out / "masked", *MASKED),
     }
-    if _has_cp():
+    if _has_cp(Mamba2LM):
         status["cp"] = cli("--batch-size", 4, "--cp", 2, "--out", out / "cp", *RUN)
+    if _has_cp(FlashLM):
+        status["cp_flash"] = cli("--batch-size", 4, "--cp", 2, "--out", out / "cp_flash", *FLASH)
     return status
 
 
-def _has_cp() -> bool:
-    import inspect
-
-    return "cp_group" in inspect.signature(Mamba2LM.__init__).parameters
+def _has_cp(model_class) -> bool:
+    return "cp_group" in inspect.signature(model_class.__init__).parameters
 
 
 def test_two_processes_fsdp_resume_masked_and_cp(single, tmp_path):
@@ -117,9 +123,11 @@ def test_two_processes_fsdp_resume_masked_and_cp(single, tmp_path):
     assert cli("--resume", tmp_path / "fsdp" / "checkpoints" / "step_0000002", "--out", tmp_path / "fsdp_in_one",
                "--no-progress") == 0
     assert_same_curve(history(tmp_path / "fsdp_in_one"), reference)
-    if not _has_cp():
+    if not _has_cp(Mamba2LM):
         pytest.skip("Mamba2LM takes no cp_group yet: --cp 2 untested")
-    assert_same_curve(history(tmp_path / "cp"), reference)
+    assert_same_curve(history(tmp_path / "cp"), reference)  # --cp 2 equals --cp 1
+    if _has_cp(FlashLM):
+        assert_same_curve(history(tmp_path / "cp_flash"), history(single / "flash"))
 
 
 # 8 val batches of 4 ask for 32 blocks where the val split has 30: the last batch has 2 rows, and 2 of 4 ranks none.
@@ -130,7 +138,7 @@ def _four_ranks(rank: int, world: int, single: str, out: str) -> dict:
     single, out = Path(single), Path(out)
     step2 = single / "mamba2" / "checkpoints" / "step_0000002"
     status = {"resume_ddp": cli("--resume", step2, "--out", out / "resume4", *SHORT_VAL)}
-    if _has_cp():
+    if _has_cp(Mamba2LM):
         status["cp"] = cli("--resume", step2, "--cp", 2, "--out", out / "cp4", *SHORT_VAL)
     return status
 
