@@ -40,7 +40,10 @@ def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """This process's rank in ``group`` and the group's size; (0, 1) when there is no group to split over."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group it was given")
+    return rank, dist.get_world_size(group)
 
 
 def check_group(group: object, name: str = "group") -> dist.ProcessGroup | None:
@@ -172,3 +175,61 @@ def reduce_from_parallel(x: torch.Tensor, group) -> torch.Tensor:
 def shift_to_next_rank(x: torch.Tensor, group) -> torch.Tensor:
     """Rank r gets rank r-1's x (rank 0 gets zeros): a halo from the previous shard; the gradient is sent back."""
     return _ShiftToNext.apply(x, group)
+
+
+class _Attach(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, *anchors):
+        ctx.anchors = [(a.shape, a.dtype, a.device) for a in anchors]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.anchors))
+
+
+def attach(x: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
+    """x itself, whose backward also reaches ``anchors`` (with zero gradient).
+
+    A collective's backward is a collective too, so every rank must run it, and autograd runs a node only when the
+    loss reaches it. An output that does not depend on what a collective returned on this rank (rank 0 of a causal
+    scan, say) is attached to it, so that every rank's backward runs the same collectives. Autograd runs the nodes
+    of one device in reverse creation order, so the ranks also run them in the same order.
+    """
+    anchors = tuple(a for a in anchors if a.requires_grad)
+    return _Attach.apply(x, *anchors) if anchors else x
+
+
+def gather_shard_layout(length: int, invariants: dict[str, object], device: torch.device,
+                        group: dist.ProcessGroup) -> list[int]:
+    """Every rank's shard length, after checking that ``invariants`` (sizes, dtypes, which options are given) agree.
+
+    One tiny all-gather of int64s (and a host sync: the lengths decide what the op computes). A mismatch raises the
+    same ValueError on every rank, naming the value and the ranks, instead of a collective hanging on mismatched
+    sizes later.
+    """
+    names, codes, decoders = [], [], []
+    for name, value in invariants.items():
+        if isinstance(value, torch.dtype):
+            code, decode = [_DTYPES.index(value)], (lambda c: str(_DTYPES[c[0]]))
+        elif isinstance(value, (tuple, list)):
+            code, decode = [int(v) for v in value], tuple
+        else:
+            code, decode = [int(value)], (lambda c: c[0])
+        names.append((name, len(code)))
+        codes.extend(code)
+        decoders.append(decode)
+    mine = torch.tensor([int(length), *codes], dtype=torch.int64, device=device)
+    rows = _all_gather(mine, group).tolist()
+    offset = 1
+    for (name, width), decode in zip(names, decoders, strict=True):
+        values = [tuple(row[offset:offset + width]) for row in rows]
+        for rank, value in enumerate(values):
+            if value != values[0]:
+                raise ValueError(f"{name} must agree across the ranks of the context-parallel group: rank 0 has "
+                                 f"{decode(values[0])}, rank {rank} has {decode(value)}")
+        offset += width
+    return [row[0] for row in rows]
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)

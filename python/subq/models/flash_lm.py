@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from subq._utils import check_positive_ints
+from subq.distributed._comm import check_group
 from subq.models._common import CachedGeneration, Pretrained
-from subq.nn.flash import FLASH, GAU, ScaleNorm
+from subq.nn.flash import FLASH, GAU, ScaleNorm, shard_lengths
 
 LAYERS = ("flash", "flash-quad")
 
@@ -53,29 +54,38 @@ PRESETS = {
 }
 
 
-def _make_layer(config: FlashLMConfig) -> FLASH | GAU:
+def _make_layer(config: FlashLMConfig, cp_group) -> FLASH | GAU:
     scale = 1.0 / config.max_seq_len
     if config.layer == "flash":
         return FLASH(config.d_model, chunk_size=config.chunk_size, expansion=config.expansion, s=config.s,
-                     causal=True, norm=config.norm, lin_scale=scale)
+                     causal=True, norm=config.norm, lin_scale=scale, cp_group=cp_group)
     return GAU(config.d_model, expansion=config.expansion, s=config.s, causal=True, norm=config.norm,
                max_len=config.max_seq_len, scale=scale)
 
 
 class FlashLM(CachedGeneration, Pretrained, nn.Module):
-    """The FLASH language model, or FLASH-Quad with ``config.layer = "flash-quad"``."""
+    """The FLASH language model, or FLASH-Quad with ``config.layer = "flash-quad"``.
+
+    ``cp_group`` (FLASH only): context parallelism over a ``torch.distributed`` process group: each rank runs a
+    contiguous shard of every sequence, cut at a multiple of ``chunk_size`` (the last rank's may be shorter), and
+    gets those positions' logits; its parameter gradients are this shard's part, to be summed over the group.
+    """
 
     config_class = FlashLMConfig
     presets = PRESETS
 
-    def __init__(self, config: FlashLMConfig):
+    def __init__(self, config: FlashLMConfig, cp_group=None):
         super().__init__()
+        self.cp_group = check_group(cp_group, "cp_group")
+        if self.cp_group is not None and config.layer != "flash":
+            raise ValueError(f"context parallelism (cp_group) needs FLASH layers (layer='flash'); {config.layer!r} "
+                             "attends over the whole sequence at once")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         # The head shares these weights and reads a ScaleNorm output of norm ~sqrt(d): N(0, 1) weights would start
         # the logits at std ~sqrt(d); 0.02 (BERT/GPT-2's) starts them near uniform.
         nn.init.normal_(self.embedding.weight, std=0.02)
-        self.layers = nn.ModuleList(_make_layer(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(_make_layer(config, self.cp_group) for _ in range(config.n_layer))
         self.norm_f = ScaleNorm(config.d_model) if config.norm == "scalenorm" else nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight
@@ -87,8 +97,11 @@ class FlashLM(CachedGeneration, Pretrained, nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be (batch, seqlen), got {shape}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"seqlen ({input_ids.shape[1]}) exceeds max_seq_len ({self.config.max_seq_len})")
+        seqlen = input_ids.shape[1]
+        if self.cp_group is not None:
+            seqlen = sum(shard_lengths(seqlen, self.cp_group, input_ids.device))
+        if seqlen > self.config.max_seq_len:
+            raise ValueError(f"seqlen ({seqlen}) exceeds max_seq_len ({self.config.max_seq_len})")
         x = self.embedding(input_ids)
         for layer, cache in zip(self.layers, [None] * len(self.layers) if caches is None else caches, strict=True):
             x = layer(x, cache=cache)

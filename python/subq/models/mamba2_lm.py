@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from subq._utils import ArgumentTypeError, check_bool, check_int, check_positive_ints, check_real
+from subq.distributed import tensor_parallel
+from subq.distributed._comm import check_group
 from subq.models._common import CachedGeneration, Pretrained
 from subq.models.attention import CausalSelfAttention
 from subq.nn.mamba2 import Mamba2, RMSNormGated
@@ -58,15 +60,16 @@ PRESETS = {
 
 
 class Mamba2Block(nn.Module):
-    def __init__(self, config: Mamba2Config, layer_idx: int):
+    def __init__(self, config: Mamba2Config, layer_idx: int, cp_group=None, tp_group=None):
         super().__init__()
         self.norm = RMSNormGated(config.d_model, eps=config.norm_eps)
         if layer_idx in config.attn_layer_idx:
+            # Not split: under tensor parallelism every rank computes the whole attention layer.
             self.mixer = CausalSelfAttention(config.d_model, config.attn_num_heads)
         else:
             self.mixer = Mamba2(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                                 headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size,
-                                layer_idx=layer_idx)
+                                layer_idx=layer_idx, cp_group=cp_group, tp_group=tp_group)
 
     @property
     def is_attention(self) -> bool:
@@ -86,20 +89,34 @@ class Mamba2Block(nn.Module):
 
 
 class Mamba2LM(CachedGeneration, Pretrained, nn.Module):
+    """``cp_group``: context parallelism: each rank of the group runs a contiguous shard of every sequence
+    (``input_ids`` and ``seq_idx`` its shard, the logits those positions'); its parameter gradients are this shard's
+    part, to be summed over the group. ``tp_group``: tensor parallelism of the Mamba-2 layers (heads and groups
+    split, :mod:`subq.distributed.tensor_parallel`), initialised as one process would from the same seed and cut to
+    this rank's heads; embedding, norms, head and attention layers are replicated (broadcast from the group's rank 0
+    here). Both are ``torch.distributed`` process groups, or None.
+    """
+
     config_class = Mamba2Config
     presets = PRESETS
 
-    def __init__(self, config: Mamba2Config):
+    def __init__(self, config: Mamba2Config, cp_group=None, tp_group=None):
         super().__init__()
+        cp_group, tp_group = check_group(cp_group, "cp_group"), check_group(tp_group, "tp_group")
+        if cp_group is not None and config.attn_layer_idx:
+            raise ValueError(f"context parallelism (cp_group) is not supported by the attention layers of this "
+                             f"hybrid (attn_layer_idx={config.attn_layer_idx}); use a pure Mamba-2 model")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         # mamba_ssm's std: the head is tied to it, and unit-variance embeddings start the logits (and the loss) huge.
         nn.init.normal_(self.embedding.weight, std=0.02)
-        self.layers = nn.ModuleList(Mamba2Block(config, i) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(Mamba2Block(config, i, cp_group, tp_group) for i in range(config.n_layer))
         self.norm_f = RMSNormGated(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+        if tp_group is not None:
+            tensor_parallel.sync_replicated_(self, tp_group)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches=None) -> torch.Tensor:
         """Logits (batch, seqlen, vocab). ``seq_idx`` packs sequences (Mamba-2 layers only); ``caches`` (from

@@ -17,12 +17,15 @@ an empty cache is the prefill: one batched pass over the prompt that leaves the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subq import distributed
 from subq._utils import check_bool, check_int_choice, check_positive_ints, check_real
+from subq.distributed._comm import check_group, gather_shard_layout
 from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
@@ -236,16 +239,21 @@ class FLASH(_GatedUnit):
     ``lin_scale`` defaults to 1/L of the forward's input; decoding (causal only) uses ``lin_scale`` or, when that
     is None, 1/max_seqlen of :meth:`allocate_inference_cache`, so token-by-token :meth:`step` equals the forward
     on max_seqlen tokens (and, being causal, on every prefix of them).
+
+    ``cp_group``: context parallelism: x is this rank's contiguous shard of the sequence, cut at a chunk boundary
+    (:func:`subq.distributed.flash_chunk_attention`); RoPE uses the global positions, ``lin_scale`` defaults to 1/L
+    of the whole sequence, parameter gradients are this shard's part (sum them over the group). No decoding.
     """
 
     def __init__(self, d_model: int, chunk_size: int = 256, expansion: int = 2, s: int = 128, causal: bool = False,
                  norm: str = "layernorm", rope: bool = True, rel_pos_bias: bool = True,
-                 lin_scale: float | None = None, device=None, dtype=None):
+                 lin_scale: float | None = None, cp_group=None, device=None, dtype=None):
         chunk_size = check_int_choice(chunk_size, "chunk_size", CHUNK_SIZES)
         super().__init__(d_model, expansion, s, 4, norm, rope, device, dtype)
         causal, rel_pos_bias = check_bool(causal, "causal"), check_bool(rel_pos_bias, "rel_pos_bias")
         lin_scale = None if lin_scale is None else check_real(lin_scale, "lin_scale", finite=True)
         self.chunk_size, self.causal, self.lin_scale = chunk_size, causal, lin_scale
+        self.cp_group = check_group(cp_group, "cp_group")
         self.rel_bias = None
         if rel_pos_bias:
             self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1, device=device, dtype=dtype))
@@ -256,17 +264,29 @@ class FLASH(_GatedUnit):
         self._check_input(x)
         lin_scale = self.lin_scale
         if cache is not None:
+            self._check_no_cp("an inference cache")
             self._check_cache(cache, FlashInferenceCache, x, step=False)
             lin_scale = cache.lin_scale
-        u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, torch.arange(x.shape[1], device=x.device))
-        out = flash_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias,
-                                    chunk_size=self.chunk_size, causal=self.causal, lin_scale=lin_scale)
+        if self.cp_group is None:
+            positions, attention = torch.arange(x.shape[1], device=x.device), flash_chunk_attention
+        else:
+            positions = shard_positions(x.shape[1], self.cp_group, x.device)
+            attention = partial(distributed.flash_chunk_attention, group=self.cp_group)
+        u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, positions)
+        out = attention(q_quad, k_quad, q_lin, k_lin, v, u=u, rel_bias=self.rel_bias, chunk_size=self.chunk_size,
+                        causal=self.causal, lin_scale=lin_scale)
         if cache is not None:
             _prefill_decode_state(cache.state, k_quad.detach(), k_lin.detach(), v.detach())
         return x + self.proj_out(out)
 
+    def _check_no_cp(self, what: str) -> None:
+        if self.cp_group is not None:
+            raise ValueError(f"{what} is not supported on a context-parallel FLASH layer (cp_group): decode with a "
+                             "layer built without cp_group from the same weights")
+
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
                                  ) -> FlashInferenceCache:
+        self._check_no_cp("an inference cache")
         if not self.causal:
             raise ValueError("decoding needs a causal FLASH layer (causal=True)")
         if max_seqlen < 1:
@@ -279,6 +299,7 @@ class FLASH(_GatedUnit):
     def step(self, x: torch.Tensor, cache: FlashInferenceCache) -> torch.Tensor:
         """The output for one token ``x (B, 1, d)`` at position ``cache.state.position``; advances the cache."""
         self._check_input(x)
+        self._check_no_cp("step")
         self._check_cache(cache, FlashInferenceCache, x, step=True)
         position = torch.tensor([cache.state.position], device=x.device)
         u, v, (q_quad, k_quad, q_lin, k_lin) = self._features(x, position)
@@ -289,6 +310,17 @@ class FLASH(_GatedUnit):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, e={self.e}, s={self.s}, chunk_size={self.chunk_size}, "
                 f"causal={self.causal}")
+
+
+def shard_lengths(seqlen: int, group, device: torch.device) -> list[int]:
+    """Every rank's shard length under context parallelism: one all-gather of an int64 (and a host sync)."""
+    return gather_shard_layout(seqlen, {}, device, group)
+
+
+def shard_positions(seqlen: int, group, device: torch.device) -> torch.Tensor:
+    """The global positions of this rank's contiguous shard: the earlier ranks' lengths + the local index."""
+    offset = sum(shard_lengths(seqlen, group, device)[:torch.distributed.get_rank(group)])
+    return torch.arange(offset, offset + seqlen, device=device)
 
 
 def _prefill_decode_state(state: FlashDecodeState, k_quad: torch.Tensor, k_lin: torch.Tensor,

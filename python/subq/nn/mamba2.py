@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from subq import distributed
 from subq._utils import check_bool, check_int, check_int_choice, check_positive_ints, check_real
+from subq.distributed import tensor_parallel
+from subq.distributed._comm import check_group, copy_to_parallel
 from subq.ops import causal_conv1d, causal_conv1d_update, rmsnorm_gated, ssd_chunk_scan, ssd_step
 from subq.ops.ssd import CHUNK_SIZES as SSD_CHUNK_SIZES
 from subq.ops.ssd import MAX_DSTATE as SSD_MAX_DSTATE
@@ -59,6 +63,14 @@ class Mamba2(nn.Module):
     ``forward(u (batch, seqlen, d_model), seq_idx=None, cache=None)``: with ``cache`` (from
     ``allocate_inference_cache``) the layer continues from the cached states and leaves its final states there,
     so a prompt can be prefilled and then extended token by token with ``step``.
+
+    ``cp_group``: context parallelism: u (and seq_idx) is this rank's contiguous shard of the sequence, the
+    conv and SSD pass states across the ranks (:func:`subq.distributed.ssd_chunk_scan`); parameter gradients are
+    this shard's part, summed over the group by the caller (DDP). No inference cache.
+    ``tp_group``: tensor parallelism (:mod:`subq.distributed.tensor_parallel`): this rank holds nheads/T heads and
+    ngroups/T groups (ngroups a multiple of the group's size T); ``d_inner``, ``nheads``, ``ngroups`` and
+    ``conv_dim`` are then this rank's, and the caches per rank. u and the output are whole on every rank. The
+    layer is initialised whole, as one process would from the same seed, and cut to this rank's heads.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
@@ -66,7 +78,7 @@ class Mamba2(nn.Module):
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] = (0.0, math.inf), D_has_hdim: bool = False, rmsnorm: bool = True,
                  norm_before_gate: bool = False, bias: bool = False, conv_bias: bool = True,
-                 layer_idx: int | None = None, device=None, dtype=None):
+                 layer_idx: int | None = None, cp_group=None, tp_group=None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups)
@@ -87,6 +99,8 @@ class Mamba2(nn.Module):
             raise ValueError(f"expand * d_model ({self.d_inner}) must be a multiple of headdim ({headdim})")
         if self.d_inner // headdim % ngroups:
             raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({self.d_inner // headdim})")
+        self.cp_group, self.tp_group = check_group(cp_group, "cp_group"), check_group(tp_group, "tp_group")
+        self.tp_rank, self.tp_size = tensor_parallel.split_heads(self.d_inner // headdim, ngroups, self.tp_group)
         self.nheads = self.d_inner // headdim
         self.ngroups, self.chunk_size, self.dt_limit = ngroups, chunk_size, tuple(dt_limit)
         self.rmsnorm, self.layer_idx = rmsnorm, layer_idx
@@ -110,6 +124,8 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        if self.tp_size > 1:
+            tensor_parallel.keep_shard_(self, self.tp_group)
 
     # ---- pieces shared by forward and step --------------------------------------------------------------------
 
@@ -123,9 +139,28 @@ class Mamba2(nn.Module):
         D = self.D.view(self.nheads, self.headdim) if self.D.numel() == self.d_inner else self.D
         return A, D.to(pdtype), self.dt_bias.to(pdtype)
 
+    def _sequence_ops(self):
+        """The conv and SSD over a whole sequence, or over this rank's shard of it under context parallelism."""
+        if self.cp_group is None:
+            return causal_conv1d, ssd_chunk_scan
+        return (partial(distributed.causal_conv1d, group=self.cp_group),
+                partial(distributed.ssd_chunk_scan, group=self.cp_group))
+
+    def _check_no_cp(self, what: str) -> None:
+        if self.cp_group is not None:
+            raise ValueError(f"{what} is not supported on a context-parallel Mamba2 (cp_group): decode with a layer "
+                             "built without cp_group from the same weights")
+
+    def _in(self, u):
+        if self.tp_size > 1:
+            u = copy_to_parallel(u, self.tp_group)
+        return self._split(self.in_proj(u))
+
     def _out(self, y, z):
         if self.rmsnorm:
             y = self.norm(y, z)
+        if self.tp_size > 1:
+            return tensor_parallel.row_parallel_linear(y, self.out_proj, self.tp_group)
         return self.out_proj(y)
 
     # ---- full sequence ------------------------------------------------------------------------------------------
@@ -133,17 +168,19 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: Mamba2Cache | None = None) -> torch.Tensor:
         batch, seqlen, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))
-        conv = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                             seq_idx=seq_idx, activation="silu",
-                             initial_states=None if cache is None else cache.conv_state,
-                             return_final_states=cache is not None)
+        if cache is not None:
+            self._check_no_cp("an inference cache")
+        conv_op, ssd_op = self._sequence_ops()
+        z, xBC, dt = self._in(u)
+        conv = conv_op(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                       seq_idx=seq_idx, activation="silu", initial_states=None if cache is None else cache.conv_state,
+                       return_final_states=cache is not None)
         if cache is not None:
             conv, conv_state = conv
         xBC = conv.transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
         A, D, dt_bias = self._ssm_params(x.dtype)
-        y = ssd_chunk_scan(
+        y = ssd_op(
             x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A,
             B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
             chunk_size=self.chunk_size, D=D, z=None if self.rmsnorm else z.reshape(x.shape[:2] + (self.nheads, -1)),
@@ -160,6 +197,7 @@ class Mamba2(nn.Module):
 
     def allocate_inference_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                                  device: torch.device | None = None) -> Mamba2Cache:
+        self._check_no_cp("an inference cache")
         device = device or self.in_proj.weight.device
         dtype = dtype or self.conv1d.weight.dtype
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -171,13 +209,14 @@ class Mamba2(nn.Module):
 
     def step(self, u: torch.Tensor, cache: Mamba2Cache) -> torch.Tensor:
         """One token, ``u (batch, d_model)`` or ``(batch, 1, d_model)``; updates ``cache`` in place."""
+        self._check_no_cp("step")
         squeeze = u.dim() == 3
         if squeeze:
             if u.shape[1] != 1:
                 raise ValueError(f"step takes one token, u (batch, 1, d_model); got shape {tuple(u.shape)}")
             u = u[:, 0]
         batch = u.shape[0]
-        z, xBC, dt = self._split(self.in_proj(u))
+        z, xBC, dt = self._in(u)
         xBC = causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    activation="silu")
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
