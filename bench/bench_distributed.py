@@ -18,8 +18,8 @@ it reports the median wall time of a forward + backward on each rank (the slowes
 the same collectives alone (recorded during one step, then replayed with tensors of the same shapes), and that time
 as a fraction of the local compute (the same layer on the same local shapes with no group: what one rank computes).
 Strong scaling: the global sequence is fixed, a rank's shard is 1/W of it. On this 2-core machine W = 4 runs two
-processes a core, so its times say little; bytes and formulas are exact. Each rank runs one thread. Writes bench/results/distributed_<dev>.json
-and .txt.
+processes a core, so its times say little; bytes and formulas are exact. Each rank runs one thread. Writes
+bench/results/distributed_<cpu|gpu>.json and .txt.
 """
 
 from __future__ import annotations
@@ -366,7 +366,8 @@ def main(argv=None) -> int:
         results[world] = summarize(world, run_world(world, args.cases, args.repeats, backend))
     text = table(results)
     print(text)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"distributed_{'gpu' if backend == 'nccl' else 'cpu'}.json"
+    kind = "gpu" if backend == "nccl" else "cpu"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"distributed_{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"backend": backend, "torch": torch.__version__, "cpu_count": os.cpu_count(), "repeats": args.repeats,
             "note": "medians of --repeats calls on a shared machine; times are noisy, bytes exact",

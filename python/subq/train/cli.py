@@ -4,6 +4,11 @@ progress bar, validation loss and perplexity, checkpoints, loss curves and exact
     python -m subq.train                                   # mamba2, tiny preset, 1000 steps, on the GPU if any
     python -m subq.train --model mamba2 --override d_model=128 --override n_layer=4 --steps 3000 --generate 200
     python -m subq.train --resume --steps 2000             # continue the run in --out, then train longer
+    torchrun --nproc-per-node 4 -m subq.train --batch-size 64      # 4 processes (DDP), 16 rows each
+    torchrun --nproc-per-node 4 -m subq.train --cp 2 --seq-len 4096  # 2 data-parallel x 2 context-parallel
+
+Across processes (:mod:`subq.train.parallel`) the run is the one-process run of the same --batch-size (the global
+batch); rank 0 prints and writes, and its checkpoints resume at any number of processes.
 
 Writes to --out: checkpoints/step_NNNNNNN/ (the model's save_pretrained files and trainer.pt), history.json and
 loss.png. A bad request is one line on stderr and exit status 2.
