@@ -241,13 +241,20 @@ def _clone(value):
     return value
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_ms(fn, repeats: int, group_sync: bool) -> float:
     times = []
     for _ in range(repeats):
         if group_sync:
             dist.barrier()
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -281,12 +288,15 @@ def measure(name: str, world: int, rank: int, repeats: int) -> dict:
 
 # ---- processes ------------------------------------------------------------------------------------------------------
 
-def _rank_main(rank, world, port, out_dir, cases, repeats, backend):
+def _rank_main(rank, world, port, out_dir, cases, repeats, backend, seq_len):
+    global L
+    L = seq_len
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # one thread a rank at every W, so a rank's compute compares across W
     try:
-        if backend == "nccl":
+        if backend == "nccl":  # one GPU a rank; every tensor and layer of the cases is made there
             torch.cuda.set_device(rank)
+            torch.set_default_device(f"cuda:{rank}")
         if world > 1:
             dist.init_process_group(backend, rank=rank, world_size=world)
         results = {name: measure(name, world, rank, repeats) for name in cases}
@@ -297,13 +307,13 @@ def _rank_main(rank, world, port, out_dir, cases, repeats, backend):
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"{rank}.pt")
 
 
-def run_world(world: int, cases: list[str], repeats: int, backend: str) -> list[dict]:
+def run_world(world: int, cases: list[str], repeats: int, backend: str, seq_len: int) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, out_dir, cases, repeats, backend))
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, out_dir, cases, repeats, backend, seq_len))
                  for r in range(world)]
         for proc in procs:
             proc.start()
@@ -356,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (the median is kept)")
+    parser.add_argument("--seq-len", type=int, default=L, help=f"the whole sequence, split over the CP ranks "
+                        f"(default {L}; a multiple of 256 times the largest rank count)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/distributed_<cpu|gpu>.json)")
     args = parser.parse_args(argv)
     gpus = torch.cuda.device_count()
@@ -363,13 +375,14 @@ def main(argv=None) -> int:
     results = {}
     for world in args.ranks:
         print(f"{world} rank(s) on {backend}...", file=sys.stderr)
-        results[world] = summarize(world, run_world(world, args.cases, args.repeats, backend))
+        results[world] = summarize(world, run_world(world, args.cases, args.repeats, backend, args.seq_len))
     text = table(results)
     print(text)
     kind = "gpu" if backend == "nccl" else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / f"distributed_{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"backend": backend, "torch": torch.__version__, "cpu_count": os.cpu_count(), "repeats": args.repeats,
+            "seq_len": args.seq_len, "gpus": gpus,
             "note": "medians of --repeats calls on a shared machine; times are noisy, bytes exact",
             "command": "python bench/bench_distributed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out.write_text(json.dumps({"meta": meta, "results": {str(k): v for k, v in results.items()}}, indent=1) + "\n")
