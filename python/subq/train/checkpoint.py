@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from subq.models._common import CONFIG_FILE, WEIGHTS_FILE
+from subq.train import parallel
 from subq.train.config import TrainConfig
 from subq.train.errors import TrainError
 from subq.train.loop import TrainState
+from subq.train.parallel import Layout
 from subq.train.registry import MODELS
 
 FOLDER = "checkpoints"
@@ -30,20 +32,23 @@ class DamagedCheckpoint(Exception):
     """A checkpoint file that does not load: the message names the file and why."""
 
 
-def save(out: Path, state: TrainState, config: TrainConfig) -> Path:
+def save(out: Path, state: TrainState, config: TrainConfig, model: nn.Module | None = None,
+         optimizer_state: dict | None = None) -> Path:
     """Write the checkpoint of ``state.step``. Never over another one: ``cli`` refuses, before training, a run whose
-    steps would reach a checkpoint it did not make, and this refuses again rather than lose one."""
+    steps would reach a checkpoint it did not make, and this refuses again rather than lose one. ``model`` and
+    ``optimizer_state`` (default: the state's) are the one-process model and optimizer state dict a run across
+    processes gathered, so every checkpoint has the one format, whatever the world size."""
     final = out / FOLDER / f"{PREFIX}{state.step:07d}"
     if final.exists():
         raise TrainError(f"{final} already exists: not overwriting a checkpoint this run did not make")
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    state.model.save_pretrained(partial)
+    (model or state.model).save_pretrained(partial)
     torch.save({
         "config": config.to_dict(),
         "step": state.step,
         "history": state.history,
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": state.optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": state.scheduler.state_dict(),
         "rng": {"data": state.data_rng.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -149,9 +154,10 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def restore(state: TrainState, saved: dict) -> None:
-    """Loads ``saved`` (from ``read``) into ``state``, whose model already holds the checkpoint's weights."""
-    state.optimizer.load_state_dict(saved["optimizer"])
+def restore(state: TrainState, saved: dict, layout: Layout | None = None) -> None:
+    """Loads ``saved`` (from ``read``) into ``state``, whose model already holds the checkpoint's weights (and, under
+    FSDP2, is sharded: ``layout`` says so)."""
+    parallel.load_optimizer_state(state.model, state.optimizer, saved["optimizer"], layout or Layout())
     state.scheduler.load_state_dict(saved["scheduler"])
     state.step, state.history = saved["step"], saved["history"]
     state.data_rng.set_state(saved["rng"]["data"])

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from subq.profile.progress import Progress
 from subq.train.config import TrainConfig
 from subq.train.errors import TrainError
 from subq.train.objectives import IGNORE_INDEX, Objective
+from subq.train.parallel import Layout
 from subq.train.registry import ModelEntry
 
 BETAS = (0.9, 0.95)
@@ -31,13 +33,21 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig
+def not_decayed(model: nn.Module) -> set[str]:
+    """The names of the parameters AdamW leaves undecayed: pulling norm gains, biases or Mamba-2's A_log, dt_bias
+    and D (marked ``_no_weight_decay``) toward zero changes what they mean rather than regularising. Taken before
+    FSDP2 shards the model (its sharded parameters lose the mark)."""
+    return {name for name, param in model.named_parameters()
+            if param.ndim < 2 or getattr(param, "_no_weight_decay", False)}
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, no_decay_names: set[str] | None = None
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its schedule. Only matrices are decayed: pulling norm gains, biases or Mamba-2's A_log, dt_bias
-    and D (marked ``_no_weight_decay``) toward zero changes what they mean rather than regularising."""
+    """AdamW and its schedule; only matrices are decayed (``not_decayed``, of ``model`` unless given)."""
+    names = not_decayed(model) if no_decay_names is None else no_decay_names
     decay, no_decay = [], []
-    for param in model.parameters():
-        (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
+    for name, param in model.named_parameters():
+        (no_decay if name in names else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=BETAS)
     schedule = functools.partial(lr_factor, warmup=config.warmup, steps=config.steps)
@@ -64,50 +74,73 @@ class Run:
     train_blocks: torch.Tensor
     val_blocks: torch.Tensor
     device: torch.device
+    layout: Layout = field(default_factory=Layout)
+    module: nn.Module | None = None  # what the steps call (the DDP wrapper); None: the state's model
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def loss(self, model: nn.Module, blocks: torch.Tensor, generator: torch.Generator
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(summed cross-entropy over the labelled positions, their count, the model's auxiliary loss or None)."""
+    def batch(self, blocks: torch.Tensor, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(this rank's inputs, its labels, the global count of labelled positions). Every rank makes the whole
+        batch (the same draws from ``generator`` as one process) and keeps its block."""
         inputs, labels = self.objective.make_batch(blocks, generator)
+        return self.layout.shard(inputs), self.layout.shard(labels), (labels != IGNORE_INDEX).sum()
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(summed cross-entropy over the labelled positions, the model's auxiliary loss or None)."""
         labels = labels.to(self.device)
         with self.autocast():
             logits, aux = self.entry.outputs(model(inputs.to(self.device)))
         total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction="sum")
-        return total, (labels != IGNORE_INDEX).sum(), aux
+        return total, aux
 
 
 def train_step(run: Run, state: TrainState) -> dict:
-    config, model, optimizer = run.config, state.model, state.optimizer
+    config, optimizer, layout = run.config, state.optimizer, run.layout
+    model = run.module or state.model
     model.train()
     rows = torch.randint(len(run.train_blocks), (config.batch_size,), generator=state.data_rng)
-    total, count, aux = run.loss(model, run.train_blocks[rows], state.data_rng)
-    loss = total / count
+    inputs, labels, count = run.batch(run.train_blocks[rows], state.data_rng)
+    total, aux = run.loss(model, inputs, labels)
+    loss = total / count.to(total.device)  # this rank's share of the global mean
     optimizer.zero_grad(set_to_none=True)
-    (loss if aux is None else loss + aux).backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-    record = {"step": state.step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+    # DDP and FSDP2 average the gradients over the world: scaled by it, the shares add up to the global mean's.
+    objective = loss * layout.world if layout.distributed else loss
+    (objective if aux is None else objective + aux).backward()
+    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip or math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP2's sharded gradients give a replicated norm
+        grad_norm = grad_norm.full_tensor()
+    record = {"step": state.step + 1, "loss": layout.sum(loss).item(), "lr": optimizer.param_groups[0]["lr"],
               "grad_norm": grad_norm.item()}
     if not math.isfinite(record["loss"]):
         raise TrainError(f"the training loss became {record['loss']} at step {record['step']}: lower --lr")
     optimizer.step()
     state.scheduler.step()
     state.step += 1
-    return record if aux is None else {**record, "aux_loss": aux.item()}
+    if aux is None:
+        return record
+    return {**record, "aux_loss": (layout.sum(aux) / layout.world).item() if layout.distributed else aux.item()}
 
 
 @torch.no_grad()
 def evaluate(run: Run, model: nn.Module) -> float:
-    """Mean cross-entropy (nats per predicted token) over the first ``eval_batches`` batches of the val split."""
+    """Mean cross-entropy (nats per predicted token) over the first ``eval_batches`` batches of the val split,
+    each rank taking its block of each batch."""
     model.eval()
     generator = torch.Generator().manual_seed(run.config.seed)  # the same masks at every evaluation
     total = count = 0
     for blocks in run.val_blocks[: run.config.eval_batches * run.config.batch_size].split(run.config.batch_size):
-        batch_total, batch_count, _ = run.loss(model, blocks, generator)
+        inputs, labels, batch_count = run.batch(blocks, generator)
+        if inputs.shape[0] == 0:  # a short last batch left this rank no row: FSDP2 and CP need its forward anyway
+            inputs = torch.zeros((1, inputs.shape[1]), dtype=torch.long)
+            labels = torch.full_like(inputs, IGNORE_INDEX)
+        batch_total, _ = run.loss(model, inputs, labels)
         total, count = total + batch_total.item(), count + batch_count.item()
+    if run.layout.distributed:
+        total = run.layout.sum(torch.tensor(total, dtype=torch.float64, device=run.device)).item()
     return total / count
 
 

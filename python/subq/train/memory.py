@@ -34,12 +34,18 @@ def layers_of(config: object) -> int:
     return 1
 
 
-def estimate_bytes(model: nn.Module, config: TrainConfig) -> tuple[int, int]:
-    """(parameter and optimizer bytes, activation bytes) of one training step."""
-    parameters = sum(p.numel() * p.element_size() for p in model.parameters()) * PARAMETER_COPIES
-    per_token = (layers_of(model.config) * model.config.d_model * ACTIVATION_BYTES_PER_FEATURE
-                 + model.config.vocab_size * LOGIT_BYTES)
-    return parameters, config.batch_size * config.seq_len * per_token
+def activation_bytes_per_token(model_config: object) -> int:
+    return (layers_of(model_config) * model_config.d_model * ACTIVATION_BYTES_PER_FEATURE
+            + model_config.vocab_size * LOGIT_BYTES)
+
+
+def estimate_bytes(model: nn.Module, config: TrainConfig, dp: int = 1, cp: int = 1, param_shards: int = 1
+                   ) -> tuple[int, int]:
+    """(parameter and optimizer bytes, activation bytes) of one training step of one process: its ``1/dp`` of the
+    batch, ``1/cp`` of each sequence, ``1/param_shards`` of the parameters (FSDP2)."""
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters()) * PARAMETER_COPIES // param_shards
+    tokens = (config.batch_size // dp) * (config.seq_len // cp)
+    return parameters, tokens * activation_bytes_per_token(model.config)
 
 
 def device_bytes(device: torch.device) -> int:
@@ -54,12 +60,14 @@ def device_bytes(device: torch.device) -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
-def check_fits(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
-    parameters, activations = estimate_bytes(model, config)
+def check_fits(model: nn.Module, config: TrainConfig, device: torch.device, dp: int = 1, cp: int = 1,
+               param_shards: int = 1) -> None:
+    parameters, activations = estimate_bytes(model, config, dp, cp, param_shards)
     limit = device_bytes(device)
     if parameters + activations > limit:
-        raise TrainError(f"the run needs about {_gib(parameters + activations)} ({_gib(parameters)} parameters and "
-                         f"optimizer state, {_gib(activations)} activations for --batch-size {config.batch_size} "
+        each = " in each process" if dp * cp * param_shards > 1 else ""
+        raise TrainError(f"the run needs about {_gib(parameters + activations)}{each} ({_gib(parameters)} parameters "
+                         f"and optimizer state, {_gib(activations)} activations for --batch-size {config.batch_size} "
                          f"x --seq-len {config.seq_len}), more than the {_gib(limit)} of {device}: lower "
                          "--batch-size or --seq-len, or choose a smaller model")
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from subq.models import M2GPT, FlashLM, M2BertForMaskedLM, Mamba2LM, MoM
+from subq.models._common import preset as preset_config
 from subq.train.corpus import VOCAB_SIZE
 from subq.train.errors import TrainError
 from subq.train.overrides import parse_overrides
@@ -29,6 +30,8 @@ class ModelEntry:
     outputs: Callable[[object], tuple[torch.Tensor, torch.Tensor | None]] = logits_only
     # config fields every preset of this entry gets (one class can serve two entries, e.g. FLASH and FLASH-Quad)
     config: dict = field(default_factory=dict)
+    # a router picks the modules a token runs through: some parameters get no gradient in a step (DDP must know)
+    routed: bool = False
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -37,7 +40,7 @@ MODELS: dict[str, ModelEntry] = {
     "m2-bert": ModelEntry(M2BertForMaskedLM, "masked", lambda out: (out.logits, None)),
     "m2-gpt": ModelEntry(M2GPT, "causal"),
     "mamba2": ModelEntry(Mamba2LM, "causal"),
-    "mom": ModelEntry(MoM, "causal", lambda out: (out.logits, out.aux_loss)),
+    "mom": ModelEntry(MoM, "causal", lambda out: (out.logits, out.aux_loss), routed=True),
 }
 
 
@@ -64,14 +67,19 @@ def check_seq_len(model: nn.Module, config) -> None:
                              f"{limit}: lower --seq-len, or --override {name}={config.seq_len}")
 
 
-def build_model(name: str, preset: str, overrides: list[str]) -> nn.Module:
-    """``MODELS[name].model_class.from_preset(preset, **overrides)``, with a one-line error for what cannot be built."""
+def build_model(name: str, preset: str, overrides: list[str], **module_kwargs) -> nn.Module:
+    """``MODELS[name].model_class.from_preset(preset, **overrides)`` (built with ``module_kwargs``, e.g. a
+    ``cp_group``, when given), with a one-line error for what cannot be built."""
     entry = lookup(name)
     model_class = entry.model_class
     fields = entry.config | parse_overrides(model_class.config_class, overrides)
     what = f"--model {name} --preset {preset}" + "".join(f" --override {item}" for item in overrides)
     try:
-        model = model_class.from_preset(preset, **fields)
+        if module_kwargs:
+            model = model_class(preset_config(model_class.config_class, model_class.presets, preset, **fields),
+                                **module_kwargs)
+        else:
+            model = model_class.from_preset(preset, **fields)
     except (ValueError, TypeError, AssertionError) as err:
         raise TrainError(f"{what}: {err}") from None
     check_vocab(model, what)
