@@ -19,12 +19,32 @@ Tensor grad_as(const std::optional<Tensor>& input, const Tensor& grad, const Ten
   return input ? grad.to(input->scalar_type()) : empty_grad(like);
 }
 
-// (b, L, D) -> (b, G, C, D) in the compute dtype, zero-padded to whole chunks.
+// (b, L, D) -> (b, G, C, D) in the compute dtype, zero-padded to whole chunks. Read-only: when L is whole chunks it
+// is a view of t itself (no copy), else only the padding rows are zeroed before t is copied in.
 Tensor to_chunks(const Tensor& t, int64_t nchunks, int64_t C, at::ScalarType ct) {
   const int64_t b = t.size(0), L = t.size(1), D = t.size(2);
-  Tensor padded = at::zeros({b, nchunks * C, D}, t.options().dtype(ct));
+  if (nchunks * C == L) return t.to(ct).reshape({b, nchunks, C, D});
+  Tensor padded = at::empty({b, nchunks * C, D}, t.options().dtype(ct));
+  padded.narrow(1, L, nchunks * C - L).zero_();
   padded.narrow(1, 0, L).copy_(t);
   return padded.view({b, nchunks, C, D});
+}
+
+// Exclusive prefix sum over chunks (dim 1) of x (b, G, S, E): chunk g gets the sum of chunks 0..g-1. reverse: the
+// sum of chunks g+1..G-1 instead.
+Tensor exclusive_chunk_cumsum(const Tensor& x, bool reverse) {
+  const int64_t G = x.size(1);
+  Tensor out = at::empty_like(x);
+  out.narrow(1, reverse ? G - 1 : 0, 1).zero_();
+  if (G > 1) {
+    if (reverse) {
+      out.narrow(1, 0, G - 1).copy_(x.narrow(1, 1, G - 1).flip(1).cumsum(1).flip(1));
+    } else {
+      Tensor tail = out.narrow(1, 1, G - 1);
+      at::cumsum_out(tail, x.narrow(1, 0, G - 1), 1);
+    }
+  }
+  return out;
 }
 
 // (b, G, C, D) -> (b, L, D)
@@ -89,9 +109,8 @@ Chunked chunk_scores(const FlashChunkInputs& in, const FlashChunkOptions& opt) {
 
   // Padded positions have k_lin = v = 0, so they add nothing to any state.
   if (opt.causal) {
-    Tensor kv = at::matmul(k.k_lin.transpose(-1, -2), k.v);  // (b, G, S, E): each chunk's own k_lin^T v
-    k.lin_state = at::zeros_like(kv);
-    if (G > 1) k.lin_state.narrow(1, 1, G - 1).copy_(at::cumsum(kv.narrow(1, 0, G - 1), 1));
+    // (b, G, S, E): each chunk's own k_lin^T v, then the sum over the chunks before it
+    k.lin_state = exclusive_chunk_cumsum(at::matmul(k.k_lin.transpose(-1, -2), k.v), /*reverse=*/false);
   } else {
     k.lin_state = at::matmul(unchunked(k.k_lin).transpose(1, 2), unchunked(k.v)).unsqueeze(1);
   }
@@ -215,8 +234,7 @@ std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const FlashChu
   if (opt.causal) {
     // chunk h's k_lin^T v reaches the chunks after h: a reverse exclusive prefix sum of the states' gradients
     Tensor d_lin_state = at::matmul(k.q_lin.transpose(-1, -2), g).mul_(opt.lin_scale);  // (b, G, S, E)
-    dkv = at::zeros_like(d_lin_state);
-    if (G > 1) dkv.narrow(1, 0, G - 1).copy_(d_lin_state.narrow(1, 1, G - 1).flip(1).cumsum(1).flip(1));
+    dkv = exclusive_chunk_cumsum(d_lin_state, /*reverse=*/true);
   } else {
     dkv = at::matmul(unchunked(k.q_lin).transpose(1, 2), unchunked(g)).mul_(opt.lin_scale).unsqueeze(1);
   }
@@ -250,10 +268,16 @@ Tensor gau_attention_fwd(const GauInputs& in, const GauOptions& opt) {
   Tensor q = in.q.to(ct), k = in.k.to(ct), v = in.v.to(ct);
   std::optional<Tensor> bias;
   if (in.rel_bias) bias = in.rel_bias->to(ct);
-  Tensor out = at::zeros(v.sizes(), v.options());
+  // The first tile is seen by every query (q0 = 0 in both modes): its product starts the sum, no zeros + add.
+  Tensor out;
   for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
     KeyTile t = key_tile(q, k, bias, k0, opt);
-    out.narrow(1, t.q0, t.rows).add_(rows_times_keys(t, t.relu_scores.square(), v.narrow(1, k0, t.cols)));
+    Tensor part = rows_times_keys(t, t.relu_scores.square_(), v.narrow(1, k0, t.cols));
+    if (k0 == 0) {
+      out = part;
+    } else {
+      out.narrow(1, t.q0, t.rows).add_(part);
+    }
   }
   if (in.u) out.mul_(in.u->to(ct));
   return out.to(in.v.scalar_type());

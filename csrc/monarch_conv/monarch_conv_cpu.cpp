@@ -49,6 +49,22 @@ Tensor circular_conv(const Tensor& V, const Tensor& K, const RealDft& dft, int64
 
 Tensor empty_grad(const Tensor& like) { return like.new_empty({0}); }
 
+// a * b (or a) in compute dtype, written into the first L columns of a (B, H, M) buffer whose other columns are zero:
+// the transform's input. Handing the transform v itself makes it pad (zero all M columns, then copy v in); this way
+// the zeros are written once and the product (or the layout copy of a strided a) lands in place.
+Tensor padded_product(const Tensor& a, const std::optional<Tensor>& b, int64_t M, at::ScalarType ct) {
+  const int64_t L = a.size(2);
+  Tensor padded = at::empty({a.size(0), a.size(1), M}, a.options().dtype(ct));
+  padded.narrow(2, L, M - L).zero_();
+  Tensor head = padded.narrow(2, 0, L);
+  if (b) {
+    at::mul_out(head, a.to(ct), b->to(ct));
+  } else {
+    head.copy_(a);
+  }
+  return padded;
+}
+
 }  // namespace
 
 Tensor monarch_conv_filter(const Tensor& k, const std::optional<Tensor>& k_rev, int64_t seqlen,
@@ -66,9 +82,9 @@ Tensor monarch_conv_fwd(const MonarchConvInputs& in) {
   if (B == 0 || H == 0) return at::empty_like(in.u);  // the FFT libraries reject an empty batch
   const RealDft dft{monarch_conv::fft_size(L), in.algorithm};
   const auto ct = compute_type(in.u);
-  Tensor v = in.u.to(ct);
-  if (in.pregate) v = v * in.pregate->to(ct);
-  Tensor y = circular_conv(dft.rfft(v), spectrum(in, dft, ct), dft, L);
+  const Tensor v_padded = padded_product(in.u, in.pregate, dft.M, ct);
+  const Tensor v = v_padded.narrow(2, 0, L);
+  Tensor y = circular_conv(dft.rfft(v_padded), spectrum(in, dft, ct), dft, L);
   if (in.D) y = y + v * in.D->to(ct).view({H, 1});
   if (in.postgate) y = y * in.postgate->to(ct);
   return y.to(in.u.scalar_type());
@@ -85,25 +101,26 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& 
   const int64_t M = dft.M;
   const auto ct = compute_type(in.u);
   Tensor u = in.u.to(ct);
-  Tensor v = in.pregate ? u * in.pregate->to(ct) : u;
+  const Tensor v_padded = padded_product(u, in.pregate, M, ct);
+  const Tensor v = v_padded.narrow(2, 0, L);
   Tensor K = spectrum(in, dft, ct);
-  Tensor V = dft.rfft(v);
+  Tensor V = dft.rfft(v_padded);
   Tensor Dw = in.D ? in.D->to(ct).view({H, 1}) : Tensor();
 
   // Through the postgate: g is the gradient of the pre-gate output z = conv(v) + D v.
-  Tensor g = dy.to(ct);
   Tensor dpostgate;
   if (in.postgate) {
     Tensor z = circular_conv(V, K, dft, L);
     if (in.D) z = z + v * Dw;
-    dpostgate = (g * z).to(in.postgate->scalar_type());
-    g = g * in.postgate->to(ct);
+    dpostgate = (dy.to(ct) * z).to(in.postgate->scalar_type());
   }
+  const Tensor g_padded = padded_product(dy, in.postgate, M, ct);
+  const Tensor g = g_padded.narrow(2, 0, L);
   Tensor dD = in.D ? (g * v).sum(at::IntArrayRef{0, 2}).to(in.D->scalar_type()) : Tensor();
 
   // Adjoint of the convolution: the correlation with the same filter, conj(K) in the frequency domain. conj_physical,
   // not the lazy conj view: under torch.compile's AOT tracing the view's conj bit was dropped (wrong gradients).
-  Tensor G = dft.rfft(g);
+  Tensor G = dft.rfft(g_padded);
   Tensor dv = circular_conv(G, at::conj_physical(K), dft, L);
   if (in.D) dv = dv + g * Dw;
 

@@ -211,14 +211,14 @@ class M2SequenceMixer(nn.Module):
             raise ValueError(f"seqlen must be in 1..max_seq_len={self.max_seq_len}, got {seqlen}")
         if cache is not None:
             return self._forward_cached(x, cache)
-        streams = self.in_proj(x).transpose(1, 2)                          # (B, 3d, L)
+        streams = _linear_to_channels(self.in_proj, x)                      # (B, 3d, L)
         # padding = width - 1 on both sides, keep the first L: output t sees inputs t-width+1..t only (causal).
         streams = self.short_conv(streams)[..., :seqlen]
         x1, x2, v = streams.split(self.d_model, dim=1)
         y = self._long_conv(self.filter, v, self.D, pregate=x1, postgate=x2)
         if self.residual_long_conv:
             y = y + self._long_conv(self.residual_filter, x.transpose(1, 2), self.residual_D)
-        return self.out_proj(y.transpose(1, 2))
+        return _linear_from_channels(self.out_proj, y)
 
     # ---- causal decoding ----------------------------------------------------------------------------------------
 
@@ -298,6 +298,24 @@ def _history_conv(history: torch.Tensor, taps: torch.Tensor, u: torch.Tensor, D:
     else:
         conv = monarch_conv(history[..., :end], taps[:, :end])[..., start:]
     return conv + D[:, None].to(conv.dtype) * history[..., start:end]
+
+
+def _linear_to_channels(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x).transpose(1, 2)`` for ``x (B, L, d_in)``, contiguous ``(B, d_out, L)``: computed as ``W x^T``, so
+    the depthwise conv that reads it (and needs it contiguous) gets it without a transposing copy."""
+    weight = linear.weight.expand(x.shape[0], *linear.weight.shape)
+    if linear.bias is None:
+        return torch.bmm(weight, x.transpose(1, 2))
+    return torch.baddbmm(linear.bias[:, None], weight, x.transpose(1, 2))
+
+
+def _linear_from_channels(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """``linear(y.transpose(1, 2))`` for channel-major ``y (B, d_in, L)``: one batched GEMM reading y's blocks as
+    column-major matrices, where ``nn.Linear`` would first copy a transposed batch into token-major rows."""
+    weight_t = linear.weight.t().expand(y.shape[0], *linear.weight.t().shape)
+    if linear.bias is None:
+        return torch.bmm(y.transpose(1, 2), weight_t)
+    return torch.baddbmm(linear.bias, y.transpose(1, 2), weight_t)
 
 
 def _param_dtype(u: torch.Tensor) -> torch.dtype:
