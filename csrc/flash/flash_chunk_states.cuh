@@ -9,24 +9,15 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <mma.h>
-
-#include "common/wmma_fragments.cuh"
-
 #include "common/convert.cuh"
+#include "common/wmma_tiles.cuh"
 #include "flash/flash_chunk_attention.h"
 
 namespace subq {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kThreads = 128;  // 4 warps, 2 x 2
-constexpr int kStep = 32;      // reduction elements (positions or features) staged per shared-memory round
-constexpr int kPad = 8;        // row padding of 16-bit tiles: fewer bank conflicts, rows stay 32-byte aligned
-constexpr int kOutPad = 4;     // row padding of float32 tiles
 // chunk_states: 64 x 64 blocks of a chunk's S x E state (each warp 32 x 32), the shape of the SSD chunk_state.
-constexpr int kStateTile = 64;
+constexpr int kStateTile = kTile;
 constexpr int kPrefixThreads = 256;
 
 struct Dims {
