@@ -31,7 +31,6 @@
 namespace subq {
 namespace {
 
-constexpr int kMaxQ = 256;        // the largest chunk: per-position vectors of a chunk fit in shared memory
 constexpr int kMaxP = 128;        // the largest head dim: dD's per-channel sums fit in shared memory
 constexpr int kGateRows = 256;    // (batch, position) rows per gate_skip_backward block: few dD atomics
 constexpr int kPassThreads = 256; // state elements per state_passing_backward block
