@@ -86,9 +86,10 @@ def flash_case() -> Case:
 
 GROUP_SUM_BARRIER = "    if (threadIdx.x % 32 == 0) partials[warp] = v;\n    __syncthreads();\n"
 TILE_BARRIER = "  load_weight_tile<W>(p, tile.c0, ws, bs);\n  __syncthreads();"
-SCORE_STORE = "score[i][j], kKeyTile + kOutPad,"
 # accumulate_product's A fragment load: chunk_cb's is the SSD forward's first (row-major, ldm kStep + kPad = 40).
 A_LOAD = "wmma::load_matrix_sync(fa[i], kARows ? &sA[r0 * lda + kk] : &sA[kk * lda + r0], lda);"
+# spill's store: the FLASH forward's first is chunk_states'.
+SPILL_STORE = "acc[i][j], ldm,"
 # publish_tile's barrier after the spill, after the barriers of the product: TSan must see races past a block's
 # first barrier (the SSD forward's first store epilogue is chunk_state's).
 EPILOGUE_BARRIER = "  spill<M, N>(acc, tile);\n  __syncthreads();\n"
@@ -135,10 +136,10 @@ SEEDED_BUGS = [
               check="subq-emu wmma: load_matrix_sync: ldm 41 (82 bytes) is not a multiple of 16 bytes",
               sites=(Site(TILES, A_LOAD),)),
     # Lanes 16..31 pass a row stride one 16-byte step longer: each value is allowed, their disagreement is not.
-    SeededBug("wmma_ldm_differs_between_lanes", kernel=FLASH_FWD, file=FLASH_FWD,
-              old=SCORE_STORE, new="score[i][j], kKeyTile + kOutPad + (threadIdx.x & 16) / 4,",
+    SeededBug("wmma_ldm_differs_between_lanes", kernel=FLASH_FWD, file=TILES,
+              old=SPILL_STORE, new="acc[i][j], ldm + (threadIdx.x & 16) / 4,",
               runner="asan", case=flash_case, check="subq-emu wmma: store_matrix_sync: lane 16 passes pointer",
-              sites=(Site(FLASH_FWD, SCORE_STORE),)),
+              sites=(Site(TILES, SPILL_STORE),)),
 ]
 
 
