@@ -12,9 +12,17 @@
 #include <mma.h>
 
 #include "common/convert.cuh"
-#include "common/wmma_fragments.cuh"
 
 namespace subq {
+
+using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+template <int M, int N>
+__device__ __forceinline__ void zero(FragAcc (&acc)[M][N]) {
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+}
+
 namespace {
 
 using namespace nvcuda;
