@@ -61,6 +61,7 @@ CONV_COMMON = "conv1d/causal_conv1d_common.cuh"
 RMSNORM = "norm/rmsnorm_gated.cu"
 SSD_FWD = "ssd/ssd_chunk_scan_fwd.cu"
 FLASH_FWD = "flash/flash_chunk_attention_fwd.cu"
+TILES = "common/wmma_tiles.cuh"  # the tile toolkit: seeded in it, compiled into one kernel's file
 
 
 def conv_case() -> Case:  # 2 channel tiles x 2 time tiles: 4 blocks
@@ -85,12 +86,14 @@ def flash_case() -> Case:
 
 GROUP_SUM_BARRIER = "    if (threadIdx.x % 32 == 0) partials[warp] = v;\n    __syncthreads();\n"
 TILE_BARRIER = "  load_weight_tile<W>(p, tile.c0, ws, bs);\n  __syncthreads();"
-SCORE_STORE = "score[i][j], kKeyTile + kOutPad,"
-CB_A_LOAD = ("sB[s][n]: column-major\n      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], "
-             "&sC[wr * 32 + i * 16][kk], kStep + kPad);")
-
-# chunk_state's epilogue barrier, after the barriers of its main loop: TSan must see races past a block's first barrier.
-STATE_EPILOGUE_BARRIER = "wmma::mem_row_major);\n  __syncthreads();\n  float* out = states"
+# accumulate_product's A fragment load: chunk_cb's is the SSD forward's first (row-major, ldm kStep + kPad = 40).
+A_LOAD = "wmma::load_matrix_sync(fa[i], kARows ? &sA[r0 * lda + kk] : &sA[kk * lda + r0], lda);"
+# spill's store: the FLASH forward's first is chunk_states'.
+SPILL_STORE = "acc[i][j], ldm,"
+# publish_tile's barrier after the spill, after the barriers of the product: TSan must see races past a block's
+# first barrier (the SSD forward's first store epilogue is chunk_state's).
+EPILOGUE_BARRIER = "  spill<M, N>(acc, tile);\n  __syncthreads();\n"
+EPILOGUE_READ = "store(r, c, tile_at<N>(tile, r, c));"
 
 SEEDED_BUGS = [
     SeededBug("shared_write_past_the_end", kernel=CONV_FWD, file=CONV_COMMON,
@@ -102,10 +105,10 @@ SEEDED_BUGS = [
               old=GROUP_SUM_BARRIER, new=GROUP_SUM_BARRIER.replace("    __syncthreads();", ""),
               runner="tsan", case=rmsnorm_block_case, check="WARNING: ThreadSanitizer: data race",
               sites=(Site(RMSNORM, "partials[warp] = v;"), Site(RMSNORM, "total += partials[w];"))),
-    SeededBug("missing_barrier_after_the_first", kernel=SSD_FWD, file=SSD_FWD,
-              old=STATE_EPILOGUE_BARRIER, new=STATE_EPILOGUE_BARRIER.replace("  __syncthreads();\n", "\n"),
+    SeededBug("missing_barrier_after_the_first", kernel=SSD_FWD, file=TILES,
+              old=EPILOGUE_BARRIER, new=EPILOGUE_BARRIER.replace("  __syncthreads();\n", "\n"),
               runner="tsan", case=ssd_case, check="WARNING: ThreadSanitizer: data race",
-              sites=(Site(SSD_FWD, "out[pp * d.N + nn] = sOut[r][col];"),)),
+              sites=(Site(TILES, EPILOGUE_READ),)),
     SeededBug("barrier_in_divergent_branch", kernel=CONV_FWD, file=CONV_FWD,
               old=TILE_BARRIER, new=TILE_BARRIER.replace("__syncthreads", "if (threadIdx.x < 32) __syncthreads"),
               runner="asan", case=conv_case,
@@ -127,16 +130,16 @@ SEEDED_BUGS = [
               old="if (tid == 0) p.rstd[unit] = rstd;", new="if (tid == 0) p.rstd[0] = rstd;",
               runner="tsan", case=rmsnorm_block_case, check="WARNING: ThreadSanitizer: data race",
               sites=(Site(RMSNORM, "if (tid == 0) p.rstd[unit] = rstd;"),), between_blocks=True),
-    SeededBug("wmma_ldm_not_16_bytes", kernel=SSD_FWD, file=SSD_FWD,
-              old=CB_A_LOAD, new=CB_A_LOAD.replace("kPad);", "kPad + 1);"),
+    SeededBug("wmma_ldm_not_16_bytes", kernel=SSD_FWD, file=TILES,
+              old=A_LOAD, new=A_LOAD.replace("lda);", "lda + 1);"),
               runner="asan", case=ssd_case,
               check="subq-emu wmma: load_matrix_sync: ldm 41 (82 bytes) is not a multiple of 16 bytes",
-              sites=(Site(SSD_FWD, CB_A_LOAD),)),
+              sites=(Site(TILES, A_LOAD),)),
     # Lanes 16..31 pass a row stride one 16-byte step longer: each value is allowed, their disagreement is not.
-    SeededBug("wmma_ldm_differs_between_lanes", kernel=FLASH_FWD, file=FLASH_FWD,
-              old=SCORE_STORE, new="score[i][j], kKeyTile + kOutPad + (threadIdx.x & 16) / 4,",
+    SeededBug("wmma_ldm_differs_between_lanes", kernel=FLASH_FWD, file=TILES,
+              old=SPILL_STORE, new="acc[i][j], ldm + (threadIdx.x & 16) / 4,",
               runner="asan", case=flash_case, check="subq-emu wmma: store_matrix_sync: lane 16 passes pointer",
-              sites=(Site(FLASH_FWD, SCORE_STORE),)),
+              sites=(Site(TILES, SPILL_STORE),)),
 ]
 
 

@@ -21,8 +21,6 @@
 // (and for queries past L), so the kernels that read them only bound their loops by the chunk's length.
 #include "flash/flash_chunk_attention.h"
 
-#include <type_traits>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -33,7 +31,7 @@ namespace subq {
 namespace {
 
 // Positions (queries or keys) per block tile; every chunk size is a multiple, so no tile straddles two chunks.
-constexpr int kRowTile = 64;
+constexpr int kRowTile = kTile;
 // value_gradient and output_gradient: 128 values per block (warp 32 x 64), as the forward's chunk_output.
 constexpr int kValueTile = 128;
 // feature_gradient: 64 features per block, so S <= 256 takes at most 4 tiles (warp 32 x 32).
@@ -57,99 +55,6 @@ struct Tensors {
   T *dq_quad, *dk_quad, *dq_lin, *dk_lin, *dv, *du;
   float* drel_bias;
 };
-
-// Elements of an M-row operand tile staged for one kStep round, in either layout.
-template <int M>
-constexpr int staged_elements() {
-  return M * (kStep + kPad) > kStep * (M + kPad) ? M * (kStep + kPad) : kStep * (M + kPad);
-}
-
-template <typename T, int M, int N>
-constexpr int stage_bytes() {
-  return (staged_elements<M>() + staged_elements<N>()) * static_cast<int>(sizeof(T));
-}
-
-template <int M, int N>
-constexpr int tile_bytes() {
-  return M * (N + kOutPad) * static_cast<int>(sizeof(float));
-}
-
-// The block's shared memory for an M x N product: accumulate_product's operand staging, reused once it is done for
-// `kTiles` float32 M x N output tiles (store_tile). A static array: one per kernel that calls this.
-template <typename T, int M, int N, int kTiles = 1>
-__device__ __forceinline__ unsigned char* product_smem() {
-  constexpr int kStageBytes = stage_bytes<T, M, N>();
-  constexpr int kTilesBytes = kTiles * tile_bytes<M, N>();
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kTilesBytes ? kStageBytes : kTilesBytes];
-  return smem;
-}
-
-// acc += A B for the block's M x N tile, over the reduction index k in [k_begin, k_end), kStep at a time; warp
-// (wr, wc) of the 2 x 2 holds rows wr * M/2.., columns wc * N/2... load_a(r, k) and load_b(k, c) return the
-// operands' elements, zero for a row r or column c outside the operand (k is always in range). LayoutA / LayoutB name
-// the index that is contiguous in global memory (row_major: k of A, c of B): staging walks it fastest, so the loads
-// coalesce, and the fragments read the staged tile in that layout.
-template <typename T, int M, int N, typename LayoutA, typename LayoutB, typename LoadA, typename LoadB>
-__device__ __forceinline__ void accumulate_product(FragAcc (&acc)[M / 32][N / 32], int64_t k_begin, int64_t k_end,
-                                                   LoadA load_a, LoadB load_b, T* stage) {
-  constexpr bool kARows = std::is_same_v<LayoutA, wmma::row_major>;  // A staged [r][k], else [k][r]
-  constexpr bool kBRows = std::is_same_v<LayoutB, wmma::row_major>;  // B staged [k][c], else [c][k]
-  constexpr int lda = kARows ? kStep + kPad : M + kPad;
-  constexpr int ldb = kBRows ? N + kPad : kStep + kPad;
-  T* sA = stage;
-  T* sB = stage + staged_elements<M>();
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
-  const T zero_t = from_float<T>(0.f);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kStep) {
-    __syncthreads();  // the previous readers of the staging tiles are done
-    for (int i = threadIdx.x; i < M * kStep; i += kThreads) {
-      const int r = kARows ? i / kStep : i % M, k = kARows ? i % kStep : i / M;
-      sA[kARows ? r * lda + k : k * lda + r] = k0 + k < k_end ? load_a(r, k0 + k) : zero_t;
-    }
-    for (int i = threadIdx.x; i < kStep * N; i += kThreads) {
-      const int c = kBRows ? i % N : i / kStep, k = kBRows ? i / N : i % kStep;
-      sB[kBRows ? k * ldb + c : c * ldb + k] = k0 + k < k_end ? load_b(k0 + k, c) : zero_t;
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa[M / 32];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb[N / 32];
-      for (int i = 0; i < M / 32; ++i) {
-        const int r0 = wr * (M / 2) + i * 16;
-        wmma::load_matrix_sync(fa[i], kARows ? &sA[r0 * lda + kk] : &sA[kk * lda + r0], lda);
-      }
-      for (int j = 0; j < N / 32; ++j) {
-        const int c0 = wc * (N / 2) + j * 16;
-        wmma::load_matrix_sync(fb[j], kBRows ? &sB[kk * ldb + c0] : &sB[c0 * ldb + kk], ldb);
-      }
-      for (int i = 0; i < M / 32; ++i)
-        for (int j = 0; j < N / 32; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-  }
-}
-
-// The block's M x N accumulators into a float32 row-major tile of row stride N + kOutPad.
-template <int M, int N>
-__device__ __forceinline__ void spill(FragAcc (&acc)[M / 32][N / 32], float* tile) {
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
-  for (int i = 0; i < M / 32; ++i)
-    for (int j = 0; j < N / 32; ++j)
-      wmma::store_matrix_sync(&tile[(wr * (M / 2) + i * 16) * (N + kOutPad) + wc * (N / 2) + j * 16], acc[i][j],
-                              N + kOutPad, wmma::mem_row_major);
-}
-
-// The epilogue: the accumulators through `tile` (which overlays the staging tiles), then store(r, c, value) per
-// element; store bounds-checks.
-template <int M, int N, typename Store>
-__device__ __forceinline__ void store_tile(FragAcc (&acc)[M / 32][N / 32], float* tile, Store store) {
-  __syncthreads();  // every warp is done reading the staging tiles
-  spill<M, N>(acc, tile);
-  __syncthreads();
-  for (int i = threadIdx.x; i < M * N; i += kThreads) {
-    const int r = i / N, c = i % N;
-    store(r, c, tile[r * (N + kOutPad) + c]);
-  }
-}
 
 // Where a block's chunk lies: batch row b, chunk g, its first row in (B * L), its length, and the offset of its
 // C x C square in P and ds.
@@ -230,15 +135,15 @@ __global__ void score_gradient_kernel(Tensors<T> t) {
   for (int i = threadIdx.x; i < kRowTile * kRowTile; i += kThreads) {
     const int r = i / kRowTile, c = i % kRowTile;
     const int qi = q0 + r, kj = k0 + c;  // offsets within the chunk
-    float x = t.quad_scale * sScore[r * (kRowTile + kOutPad) + c];
+    float x = t.quad_scale * tile_at<kRowTile>(sScore, r, c);
     if (t.rel_bias) x += t.rel_bias[kj - qi + d.C - 1];
     const float relu = x < 0.f ? 0.f : x;  // keeps NaN, as torch's relu does
     const bool keep = qi < len && kj < len && (!t.causal || kj <= qi);
-    const float ds = keep ? 2.f * relu * sGrad[r * (kRowTile + kOutPad) + c] : 0.f;
+    const float ds = keep ? 2.f * relu * tile_at<kRowTile>(sGrad, r, c) : 0.f;
     const int64_t offset = static_cast<int64_t>(qi) * d.C + kj;
     kernel[offset] = from_float<T>(keep ? relu * relu : 0.f);
     dscore[offset] = from_float<T>(ds);
-    sGrad[r * (kRowTile + kOutPad) + c] = ds;
+    tile_at<kRowTile>(sGrad, r, c) = ds;
   }
   if (!t.drel_bias) return;
   __syncthreads();
@@ -247,7 +152,7 @@ __global__ void score_gradient_kernel(Tensors<T> t) {
     const int delta = static_cast<int>(threadIdx.x) - (kRowTile - 1);
     const int r_begin = delta < 0 ? -delta : 0, r_end = delta < 0 ? kRowTile : kRowTile - delta;
     float sum = 0.f;
-    for (int r = r_begin; r < r_end; ++r) sum += sGrad[r * (kRowTile + kOutPad) + r + delta];
+    for (int r = r_begin; r < r_end; ++r) sum += tile_at<kRowTile>(sGrad, r, r + delta);
     atomicAdd(&t.drel_bias[k0 - q0 + delta + d.C - 1], sum);
   }
 }

@@ -15,11 +15,9 @@ namespace {
 
 // chunk_output: 64 queries x 128 values per block, keys 64 at a time. The scores are recomputed for every E tile,
 // so 128 values halve that recompute against 64 while the accumulators stay at 64 floats a thread (warp 32 x 64).
-constexpr int kQueryTile = 64;
-constexpr int kKeyTile = 64;
+constexpr int kQueryTile = kTile;
+constexpr int kKeyTile = kTile;
 constexpr int kValueTile = 128;
-static_assert(kQueryTile == kKeyTile, "chunk_output stages query and key rows in one loop");
-static_assert(kStep <= kKeyTile, "chunk_output stages the state's rows in the value tile");
 
 // ---- chunk_output: out = (relu(quad_scale Q_quad K_quadᵀ + bias)² V + Q_lin state) * u ------------------------------
 // grid (B * G, C / 64, ceil(E / 128)): chunk, query tile, value tile. The relu² kernel is zero for keys past L and,
@@ -37,24 +35,17 @@ __global__ void chunk_output_kernel(FlashChunkParams p, Dims d, const float* sta
   const T* v = static_cast<const T*>(p.v);
   const T zero_t = from_float<T>(0.f);
 
-  // The score operands (query and key rows) share bytes with the relu² tile computed from them; the value tile and
-  // the float32 scores share bytes with the float32 output tile of the epilogue. 44 KB in all.
-  constexpr int kOperandBytes = (kQueryTile + kKeyTile) * (kStep + kPad) * sizeof(T);
-  constexpr int kKernelBytes = kQueryTile * (kKeyTile + kPad) * sizeof(T);
-  constexpr int kValueBytes = kKeyTile * (kValueTile + kPad) * sizeof(T);
-  constexpr int kScoreBytes = kQueryTile * (kKeyTile + kOutPad) * sizeof(float);
-  constexpr int kOutBytes = kQueryTile * (kValueTile + kOutPad) * sizeof(float);
-  __shared__ __align__(32) unsigned char raw_a[kOperandBytes > kKernelBytes ? kOperandBytes : kKernelBytes];
-  __shared__ __align__(32) unsigned char
-      raw_b[kValueBytes + kScoreBytes > kOutBytes ? kValueBytes + kScoreBytes : kOutBytes];
-  auto sQ = reinterpret_cast<T (*)[kStep + kPad]>(raw_a);  // [query][s]: q_quad, then q_lin
-  auto sK = reinterpret_cast<T (*)[kStep + kPad]>(raw_a + kQueryTile * (kStep + kPad) * sizeof(T));  // [key][s]
-  auto sP = reinterpret_cast<T (*)[kKeyTile + kPad]>(raw_a);          // [query][key]: the relu² kernel
-  auto sV = reinterpret_cast<T (*)[kValueTile + kPad]>(raw_b);        // [key][e], then [s][e] of the state
-  auto sS = reinterpret_cast<float (*)[kKeyTile + kOutPad]>(raw_b + kValueBytes);  // [query][key] scores
-  auto sOut = reinterpret_cast<float (*)[kValueTile + kOutPad]>(raw_b);
+  // The staging of the 64 x 128 products (which the 64 x 64 score product fits in) and the float32 scores, both
+  // overlaid by the float32 output tile of the epilogue. 33 KB in all.
+  constexpr int kStageBytes = stage_bytes<T, kQueryTile, kValueTile>();
+  constexpr int kScoreBytes = tile_bytes<kQueryTile, kKeyTile>();
+  constexpr int kOutBytes = tile_bytes<kQueryTile, kValueTile>();
+  static_assert(stage_bytes<T, kQueryTile, kKeyTile>() <= kStageBytes, "the score product stages in the same bytes");
+  __shared__ __align__(32) unsigned char smem[kStageBytes + kScoreBytes > kOutBytes ? kStageBytes + kScoreBytes
+                                                                                     : kOutBytes];
+  T* stage = reinterpret_cast<T*>(smem);
+  float* sS = reinterpret_cast<float*>(smem + kStageBytes);  // [query][key] scores
 
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
   FragAcc acc[2][4];  // the 64 x 128 output tile: warp (wr, wc) holds rows wr * 32.., columns wc * 64..
   zero(acc);
 
@@ -65,97 +56,42 @@ __global__ void chunk_output_kernel(FlashChunkParams p, Dims d, const float* sta
     const int k0 = kt * kKeyTile;
     FragAcc score[2][2];  // the 64 x 64 score tile: warp (wr, wc) holds rows wr * 32.., keys wc * 32..
     zero(score);
-    for (int64_t s0 = 0; s0 < d.S; s0 += kStep) {
-      __syncthreads();  // the previous readers of sQ, sK (or of sP, sV) are done
-      for (int i = threadIdx.x; i < kQueryTile * kStep; i += kThreads) {
-        const int r = i / kStep, k = i % kStep;
-        const int64_t s = s0 + k;
-        sQ[r][k] = q0 + r < len && s < d.S ? q_quad[(first + q0 + r) * d.S + s] : zero_t;
-        sK[r][k] = k0 + r < len && s < d.S ? k_quad[(first + k0 + r) * d.S + s] : zero_t;
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kStep; kk += 16) {
-        FragA<T> fa[2];
-        FragBcol<T> fb[2];  // element (s, key) = sK[key][s]: column-major
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sQ[wr * 32 + i * 16][kk], kStep + kPad);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sK[wc * 32 + j * 16][kk], kStep + kPad);
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(score[i][j], fa[i], fb[j], score[i][j]);
-      }
-    }
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(&sS[wr * 32 + i * 16][wc * 32 + j * 16], score[i][j], kKeyTile + kOutPad,
-                                wmma::mem_row_major);
-    for (int i = threadIdx.x; i < kKeyTile * kValueTile; i += kThreads) {
-      const int r = i / kValueTile, col = i % kValueTile;
-      const int64_t e = e0 + col;
-      sV[r][col] = k0 + r < len && e < d.E ? v[(first + k0 + r) * d.E + e] : zero_t;
-    }
-    __syncthreads();  // sS and sV are whole, and every warp is done with sQ and sK, which sP overwrites
-    for (int i = threadIdx.x; i < kQueryTile * kKeyTile; i += kThreads) {
-      const int r = i / kKeyTile, c = i % kKeyTile;
-      const int qi = q0 + r, kj = k0 + c;  // offsets within the chunk
-      float x = p.quad_scale * sS[r][c];
-      if (p.rel_bias) x += p.rel_bias[kj - qi + d.C - 1];
-      x = x < 0.f ? 0.f : x;  // relu that keeps NaN, as torch's does
-      const bool keep = kj < len && (!p.causal || kj <= qi);
-      sP[r][c] = from_float<T>(keep ? x * x : 0.f);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kKeyTile; kk += 16) {
-      FragA<T> fa[2];
-      FragB<T> fb[4];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sP[wr * 32 + i * 16][kk], kKeyTile + kPad);
-      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], &sV[kk][wc * 64 + j * 16], kValueTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    accumulate_product<T, kQueryTile, kKeyTile, wmma::row_major, wmma::col_major>(
+        score, 0, d.S, [&](int r, int64_t s) { return q0 + r < len ? q_quad[(first + q0 + r) * d.S + s] : zero_t; },
+        [&](int64_t s, int c) { return k0 + c < len ? k_quad[(first + k0 + c) * d.S + s] : zero_t; }, stage);
+    // sS: the previous key tile's readers were its product's loaders, done before that product's last barrier;
+    // the next product's first barrier publishes it.
+    spill<kQueryTile, kKeyTile>(score, sS);
+    accumulate_product<T, kQueryTile, kValueTile, wmma::row_major, wmma::row_major>(
+        acc, k0, k0 + kKeyTile,
+        [&](int r, int64_t kj) {  // the relu² kernel, kj a key offset within the chunk
+          const int qi = q0 + r;
+          float x = p.quad_scale * tile_at<kKeyTile>(sS, r, static_cast<int>(kj) - k0);
+          if (p.rel_bias) x += p.rel_bias[kj - qi + d.C - 1];
+          x = x < 0.f ? 0.f : x;  // relu that keeps NaN, as torch's does
+          const bool keep = kj < len && (!p.causal || kj <= qi);
+          return keep ? x * x : 0.f;
+        },
+        [&](int64_t kj, int c) { return kj < len && e0 + c < d.E ? v[(first + kj) * d.E + e0 + c] : zero_t; },
+        stage);
   }
 
   // Global part: Q_lin times the state this chunk reads (already times lin_scale), rounded to 16 bits per tile.
   const float* state = states + (b * d.G + (p.causal ? g : 0)) * d.S * d.E;
-  for (int64_t s0 = 0; s0 < d.S; s0 += kStep) {
-    __syncthreads();  // the previous readers of sQ / sP and sV are done
-    for (int i = threadIdx.x; i < kQueryTile * kStep; i += kThreads) {
-      const int r = i / kStep, k = i % kStep;
-      const int64_t s = s0 + k;
-      sQ[r][k] = q0 + r < len && s < d.S ? q_lin[(first + q0 + r) * d.S + s] : zero_t;
-    }
-    for (int i = threadIdx.x; i < kStep * kValueTile; i += kThreads) {
-      const int r = i / kValueTile, col = i % kValueTile;
-      const int64_t s = s0 + r, e = e0 + col;
-      sV[r][col] = from_float<T>(s < d.S && e < d.E ? state[s * d.E + e] : 0.f);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragA<T> fa[2];
-      FragB<T> fb[4];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sQ[wr * 32 + i * 16][kk], kStep + kPad);
-      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], &sV[kk][wc * 64 + j * 16], kValueTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-  }
+  accumulate_product<T, kQueryTile, kValueTile, wmma::row_major, wmma::row_major>(
+      acc, 0, d.S, [&](int r, int64_t s) { return q0 + r < len ? q_lin[(first + q0 + r) * d.S + s] : zero_t; },
+      [&](int64_t s, int c) { return e0 + c < d.E ? state[s * d.E + e0 + c] : 0.f; }, stage);
 
-  // Epilogue through shared memory: gate, bounds, 16-bit store.
-  __syncthreads();  // sOut overwrites sV and sS
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j)
-      wmma::store_matrix_sync(&sOut[wr * 32 + i * 16][wc * 64 + j * 16], acc[i][j], kValueTile + kOutPad,
-                              wmma::mem_row_major);
-  __syncthreads();
+  // Epilogue: gate, bounds, 16-bit store.
   const T* u = static_cast<const T*>(p.u);
   T* out = static_cast<T*>(p.out);
-  for (int i = threadIdx.x; i < kQueryTile * kValueTile; i += kThreads) {
-    const int r = i / kValueTile, col = i % kValueTile;
-    const int64_t e = e0 + col;
-    if (q0 + r >= len || e >= d.E) continue;
+  store_tile<kQueryTile, kValueTile>(acc, reinterpret_cast<float*>(smem), [&](int r, int c, float o) {
+    const int64_t e = e0 + c;
+    if (q0 + r >= len || e >= d.E) return;
     const int64_t offset = (first + q0 + r) * d.E + e;
-    float o = sOut[r][col];
     if (u) o *= to_float(u[offset]);
     out[offset] = from_float<T>(o);
-  }
+  });
 }
 
 template <typename T>

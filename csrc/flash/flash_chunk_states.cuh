@@ -9,24 +9,13 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <mma.h>
-
-#include "common/wmma_fragments.cuh"
-
 #include "common/convert.cuh"
+#include "common/wmma_tiles.cuh"
 #include "flash/flash_chunk_attention.h"
 
 namespace subq {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kThreads = 128;  // 4 warps, 2 x 2
-constexpr int kStep = 32;      // reduction elements (positions or features) staged per shared-memory round
-constexpr int kPad = 8;        // row padding of 16-bit tiles: fewer bank conflicts, rows stay 32-byte aligned
-constexpr int kOutPad = 4;     // row padding of float32 tiles
-// chunk_states: 64 x 64 blocks of a chunk's S x E state (each warp 32 x 32), the shape of the SSD chunk_state.
-constexpr int kStateTile = 64;
 constexpr int kPrefixThreads = 256;
 
 struct Dims {
@@ -62,45 +51,20 @@ __device__ __forceinline__ int64_t chunk_length(const Dims& d, int64_t g) {
 template <typename T>
 __global__ void chunk_states_kernel(const T* __restrict__ k_lin, const T* __restrict__ v, Dims d, float* states) {
   const int64_t b = blockIdx.x / d.G, g = blockIdx.x % d.G;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kStateTile, e0 = static_cast<int64_t>(blockIdx.z) * kStateTile;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kTile, e0 = static_cast<int64_t>(blockIdx.z) * kTile;
   const int64_t first = b * d.L + g * d.C, len = chunk_length(d, g);  // the chunk's first row in (B * L)
-  __shared__ __align__(32) T sK[kStep][kStateTile + kPad];  // [t][s]
-  __shared__ __align__(32) T sV[kStep][kStateTile + kPad];  // [t][e]
-  __shared__ __align__(32) float sOut[kStateTile][kStateTile + kOutPad];
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
+  unsigned char* smem = product_smem<T, kTile, kTile>();
+  const T zero_t = from_float<T>(0.f);
   FragAcc acc[2][2];
   zero(acc);
-  const T zero_t = from_float<T>(0.f);
-  for (int64_t t0 = 0; t0 < len; t0 += kStep) {
-    for (int i = threadIdx.x; i < kStep * kStateTile; i += kThreads) {
-      const int t = i / kStateTile, col = i % kStateTile;
-      const bool exists = t0 + t < len;
-      const int64_t row = first + t0 + t, s = s0 + col, e = e0 + col;
-      sK[t][col] = exists && s < d.S ? k_lin[row * d.S + s] : zero_t;
-      sV[t][col] = exists && e < d.E ? v[row * d.E + e] : zero_t;
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragAcol<T> fa[2];  // element (s, t) = sK[t][s]: column-major
-      FragB<T> fb[2];     // element (t, e) = sV[t][e]: row-major
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sK[kk][wr * 32 + i * 16], kStateTile + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sV[kk][wc * 32 + j * 16], kStateTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sOut[wr * 32 + i * 16][wc * 32 + j * 16], acc[i][j], kStateTile + kOutPad,
-                              wmma::mem_row_major);
-  __syncthreads();
+  accumulate_product<T, kTile, kTile, wmma::col_major, wmma::row_major>(  // element (s, t) = K_lin[t][s]
+      acc, 0, len, [&](int r, int64_t t) { return s0 + r < d.S ? k_lin[(first + t) * d.S + s0 + r] : zero_t; },
+      [&](int64_t t, int c) { return e0 + c < d.E ? v[(first + t) * d.E + e0 + c] : zero_t; },
+      reinterpret_cast<T*>(smem));
   float* out = states + (b * d.G + g) * d.S * d.E;
-  for (int i = threadIdx.x; i < kStateTile * kStateTile; i += kThreads) {
-    const int r = i / kStateTile, col = i % kStateTile;
-    const int64_t s = s0 + r, e = e0 + col;
-    if (s < d.S && e < d.E) out[s * d.E + e] = sOut[r][col];
-  }
+  store_tile<kTile, kTile>(acc, reinterpret_cast<float*>(smem), [&](int r, int c, float x) {
+    if (s0 + r < d.S && e0 + c < d.E) out[(s0 + r) * d.E + e0 + c] = x;
+  });
 }
 
 // ---- state_prefix: the state each chunk reads, in place, times lin_scale ---------------------------------------
@@ -127,8 +91,8 @@ __global__ void state_prefix_kernel(Dims d, bool causal, bool reverse, float lin
 template <typename T>
 void launch_chunk_states(const T* keys, const T* values, const Dims& d, bool causal, bool reverse, float lin_scale,
                          float* states, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(d.B * d.G), static_cast<unsigned>((d.S + kStateTile - 1) / kStateTile),
-                  static_cast<unsigned>((d.E + kStateTile - 1) / kStateTile));
+  const dim3 grid(static_cast<unsigned>(d.B * d.G), static_cast<unsigned>((d.S + kTile - 1) / kTile),
+                  static_cast<unsigned>((d.E + kTile - 1) / kTile));
   chunk_states_kernel<T><<<grid, kThreads, 0, stream>>>(keys, values, d, states);
   const unsigned se_blocks = static_cast<unsigned>((d.S * d.E + kPrefixThreads - 1) / kPrefixThreads);
   state_prefix_kernel<<<dim3(se_blocks, static_cast<unsigned>(d.B)), kPrefixThreads, 0, stream>>>(

@@ -26,62 +26,16 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 namespace subq {
 namespace {
 
-constexpr int kMaxQ = 256;        // the largest chunk: per-position vectors of a chunk fit in shared memory
 constexpr int kMaxP = 128;        // the largest head dim: dD's per-channel sums fit in shared memory
 constexpr int kGateRows = 256;    // (batch, position) rows per gate_skip_backward block: few dD atomics
 constexpr int kPassThreads = 256; // state elements per state_passing_backward block
 
-// ---- tile machinery ----------------------------------------------------------------------------------------------
-
-template <typename T>
-struct OperandTiles {
-  T a[kTile][kStep + kPad];  // [m][k]
-  T b[kStep][kTile + kPad];  // [k][n]
-};
-
+// A float32 64 x 64 tile in shared memory that a kernel keeps beside its products' tiles.
 using OutTile = float[kTile][kTile + kOutPad];
-
-// acc[m, n] += sum_{k0 <= k < k1} a(m, k) b(k, n) over one 64 x 64 tile: the operands come from functors returning
-// float32 values (zero outside the data, scaled as the caller needs) and are rounded to T in shared memory.
-// kAlongK* says which index consecutive threads walk, so each operand's global reads follow its contiguous
-// dimension.
-template <bool kAlongKA, bool kAlongKB, typename T, typename LoadA, typename LoadB>
-__device__ __forceinline__ void mma_tile(FragAcc (&acc)[2][2], OperandTiles<T>& sm, int64_t k0, int64_t k1,
-                                         const LoadA& load_a, const LoadB& load_b) {
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
-  for (int64_t kb = k0; kb < k1; kb += kStep) {
-    for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
-      const int am = kAlongKA ? i / kStep : i % kTile, ak = kAlongKA ? i % kStep : i / kTile;
-      sm.a[am][ak] = from_float<T>(kb + ak < k1 ? load_a(am, kb + ak) : 0.f);
-      const int bn = kAlongKB ? i / kStep : i % kTile, bk = kAlongKB ? i % kStep : i / kTile;
-      sm.b[bk][bn] = from_float<T>(kb + bk < k1 ? load_b(kb + bk, bn) : 0.f);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragA<T> fa[2];
-      FragB<T> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sm.a[wr * 32 + i * 16][kk], kStep + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sm.b[kk][wc * 32 + j * 16], kTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-}
-
-__device__ __forceinline__ void store_tile(const FragAcc (&acc)[2][2], OutTile& out) {
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&out[wr * 32 + i * 16][wc * 32 + j * 16], acc[i][j], kTile + kOutPad,
-                              wmma::mem_row_major);
-  __syncthreads();
-}
 
 // The block's total of v, the same on every thread, summed in a fixed order (deterministic). scratch: 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
@@ -228,18 +182,18 @@ __global__ void entering_state_grad_kernel(SsdBackwardParams p, Dims d, const T*
   const int64_t pi = blockIdx.z % p_tiles, ni = blockIdx.z / p_tiles;
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y, grp = h / d.heads_per_group;
   const T* C = static_cast<const T*>(p.C);
-  __shared__ __align__(32) OperandTiles<T> sm;
-  __shared__ __align__(32) OutTile out_tile;
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 tile
+  T* stage = reinterpret_cast<T*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
   __shared__ float from_start[kMaxQ];
   const int64_t row = (b * d.H + h) * d.Lp + c * d.Q;
   const int32_t seq_in = entering_seq(p.seq_idx, d, b, c);
   for (int t = threadIdx.x; t < d.Q; t += kThreads)
     from_start[t] = seq_at(p.seq_idx, d, b, c * d.Q + t) == seq_in ? expf(cum[row + t]) : 0.f;
-  __syncthreads();
   FragAcc acc[2][2];
   zero(acc);
-  mma_tile<false, false>(
-      acc, sm, 0, d.Q,
+  accumulate_product<T, kTile, kTile, wmma::col_major, wmma::row_major>(
+      acc, 0, d.Q,
       [&](int r, int64_t t) {
         const int64_t pp = pi * kTile + r, pos = c * d.Q + t;
         return pos < d.L && pp < d.P ? to_float(g[((b * d.L + pos) * d.H + h) * d.P + pp]) * from_start[t] : 0.f;
@@ -247,14 +201,13 @@ __global__ void entering_state_grad_kernel(SsdBackwardParams p, Dims d, const T*
       [&](int64_t t, int col) {
         const int64_t nn = ni * kTile + col, pos = c * d.Q + t;
         return to_float(bc_element(C, d, b, pos, grp, nn));
-      });
-  store_tile(acc, out_tile);
+      },
+      stage);
   float* out = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
+  store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
     const int64_t pp = pi * kTile + r, nn = ni * kTile + col;
-    if (pp < d.P && nn < d.N) out[pp * d.N + nn] = out_tile[r][col];
-  }
+    if (pp < d.P && nn < d.N) out[pp * d.N + nn] = v;
+  });
 }
 
 // ---- 3. state_passing_backward: dS_c = d(state leaving chunk c), in reverse -----------------------------------------
@@ -293,8 +246,9 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
   if (si > ti) return;  // above the diagonal: never read
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, grp = blockIdx.y;
   const T* x = static_cast<const T*>(p.x);
-  __shared__ __align__(32) OperandTiles<T> sm;
-  __shared__ __align__(32) OutTile out_tile;
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 tile
+  T* stage = reinterpret_cast<T*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
   __shared__ OutTile sum;
   __shared__ float cum_t[kTile], cum_s[kTile], dt_s[kTile];
   __shared__ int32_t seq_t[kTile], seq_s[kTile];
@@ -312,8 +266,9 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
     }
     FragAcc acc[2][2];
     zero(acc);
-    mma_tile<true, true>(  // its barriers publish the vectors above before the masking below reads them
-        acc, sm, 0, d.P,
+    // The products' barriers publish the vectors above before the masking below reads them.
+    accumulate_product<T, kTile, kTile, wmma::row_major, wmma::col_major>(
+        acc, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + ti * kTile + r;
           return pos < d.L ? to_float(g[((b * d.L + pos) * d.H + h) * d.P + pp]) : 0.f;
@@ -321,15 +276,14 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
         [&](int64_t pp, int col) {
           const int64_t pos = c * d.Q + si * kTile + col;
           return pos < d.L ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) : 0.f;
-        });
-    store_tile(acc, out_tile);
-    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-      const int r = i / kTile, col = i % kTile;
+        },
+        stage);
+    store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
       // Masked before the exp: cum_t - cum_s <= 0 wherever it is taken (A < 0).
       if (si * kTile + col <= ti * kTile + r && seq_s[col] == seq_t[r])
-        sum[r][col] += out_tile[r][col] * expf(cum_t[r] - cum_s[col]) * dt_s[col];
-    }
-    __syncthreads();  // the next head rewrites the vectors and the tile
+        sum[r][col] += v * expf(cum_t[r] - cum_s[col]) * dt_s[col];
+    });
+    __syncthreads();  // the next head rewrites the vectors
   }
   float* out = dcb + (((b * d.nc + c) * d.G + grp) * d.Q + ti * kTile) * d.Q + si * kTile;
   for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
@@ -341,14 +295,16 @@ __global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const 
 // Per row r of a 64-row tile: sum over the tile's columns (p < P) of x[row r, p] tile[r][p]. Two adjacent lanes per
 // row, 32 columns each; written to part[row_base + r] (rows past L hold zeros, which the readers expect).
 template <typename T>
-__device__ __forceinline__ void row_dot_x(const OutTile& tile, const T* x, const Dims& d, int64_t b, int64_t h,
+__device__ __forceinline__ void row_dot_x(float* tile, const T* x, const Dims& d, int64_t b, int64_t h,
                                           int64_t pos0, int64_t pi, float* part) {
   const int r = threadIdx.x / 2, half = threadIdx.x % 2;
   const int64_t pos = pos0 + r;
   float sum = 0.f;
   for (int col = half * 32; col < half * 32 + 32; ++col) {
     const int64_t pp = pi * kTile + col;
-    if (pos < d.L && pp < d.P) sum += to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * tile[r][col];
+    if (pos < d.L && pp < d.P) {
+      sum += to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * tile_at<kTile>(tile, r, col);
+    }
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   if (half == 0) part[r] = sum;
@@ -367,8 +323,9 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y, grp = h / d.heads_per_group;
   const T* x = static_cast<const T*>(p.x);
   const T* B = static_cast<const T*>(p.B);
-  __shared__ __align__(32) OperandTiles<T> sm;
-  __shared__ __align__(32) OutTile out_tile;
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 tile
+  T* stage = reinterpret_cast<T*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
   __shared__ float cum_s[kTile], dt_s[kTile], to_end[kTile], cum_t[kTile];
   __shared__ int32_t seq_s[kTile], seq_t[kTile];
   const int64_t row = (b * d.H + h) * d.Lp + c * d.Q, s0 = si * kTile;
@@ -380,12 +337,11 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
     seq_s[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + s);
     to_end[threadIdx.x] = seq_s[threadIdx.x] == seq_last ? expf(cum[row + d.Q - 1] - cum[row + s]) : 0.f;
   }
-  __syncthreads();  // to the operand loaders
   FragAcc acc[2][2];
   zero(acc);
   const float* dS = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-  mma_tile<true, true>(  // to_end_s B[s, n] . dS[p, n]
-      acc, sm, 0, d.N,
+  accumulate_product<T, kTile, kTile, wmma::row_major, wmma::col_major>(  // to_end_s B[s, n] . dS[p, n]
+      acc, 0, d.N,
       [&](int r, int64_t n) {
         const int64_t pos = c * d.Q + s0 + r;
         return pos < d.L ? to_float(B[((b * d.L + pos) * d.G + grp) * d.N + n]) * to_end[r] : 0.f;
@@ -393,10 +349,11 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       [&](int64_t n, int col) {
         const int64_t pp = pi * kTile + col;
         return pp < d.P ? dS[pp * d.N + n] : 0.f;
-      });
-  store_tile(acc, out_tile);
+      },
+      stage);
+  publish_tile<kTile, kTile>(acc, tile);
   const int64_t part = pi * d.b * d.H * d.Lp + row + s0;
-  row_dot_x(out_tile, x, d, b, h, c * d.Q + s0, pi, r_state + part);
+  row_dot_x(tile, x, d, b, h, c * d.Q + s0, pi, r_state + part);
 
   const float* cb_chunk = cb + ((b * d.nc + c) * d.G + grp) * d.Q * d.Q;
   for (int tj = si; tj < tiles; ++tj) {  // t >= s only
@@ -404,9 +361,9 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       cum_t[threadIdx.x] = cum[row + tj * kTile + threadIdx.x];
       seq_t[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + tj * kTile + threadIdx.x);
     }
-    __syncthreads();  // to the loaders (mma_tile's last barrier freed the previous tile's vectors)
-    mma_tile<false, false>(  // scores[t, s] g[t, p]
-        acc, sm, tj * kTile, tj * kTile + kTile,
+    // Published to the loaders by the product's first barrier; the previous product's loaders are done with them.
+    accumulate_product<T, kTile, kTile, wmma::col_major, wmma::row_major>(  // scores[t, s] g[t, p]
+        acc, tj * kTile, tj * kTile + kTile,
         [&](int r, int64_t t) {
           const int tl = static_cast<int>(t - tj * kTile);
           // Masked before the exp: cum_t - cum_s <= 0 wherever it is taken.
@@ -416,20 +373,18 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
         [&](int64_t t, int col) {
           const int64_t pos = c * d.Q + t, pp = pi * kTile + col;
           return pos < d.L && pp < d.P ? to_float(g[((b * d.L + pos) * d.H + h) * d.P + pp]) : 0.f;
-        });
+        },
+        stage);
   }
-  store_tile(acc, out_tile);
-
   T* dx = static_cast<T*>(p.dx);
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
+  store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float out) {
     const int64_t pos = c * d.Q + s0 + r, pp = pi * kTile + col;
-    if (pos >= d.L || pp >= d.P) continue;
+    if (pos >= d.L || pp >= d.P) return;
     const int64_t offset = ((b * d.L + pos) * d.H + h) * d.P + pp;
-    float v = dt_s[r] * out_tile[r][col];
+    float v = dt_s[r] * out;
     if (p.D) v += (p.D_per_channel ? p.D[h * d.P + pp] : p.D[h]) * to_float(g[offset]);
     dx[offset] = from_float<T>(v);
-  }
+  });
 }
 
 // ---- 6. chunk_dc: dC_t = sum_{h in group} from_start_t g_t . E_c[:, n] + sum_{s <= t} dCB[t, s] B_s ----------------
@@ -442,8 +397,9 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
   const int64_t ni = blockIdx.z / tiles;
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, grp = blockIdx.y;
   const T* B = static_cast<const T*>(p.B);
-  __shared__ __align__(32) OperandTiles<T> sm;
-  __shared__ __align__(32) OutTile out_tile;
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 tile
+  T* stage = reinterpret_cast<T*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
   __shared__ float from_start[kTile];
   const int64_t t0 = ti * kTile;
   const int32_t seq_in = entering_seq(p.seq_idx, d, b, c);
@@ -455,10 +411,10 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
       const bool same = seq_at(p.seq_idx, d, b, c * d.Q + t0 + threadIdx.x) == seq_in;
       from_start[threadIdx.x] = same ? expf(cum[row + t0 + threadIdx.x]) : 0.f;
     }
-    __syncthreads();  // to the loaders (mma_tile's last barrier frees it for the next head)
+    // Published to the loaders by the product's first barrier; the previous head's loaders are done with it.
     const float* E = entering + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-    mma_tile<true, false>(
-        acc, sm, 0, d.P,
+    accumulate_product<T, kTile, kTile, wmma::row_major, wmma::row_major>(
+        acc, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + t0 + r;
           return pos < d.L ? to_float(g[((b * d.L + pos) * d.H + h) * d.P + pp]) * from_start[r] : 0.f;
@@ -466,23 +422,23 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
         [&](int64_t pp, int col) {
           const int64_t nn = ni * kTile + col;
           return nn < d.N ? E[pp * d.N + nn] : 0.f;
-        });
+        },
+        stage);
   }
   const float* dcb_rows = dcb + (((b * d.nc + c) * d.G + grp) * d.Q + t0) * d.Q;
-  mma_tile<true, false>(
-      acc, sm, 0, t0 + kTile,  // s <= t: the tiles up to the diagonal (its upper half is zero)
+  accumulate_product<T, kTile, kTile, wmma::row_major, wmma::row_major>(
+      acc, 0, t0 + kTile,  // s <= t: the tiles up to the diagonal (its upper half is zero)
       [&](int r, int64_t s) { return dcb_rows[r * d.Q + s]; },
       [&](int64_t s, int col) {
         const int64_t pos = c * d.Q + s, nn = ni * kTile + col;
         return to_float(bc_element(B, d, b, pos, grp, nn));
-      });
-  store_tile(acc, out_tile);
+      },
+      stage);
   T* dC = static_cast<T*>(p.dC);
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
+  store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
     const int64_t pos = c * d.Q + t0 + r, nn = ni * kTile + col;
-    if (pos < d.L && nn < d.N) dC[bc_offset(d, b, pos, grp, nn)] = from_float<T>(out_tile[r][col]);
-  }
+    if (pos < d.L && nn < d.N) dC[bc_offset(d, b, pos, grp, nn)] = from_float<T>(v);
+  });
 }
 
 // ---- 7. chunk_db: dB_s = sum_{h in group} to_end_s dt_s x_s . dS_c[:, n] + sum_{t >= s} dCB[t, s] C_t --------------
@@ -496,8 +452,9 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, grp = blockIdx.y;
   const T* x = static_cast<const T*>(p.x);
   const T* C = static_cast<const T*>(p.C);
-  __shared__ __align__(32) OperandTiles<T> sm;
-  __shared__ __align__(32) OutTile out_tile;
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 tile
+  T* stage = reinterpret_cast<T*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
   __shared__ float weight[kTile];
   const int64_t s0 = si * kTile;
   const int32_t seq_last = seq_at(p.seq_idx, d, b, c * d.Q + d.Q - 1);
@@ -510,10 +467,10 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
       const bool same = seq_at(p.seq_idx, d, b, c * d.Q + s) == seq_last;
       weight[threadIdx.x] = same ? expf(cum[row + d.Q - 1] - cum[row + s]) * dtp[row + s] : 0.f;
     }
-    __syncthreads();  // to the loaders (mma_tile's last barrier frees it for the next head)
+    // Published to the loaders by the product's first barrier; the previous head's loaders are done with it.
     const float* dS = dstates + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-    mma_tile<true, false>(
-        acc, sm, 0, d.P,
+    accumulate_product<T, kTile, kTile, wmma::row_major, wmma::row_major>(
+        acc, 0, d.P,
         [&](int r, int64_t pp) {
           const int64_t pos = c * d.Q + s0 + r;
           return pos < d.L ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * weight[r] : 0.f;
@@ -521,23 +478,23 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
         [&](int64_t pp, int col) {
           const int64_t nn = ni * kTile + col;
           return nn < d.N ? dS[pp * d.N + nn] : 0.f;
-        });
+        },
+        stage);
   }
   const float* dcb_chunk = dcb + ((b * d.nc + c) * d.G + grp) * d.Q * d.Q;
-  mma_tile<false, false>(
-      acc, sm, s0, d.Q,  // t >= s: the tiles from the diagonal down (the diagonal's upper half is zero)
+  accumulate_product<T, kTile, kTile, wmma::col_major, wmma::row_major>(
+      acc, s0, d.Q,  // t >= s: the tiles from the diagonal down (the diagonal's upper half is zero)
       [&](int r, int64_t t) { return dcb_chunk[t * d.Q + s0 + r]; },
       [&](int64_t t, int col) {
         const int64_t pos = c * d.Q + t, nn = ni * kTile + col;
         return to_float(bc_element(C, d, b, pos, grp, nn));
-      });
-  store_tile(acc, out_tile);
+      },
+      stage);
   T* dB = static_cast<T*>(p.dB);
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
+  store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
     const int64_t pos = c * d.Q + s0 + r, nn = ni * kTile + col;
-    if (pos < d.L && nn < d.N) dB[bc_offset(d, b, pos, grp, nn)] = from_float<T>(out_tile[r][col]);
-  }
+    if (pos < d.L && nn < d.N) dB[bc_offset(d, b, pos, grp, nn)] = from_float<T>(v);
+  });
 }
 
 // ---- 8. chunk_dt_backward: dcum, da = reverse cumsum, ddt through clamp/softplus/bias, dA, ddt_bias --------------

@@ -1,7 +1,6 @@
 // SSD chunk scan forward: five kernels (see ssd_chunk_scan.h), tensor-core tiles through WMMA on 16-bit inputs
-// with float32 accumulation. Tiles are 64 x 64 outputs per 4-warp block (each warp 32 x 32, 2 x 2 fragments),
-// K staged through shared memory 32 (or 64) at a time; every global load is bounds-checked and zero-filled, so
-// the last chunk, P and N need not be tile multiples.
+// with float32 accumulation (common/wmma_tiles.cuh: 64 x 64 outputs per 4-warp block, K staged 32 at a time);
+// every global load is bounds-checked and zero-filled, so the last chunk, P and N need not be tile multiples.
 #include "ssd/ssd_chunk_scan.h"
 #include "common/cuda_status.h"
 #include "ssd/ssd_chunk_scan_tiles.cuh"
@@ -10,7 +9,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 namespace subq {
 namespace {
@@ -54,35 +52,15 @@ __global__ void chunk_cb_kernel(const T* __restrict__ B, const T* __restrict__ C
   const int ti = blockIdx.z / tiles, si = blockIdx.z % tiles;
   if (si > ti) return;  // above the diagonal: never read
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, g = blockIdx.y;
-  __shared__ __align__(32) T sC[kTile][kStep + kPad];  // [t][n]
-  __shared__ __align__(32) T sB[kTile][kStep + kPad];  // [s][n]
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
+  const int64_t t0 = c * d.Q + ti * kTile, s0 = c * d.Q + si * kTile;
   FragAcc acc[2][2];
   zero(acc);
-  for (int64_t n0 = 0; n0 < d.N; n0 += kStep) {
-    for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
-      const int r = i / kStep, k = i % kStep;
-      const int64_t n = n0 + k;
-      const int64_t tpos = c * d.Q + ti * kTile + r, spos = c * d.Q + si * kTile + r;
-      sC[r][k] = bc_element(C, d, b, tpos, g, n);
-      sB[r][k] = bc_element(B, d, b, spos, g, n);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragA<T> fa[2];
-      FragBcol<T> fb[2];  // element (n, s) = sB[s][n]: column-major
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sC[wr * 32 + i * 16][kk], kStep + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sB[wc * 32 + j * 16][kk], kStep + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  float* out = cb + (((b * d.nc + c) * d.G + g) * d.Q + ti * kTile) * d.Q + si * kTile;
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(out + (wr * 32 + i * 16) * d.Q + wc * 32 + j * 16, acc[i][j],
-                              static_cast<unsigned>(d.Q), wmma::mem_row_major);
+  accumulate_product<T, kTile, kTile, wmma::row_major, wmma::col_major>(  // element (n, s) = B[s][n]
+      acc, 0, d.N, [&](int r, int64_t n) { return bc_element(C, d, b, t0 + r, g, n); },
+      [&](int64_t n, int col) { return bc_element(B, d, b, s0 + col, g, n); },
+      reinterpret_cast<T*>(product_smem<T, kTile, kTile>()));
+  spill<kTile, kTile>(acc, cb + (((b * d.nc + c) * d.G + g) * d.Q + ti * kTile) * d.Q + si * kTile,
+                      static_cast<unsigned>(d.Q));
 }
 
 // ---- 3. chunk_state: state[p, n] = sum_s x[s, p] w_s B[s, n], w_s = exp(cum_last - cum_s) dt_s ------------------
@@ -94,55 +72,31 @@ __global__ void chunk_state_kernel(SsdForwardParams p, Dims d, const float* dtp,
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y, g = h / d.heads_per_group;
   const T* x = static_cast<const T*>(p.x);
   const T* B = static_cast<const T*>(p.B);
-  __shared__ __align__(32) T sX[kStep][kTile + kPad];  // [s][p], scaled by w_s
-  __shared__ __align__(32) T sB[kStep][kTile + kPad];  // [s][n]
-  __shared__ __align__(32) float sOut[kTile][kTile + kOutPad];
-  __shared__ float sW[kStep];
+  unsigned char* smem = product_smem<T, kTile, kTile>();
+  __shared__ float weight[kMaxQ];
   const int64_t row = (b * d.H + h) * d.Lp + c * d.Q;
   const float cum_last = cum[row + d.Q - 1];
   const int32_t seq_last = seq_at(p.seq_idx, d, b, c * d.Q + d.Q - 1);
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
+  for (int s = threadIdx.x; s < d.Q; s += kThreads) {
+    const int64_t pos = c * d.Q + s;
+    const bool in_last = pos < d.L && seq_at(p.seq_idx, d, b, pos) == seq_last;
+    weight[s] = in_last ? expf(cum_last - cum[row + s]) * dtp[row + s] : 0.f;
+  }
   FragAcc acc[2][2];
   zero(acc);
-  for (int s0 = 0; s0 < d.Q; s0 += kStep) {
-    if (threadIdx.x < kStep) {
-      const int s = s0 + threadIdx.x;
-      const int64_t pos = c * d.Q + s;
-      float w = 0.f;
-      if (pos < d.L && seq_at(p.seq_idx, d, b, pos) == seq_last) w = expf(cum_last - cum[row + s]) * dtp[row + s];
-      sW[threadIdx.x] = w;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kStep * kTile; i += kThreads) {
-      const int s = i / kTile, col = i % kTile;
-      const int64_t pos = c * d.Q + s0 + s;
-      const int64_t pp = pi * kTile + col, nn = ni * kTile + col;
-      const float xv = pos < d.L && pp < d.P ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * sW[s] : 0.f;
-      sX[s][col] = from_float<T>(xv);
-      sB[s][col] = bc_element(B, d, b, pos, g, nn);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragAcol<T> fa[2];  // element (p, s) = sX[s][p]: column-major
-      FragB<T> fb[2];     // element (s, n) = sB[s][n]: row-major
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sX[kk][wr * 32 + i * 16], kTile + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sB[kk][wc * 32 + j * 16], kTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sOut[wr * 32 + i * 16][wc * 32 + j * 16], acc[i][j], kTile + kOutPad,
-                              wmma::mem_row_major);
-  __syncthreads();
+  accumulate_product<T, kTile, kTile, wmma::col_major, wmma::row_major>(  // element (p, s) = x[s][p] w_s
+      acc, 0, d.Q,
+      [&](int r, int64_t s) {
+        const int64_t pos = c * d.Q + s, pp = pi * kTile + r;
+        return pos < d.L && pp < d.P ? to_float(x[((b * d.L + pos) * d.H + h) * d.P + pp]) * weight[s] : 0.f;
+      },
+      [&](int64_t s, int col) { return bc_element(B, d, b, c * d.Q + s, g, ni * kTile + col); },
+      reinterpret_cast<T*>(smem));
   float* out = states + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
+  store_tile<kTile, kTile>(acc, reinterpret_cast<float*>(smem), [&](int r, int col, float v) {
     const int64_t pp = pi * kTile + r, nn = ni * kTile + col;
-    if (pp < d.P && nn < d.N) out[pp * d.N + nn] = sOut[r][col];
-  }
+    if (pp < d.P && nn < d.N) out[pp * d.N + nn] = v;
+  });
 }
 
 // ---- 4. state_passing: h_c = carry_c h_{c-1} + state_c, leaving the state entering each chunk in its slot -------
@@ -176,99 +130,63 @@ __global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, 
   const T* x = static_cast<const T*>(p.x);
   const T* C = static_cast<const T*>(p.C);
   const T zero_t = from_float<T>(0.f);
+  unsigned char* smem = product_smem<T, kTile, kTile>();  // the operands' staging, then the float32 output tile
+  T* stage = reinterpret_cast<T*>(smem);
+  __shared__ float cum_t[kTile], scale_t[kTile], cum_s[kMaxQ], dt_s[kMaxQ];
+  __shared__ int32_t seq_t[kTile], seq_s[kMaxQ];
 
-  __shared__ __align__(32) T sC[kTile][kStep + kPad];  // [t][n], times exp(cum_t) where t continues the sequence
-  __shared__ __align__(32) T sE[kTile][kStep + kPad];  // [p][n]: the state entering the chunk
-  // The two 64 x 64 operand tiles of the intra-chunk product, later reused for the float32 output tile.
-  constexpr int kOperandBytes = 2 * kTile * (kTile + kPad) * sizeof(T);
-  constexpr int kOutBytes = kTile * (kTile + kOutPad) * sizeof(float);
-  __shared__ __align__(32) unsigned char raw[kOperandBytes > kOutBytes ? kOperandBytes : kOutBytes];
-  auto sS = reinterpret_cast<T (*)[kTile + kPad]>(raw);                                  // [t][s] scores
-  auto sX = reinterpret_cast<T (*)[kTile + kPad]>(raw + kTile * (kTile + kPad) * sizeof(T));  // [s][p]
-  auto sOut = reinterpret_cast<float (*)[kTile + kOutPad]>(raw);
-  __shared__ float cum_t[kTile], scale_t[kTile], cum_s[kTile], dt_s[kTile];
-  __shared__ int32_t seq_t[kTile], seq_s[kTile];
-
-  const int64_t row = (b * d.H + h) * d.Lp + c * d.Q;
+  // The vectors the loaders read, published by the first product's first barrier.
+  const int64_t row = (b * d.H + h) * d.Lp + c * d.Q, t0 = ti * kTile;
   const int32_t entering_seq = seq_at(p.seq_idx, d, b, c == 0 ? 0 : c * d.Q - 1);
   if (threadIdx.x < kTile) {
-    const int64_t t = ti * kTile + threadIdx.x;
+    const int64_t t = t0 + threadIdx.x;
     cum_t[threadIdx.x] = cum[row + t];
     seq_t[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + t);
     scale_t[threadIdx.x] = seq_t[threadIdx.x] == entering_seq ? expf(cum[row + t]) : 0.f;
   }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
+  for (int s = threadIdx.x; s < t0 + kTile; s += kThreads) {
+    cum_s[s] = cum[row + s];
+    dt_s[s] = dtp[row + s];
+    seq_s[s] = seq_at(p.seq_idx, d, b, c * d.Q + s);
+  }
   FragAcc acc[2][2];
   zero(acc);
 
   // State to output: (scale_t C_t) . h_entering[p, :]
   const float* entering = states + ((b * d.nc + c) * d.H + h) * d.P * d.N;
-  for (int64_t n0 = 0; n0 < d.N; n0 += kStep) {
-    for (int i = threadIdx.x; i < kTile * kStep; i += kThreads) {
-      const int r = i / kStep, k = i % kStep;
-      const int64_t n = n0 + k, tpos = c * d.Q + ti * kTile + r, pp = pi * kTile + r;
-      const float cv = tpos < d.L && n < d.N ? to_float(C[((b * d.L + tpos) * d.G + g) * d.N + n]) * scale_t[r] : 0.f;
-      sC[r][k] = from_float<T>(cv);
-      sE[r][k] = from_float<T>(pp < d.P && n < d.N ? entering[pp * d.N + n] : 0.f);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragA<T> fa[2];
-      FragBcol<T> fb[2];  // element (n, p) = sE[p][n]: column-major
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sC[wr * 32 + i * 16][kk], kStep + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sE[wc * 32 + j * 16][kk], kStep + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
+  accumulate_product<T, kTile, kTile, wmma::row_major, wmma::col_major>(  // element (n, p) = entering[p][n]
+      acc, 0, d.N,
+      [&](int r, int64_t n) {
+        const int64_t tpos = c * d.Q + t0 + r;
+        return tpos < d.L ? to_float(C[((b * d.L + tpos) * d.G + g) * d.N + n]) * scale_t[r] : 0.f;
+      },
+      [&](int64_t n, int col) {
+        const int64_t pp = pi * kTile + col;
+        return pp < d.P ? entering[pp * d.N + n] : 0.f;
+      },
+      stage);
 
   // Intra-chunk: scores[t, s] = CB[t, s] exp(cum_t - cum_s) dt_s on s <= t in one sequence, times x[s, p].
-  const float* cb_rows = cb + (((b * d.nc + c) * d.G + g) * d.Q + ti * kTile) * d.Q;
-  for (int64_t sj = 0; sj <= ti; ++sj) {
-    if (threadIdx.x < kTile) {
-      const int64_t s = sj * kTile + threadIdx.x;
-      cum_s[threadIdx.x] = cum[row + s];
-      dt_s[threadIdx.x] = dtp[row + s];
-      seq_s[threadIdx.x] = seq_at(p.seq_idx, d, b, c * d.Q + s);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-      const int r = i / kTile, col = i % kTile;
-      const int64_t t = ti * kTile + r, s = sj * kTile + col;
-      float score = 0.f;  // masked before the exp: cum_t - cum_s <= 0 wherever it is taken
-      if (s <= t && seq_s[col] == seq_t[r]) score = cb_rows[r * d.Q + s] * expf(cum_t[r] - cum_s[col]) * dt_s[col];
-      sS[r][col] = from_float<T>(score);
-      const int64_t xs = c * d.Q + sj * kTile + r, pp = pi * kTile + col;
-      sX[r][col] = xs < d.L && pp < d.P ? x[((b * d.L + xs) * d.H + h) * d.P + pp] : zero_t;
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kTile; kk += 16) {
-      FragA<T> fa[2];
-      FragB<T> fb[2];  // element (s, p) = sX[s][p]: row-major
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sS[wr * 32 + i * 16][kk], kTile + kPad);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sX[kk][wc * 32 + j * 16], kTile + kPad);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
+  const float* cb_rows = cb + (((b * d.nc + c) * d.G + g) * d.Q + t0) * d.Q;
+  accumulate_product<T, kTile, kTile, wmma::row_major, wmma::row_major>(
+      acc, 0, t0 + kTile,  // s <= t: the tiles up to the diagonal
+      [&](int r, int64_t s) {
+        // Masked before the exp: cum_t - cum_s <= 0 wherever it is taken.
+        return s <= t0 + r && seq_s[s] == seq_t[r] ? cb_rows[r * d.Q + s] * expf(cum_t[r] - cum_s[s]) * dt_s[s] : 0.f;
+      },
+      [&](int64_t s, int col) {
+        const int64_t xs = c * d.Q + s, pp = pi * kTile + col;
+        return xs < d.L && pp < d.P ? x[((b * d.L + xs) * d.H + h) * d.P + pp] : zero_t;
+      },
+      stage);
 
-  // Epilogue through shared memory: skip connection, gate, bounds, 16-bit store.
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sOut[wr * 32 + i * 16][wc * 32 + j * 16], acc[i][j], kTile + kOutPad,
-                              wmma::mem_row_major);
-  __syncthreads();
+  // Epilogue: skip connection, gate, bounds, 16-bit store.
   const T* z = static_cast<const T*>(p.z);
   T* y = static_cast<T*>(p.y);
-  for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
-    const int r = i / kTile, col = i % kTile;
-    const int64_t tpos = c * d.Q + ti * kTile + r, pp = pi * kTile + col;
-    if (tpos >= d.L || pp >= d.P) continue;
+  store_tile<kTile, kTile>(acc, reinterpret_cast<float*>(smem), [&](int r, int col, float out) {
+    const int64_t tpos = c * d.Q + t0 + r, pp = pi * kTile + col;
+    if (tpos >= d.L || pp >= d.P) return;
     const int64_t offset = ((b * d.L + tpos) * d.H + h) * d.P + pp;
-    float out = sOut[r][col];
     if (p.D) out += (p.D_per_channel ? p.D[h * d.P + pp] : p.D[h]) * to_float(x[offset]);
     if (z) {
       const float zv = to_float(z[offset]);
@@ -279,7 +197,7 @@ __global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, 
     } else {
       y[offset] = from_float<T>(out);
     }
-  }
+  });
 }
 
 template <typename T>

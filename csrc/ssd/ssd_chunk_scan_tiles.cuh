@@ -1,26 +1,19 @@
-// The SSD chunk scan's tile machinery, shared by the forward and the backward kernels: tile shapes, the dimensions
-// struct, the packed-sequence lookup, the WMMA fragments, and the workspace layout of the forward (which the
+// What the SSD chunk scan's forward and backward kernels share beyond the tile toolkit (common/wmma_tiles.cuh): the
+// dimensions struct, the packed-sequence lookup, and the workspace layout of the forward (which the
 // backward reuses: it runs the forward to recompute decays, chunk products and the states entering each chunk).
 // Internal: included by csrc/ssd/ssd_chunk_scan_{fwd,bwd}.cu only (anonymous namespace: one copy per file).
 #pragma once
 
 #include "ssd/ssd_chunk_scan.h"
 
-#include <mma.h>
-
 #include "common/convert.cuh"
-#include "common/wmma_fragments.cuh"
+#include "common/wmma_tiles.cuh"
 
 namespace subq {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kTile = 64;      // output tile edge
-constexpr int kThreads = 128;  // 4 warps, 2 x 2 of 32 x 32
-constexpr int kStep = 32;      // K elements staged per shared-memory round
-constexpr int kPad = 8;        // row padding of 16-bit tiles: fewer bank conflicts, rows stay 32-byte aligned
-constexpr int kOutPad = 4;     // row padding of the float32 output tile
+// The largest chunk: per-position vectors of a chunk fit in shared memory.
+constexpr int kMaxQ = 256;
 
 struct Dims {
   int64_t b, L, H, P, G, N, Q, nc, Lp, heads_per_group;
