@@ -6,7 +6,10 @@ A pool holds G modules as stacked weights (G, in, out). Each token picks K of G 
 option G is SKIP, a zero update. The (token, slot) rows are sorted by module on the device (argsort, and group
 sizes counted with scatter_add) so every routed projection is one :func:`grouped_matmul` over all rows: no host
 synchronisation and no Python loop over modules. SKIP rows sort last, outside every group, and so come out of
-the grouped GEMM as zeros.
+the grouped GEMM as zeros. That one permutation per decision is the only layout change: the normalised tokens
+are gathered into it, the projected rows scatter into the per-slot attention sequences (one index_select, q/k/v
+stay strided views), the attention output is gathered back, and the updates are added to the residual stream with
+one index_add.
 """
 
 from __future__ import annotations
@@ -79,9 +82,6 @@ class ModuleDispatch:
 
 class DenseDispatch:
     """Every token to module 0 of a one-module pool: the plain layers below and above the routed block."""
-
-    slots = 1
-    key_visible = None
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return torch.addmm(bias[0], rows, weight[0])
