@@ -14,10 +14,11 @@ Sections:
   parameter count. Training: one AdamW step (forward, backward, update; bf16 autocast on CUDA) in tokens/s.
   Generation: prefill a prompt, then decode token by token from each model's recurrent state (KV cache for the
   Transformer), greedy, in tokens/s of the decode phase.
-- ``mom``: Mixture-of-Modules against the dense GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2 small) it is built
-  from: ``MoM.from_gpt2`` (top-1 and top-2) and the "gpt2-small" preset, forward FLOPs per token (FlopCounterMode;
-  a grouped GEMM counts only its routed rows) and the activation bytes per token autograd saves for the backward.
-  Device-independent counts; runs on CPU.
+- ``mom``: Mixture-of-Modules against the dense GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2 small, SDPA) it is
+  built from, same width and sequence length: ``MoM.from_gpt2`` with as many steps as layers (top-1) and the
+  efficient presets' H = 4 (top-1, top-1 with 50 % SKIP forced, top-2). FLOPs per token (analytic over the routed
+  modules only, and FlopCounterMode), activation memory of a training step (profiler allocation records; bytes
+  autograd saves), interleaved median wall times of forward and forward + backward, all as ratios to GPT-2.
 Ratios are subq model / Transformer throughput (higher is better) and Transformer / M2-BERT latency.
 """
 
