@@ -14,10 +14,11 @@ Sections:
   parameter count. Training: one AdamW step (forward, backward, update; bf16 autocast on CUDA) in tokens/s.
   Generation: prefill a prompt, then decode token by token from each model's recurrent state (KV cache for the
   Transformer), greedy, in tokens/s of the decode phase.
-- ``mom``: Mixture-of-Modules against the dense GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2 small) it is built
-  from: ``MoM.from_gpt2`` (top-1 and top-2) and the "gpt2-small" preset, forward FLOPs per token (FlopCounterMode;
-  a grouped GEMM counts only its routed rows) and the activation bytes per token autograd saves for the backward.
-  Device-independent counts; runs on CPU.
+- ``mom``: Mixture-of-Modules against the dense GPT-2 (Hugging Face ``GPT2LMHeadModel``, GPT-2 small, SDPA) it is
+  built from, same width and sequence length: ``MoM.from_gpt2`` with as many steps as layers (top-1) and the
+  efficient presets' H = 4 (top-1, top-1 with 50 % SKIP forced, top-2). FLOPs per token (analytic over the routed
+  modules only, and FlopCounterMode), activation memory of a training step (profiler allocation records; bytes
+  autograd saves), interleaved median wall times of forward and forward + backward, all as ratios to GPT-2.
 Ratios are subq model / Transformer throughput (higher is better) and Transformer / M2-BERT latency.
 """
 
@@ -207,34 +208,108 @@ def grouped_matmul_flops(x, w, group_sizes, bias=None, out_val=None) -> int:
 grouped_matmul_flops._get_raw = True  # FlopCounterMode passes the raw arguments, not their shapes
 
 
-def forward_flops(model, ids: torch.Tensor) -> int:
+def counted_forward_flops(call) -> int:
+    """FlopCounterMode's count of one forward. It has no formula for the CPU flash attention
+    (aten::_scaled_dot_product_flash_attention_for_cpu), so on CPU it counts the matmuls only."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False,
                               custom_mapping={torch.ops.subq.grouped_matmul_fwd: grouped_matmul_flops})
     with counter, torch.no_grad():
-        model(ids)
+        call()
     return counter.get_total_flops()
 
 
-def saved_activation_bytes(model, ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward of one training forward (parameters excluded): the activation memory."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
+def analytic_flops_per_token(config, seqlen: int, route: torch.Tensor | None) -> dict[str, float]:
+    """Forward FLOPs per token, counted from the shapes: projections 2·in·out per row, attention 4·L·d per query
+    (QKᵀ and AV over all L keys, the convention FlopCounterMode uses for attention), the GRU/MLP routers, the LM
+    head. ``route (batch, L, H, 2, K)``: only the (token, slot) rows routed to a module count (SKIP is free);
+    None: a dense GPT-2 of ``config``'s depth (a GPT2Config). Returns the matmul part and the total."""
+    if route is None:  # GPT-2
+        d, f, layers = config.n_embd, config.n_inner or 4 * config.n_embd, config.n_layer
+        matmul = layers * (8 * d * d + 4 * d * f) + 2 * d * config.vocab_size
+        return {"matmul": matmul, "total": matmul + layers * 4 * seqlen * d}
+    c = config
+    d, f, r = c.d_model, c.d_ffn, c.router_dim
+    attn_rows = (route[..., 0, :] < c.n_attn_modules).float().sum(-1).mean().item() * c.assembly_steps
+    ffn_rows = (route[..., 1, :] < c.n_ffn_modules).float().sum(-1).mean().item() * c.assembly_steps
+    options = (c.n_attn_modules + 1, c.n_ffn_modules + 1)
+    if c.router == "gru":
+        router = sum(2 * d * 3 * r + 2 * r * 3 * r + 2 * r * n for n in options) * c.assembly_steps
+    else:
+        router = sum(2 * d * r + 2 * r * n for n in options) * c.assembly_steps
+    plain = c.n_bottom + c.n_top
+    matmul = (plain * (8 * d * d + 4 * d * f) + attn_rows * 8 * d * d + ffn_rows * 4 * d * f + router
+              + 2 * d * c.vocab_size)
+    return {"matmul": matmul, "total": matmul + (plain + attn_rows) * 4 * seqlen * d,
+            "attn_modules_per_token": attn_rows, "ffn_modules_per_token": ffn_rows}
+
+
+def training_memory(call) -> dict[str, int]:
+    """Activation memory of one training step (forward, then backward of a scalar loss), parameters and their
+    gradients excluded (the gradients exist already: a warm-up step allocated them). ``saved``: the bytes autograd
+    keeps for the backward (saved-tensor hooks; parameters excluded). ``peak``: the peak of CPU allocations above
+    the starting point during forward + backward, from torch.profiler's allocation records in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call().backward()  # gradients allocated
+    saved = 0
+    seen = set()
 
     def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
+        nonlocal saved
+        if not isinstance(t, torch.nn.Parameter) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            saved += t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return total
+        loss = call()
+    loss.backward()
+    del loss
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call().backward()
+    # Each op's own allocations minus its own frees (self_cpu_memory_usage; frees outside any op are "[memory]"
+    # events), in start order: the level after each op. A transient inside one op is not seen.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for event in events:
+        level += event.self_cpu_memory_usage
+        peak = max(peak, level)
+    return {"saved": saved, "peak": peak}
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms of each call, the calls taken in turn each round so that the machine's load (shared, noisy)
+    falls on all of them alike. One warm-up round first."""
+    times = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def skip_share_route(config, batch: int, seqlen: int, skip: float, generator: torch.Generator) -> torch.Tensor:
+    """A forced routing ``(batch, L, H, 2, K)``: each (token, step, type) picks SKIP with probability ``skip`` and
+    otherwise K distinct modules uniformly."""
+    c = config
+    shape = (batch, seqlen, c.assembly_steps)
+    parts = []
+    for n_modules in (c.n_attn_modules, c.n_ffn_modules):
+        modules = torch.rand(*shape, n_modules, generator=generator).argsort(-1)[..., :c.top_k]
+        skipped = torch.rand(*shape, c.top_k, generator=generator) < skip
+        parts.append(torch.where(skipped, n_modules, modules))
+    return torch.stack(parts, dim=3)
 
 
 def mom_rows(args, device: torch.device) -> list[dict]:
-    """MoM against the dense GPT-2 it is assembled from: forward FLOPs and training activation memory per token,
-    with untrained (freshly initialised) routers, so the routing is what a model starting phase two sees."""
+    """MoM built from GPT-2 small (``MoM.from_gpt2``) against that GPT-2 (Hugging Face, SDPA attention), same width
+    and sequence length, batch ``--mom-batch``, float32, eval mode (no dropout in either): FLOPs per token
+    (analytic, only routed modules; and FlopCounterMode), activation memory of a training step, and wall time of a
+    forward (no_grad) and a forward + backward, interleaved medians over ``--repeats`` rounds, as ratios to GPT-2.
+    Routing: the fresh routers' own choice (``routers``), or forced with a SKIP share (``skip=s``)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -243,29 +318,96 @@ def mom_rows(args, device: torch.device) -> list[dict]:
     from subq.models import MoM
 
     size = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=256, bos_token_id=0, eos_token_id=0) if args.quick else {}
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=max(args.mom_seqlen), **size)).to(device).eval()
-    mom_preset = "tiny" if args.quick else "gpt2-small"
-    models = {
-        "gpt2": gpt2,
-        "mom_from_gpt2_top1": MoM.from_gpt2(gpt2).to(device),
-        "mom_from_gpt2_top2": MoM.from_gpt2(gpt2, top_k=2).to(device),
-        f"mom_{mom_preset}": MoM.from_preset(mom_preset, n_positions=max(args.mom_seqlen)).to(device),
+    gpt2_config = GPT2Config(n_positions=max(args.mom_seqlen), **size)
+    gpt2_config._attn_implementation = "sdpa"
+    gpt2 = GPT2LMHeadModel(gpt2_config).to(device).eval()
+    steps_efficient = max(1, round(0.4 * (gpt2_config.n_layer - 2)))  # the preset's 60 % fewer steps
+    variants = {  # name -> (from_gpt2 arguments, SKIP share or None for the routers' choice)
+        "mom_depth_top1": (dict(top_k=1), None),
+        "mom_e_top1": (dict(assembly_steps=steps_efficient, top_k=1), None),
+        "mom_e_top1_skip50": (dict(assembly_steps=steps_efficient, top_k=1), 0.5),
+        "mom_e_top2": (dict(assembly_steps=steps_efficient, top_k=2), None),
     }
-    vocab = gpt2.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'model':<22} {'L':>6} {'params':>9} {'GFLOP/token':>12} {'x gpt2':>7} {'act KB/token':>13} {'x gpt2':>7}")
+    print(f"{'model':<18} {'L':>5} {'H':>3} {'K':>2} {'attn/ffn per tok':>16} {'GFLOP/tok':>9} {'x':>5} "
+          f"{'counted':>8} {'x':>5} {'peak MB':>8} {'x':>5} {'saved MB':>8} {'x':>5} {'fwd ms':>8} {'x':>5} "
+          f"{'fwdbwd ms':>9} {'x':>5}")
     for seqlen in args.mom_seqlen:
-        ids = torch.randint(0, vocab, (1, seqlen), device=device)
-        measured = {name: (forward_flops(m, ids) / seqlen, saved_activation_bytes(m, ids) / seqlen)
-                    for name, m in models.items()}
-        for name, (flops, act) in measured.items():
-            row = {"model": name, "seqlen": seqlen, "params": parameter_count(models[name]),
-                   "forward_flops_per_token": flops, "activation_bytes_per_token": act,
-                   "flops_ratio_vs_gpt2": flops / measured["gpt2"][0],
-                   "activation_ratio_vs_gpt2": act / measured["gpt2"][1], "errors": {}}
+        ids = torch.randint(0, gpt2_config.vocab_size, (args.mom_batch, seqlen), device=device)
+        models = {"gpt2": (gpt2, None)}
+        for name, (kwargs, skip) in variants.items():
+            mom = MoM.from_gpt2(gpt2, **kwargs).to(device)
+            route = None
+            if skip is not None:
+                route = skip_share_route(mom.config, args.mom_batch, seqlen, skip, generator).to(device)
+            models[name] = (mom, route)
+
+        def forward(model, route, ids=ids):
+            if isinstance(model, MoM):
+                return lambda: model(ids, route=route).logits
+            return lambda: model(ids).logits
+
+        def training_loss(model, route):
+            def call():
+                model.zero_grad(set_to_none=False)
+                return forward(model, route)().float().logsumexp(-1).mean()
+            return call
+
+        def fwd_bwd(model, route):
+            return lambda: training_loss(model, route)().backward()
+
+        measured = {}
+        for name, (model, route) in models.items():
+            if isinstance(model, MoM):
+                with torch.no_grad():
+                    route = model(ids, route=route).route if route is None else route
+                models[name] = (model, route)
+                analytic = analytic_flops_per_token(model.config, seqlen, route)
+            else:
+                analytic = analytic_flops_per_token(gpt2_config, seqlen, None)
+            counted = counted_forward_flops(forward(model, route)) / (args.mom_batch * seqlen)
+            memory = training_memory(training_loss(model, route))
+            measured[name] = {"analytic": analytic, "counted": counted, "memory": memory}
+        with torch.no_grad():
+            fwd = interleaved_medians({name: forward(*m) for name, m in models.items()}, args.repeats)
+        train = interleaved_medians({name: fwd_bwd(*m) for name, m in models.items()}, args.repeats)
+        base = measured["gpt2"]
+        for name, m in measured.items():
+            model = models[name][0]
+            tokens = args.mom_batch * seqlen
+            c = model.config if isinstance(model, MoM) else None
+            row = {
+                "model": name, "seqlen": seqlen, "batch": args.mom_batch, "params": parameter_count(model),
+                "assembly_steps": c.assembly_steps if c else None, "top_k": c.top_k if c else None,
+                "skip_share_forced": variants[name][1] if c else None,
+                "attn_modules_per_token": m["analytic"].get("attn_modules_per_token"),
+                "ffn_modules_per_token": m["analytic"].get("ffn_modules_per_token"),
+                "forward_flops_per_token": m["analytic"]["total"],
+                "forward_matmul_flops_per_token": m["analytic"]["matmul"],
+                "flop_counter_per_token": m["counted"],
+                "activation_peak_bytes_per_token": m["memory"]["peak"] / tokens,
+                "activation_saved_bytes_per_token": m["memory"]["saved"] / tokens,
+                "forward_ms": fwd[name], "fwd_bwd_ms": train[name],
+                "ratio_vs_gpt2": {
+                    "flops": m["analytic"]["total"] / base["analytic"]["total"],
+                    "flop_counter": m["counted"] / base["counted"],
+                    "activation_peak": m["memory"]["peak"] / base["memory"]["peak"],
+                    "activation_saved": m["memory"]["saved"] / base["memory"]["saved"],
+                    "forward_time": fwd[name] / fwd["gpt2"], "fwd_bwd_time": train[name] / train["gpt2"],
+                },
+                "errors": {},
+            }
             rows.append(row)
-            print(f"{name:<22} {seqlen:>6} {row['params'] / 1e6:8.1f}M {flops / 1e9:12.3f} "
-                  f"{row['flops_ratio_vs_gpt2']:7.2f} {act / 1024:13.1f} {row['activation_ratio_vs_gpt2']:7.2f}",
+            x = row["ratio_vs_gpt2"]
+            per_tok = ("-" if c is None else
+                       f"{row['attn_modules_per_token']:.2f}/{row['ffn_modules_per_token']:.2f}")
+            print(f"{name:<18} {seqlen:>5} {c.assembly_steps if c else '-':>3} {c.top_k if c else '-':>2} "
+                  f"{per_tok:>16} {row['forward_flops_per_token'] / 1e9:9.3f} {x['flops']:5.2f} "
+                  f"{row['flop_counter_per_token'] / 1e9:8.3f} {x['flop_counter']:5.2f} "
+                  f"{m['memory']['peak'] / 2**20:8.0f} {x['activation_peak']:5.2f} "
+                  f"{m['memory']['saved'] / 2**20:8.0f} {x['activation_saved']:5.2f} "
+                  f"{fwd[name]:8.0f} {x['forward_time']:5.2f} {train[name]:9.0f} {x['fwd_bwd_time']:5.2f}",
                   flush=True)
     return rows
 
@@ -293,6 +435,7 @@ def main() -> None:
         "benchmark": "models", "env": env,
         "config": {k: getattr(args, k) for k in ("section", "bert_preset", "bert_seqlen", "bert_tokens", "lm_seqlen",
                                                   "lm_batch", "gen_batch", "prompt_len", "new_tokens", "mom_seqlen",
+                                                  "mom_batch",
                                                   "repeats", "quick")},
         **results,
     })
@@ -312,6 +455,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--mom-seqlen", type=int, nargs="+")
+    parser.add_argument("--mom-batch", type=int, default=1)
     parser.add_argument("--device", default=h.default_device())
     parser.add_argument("--repeats", type=int, help="minimum timed calls (default 10 on GPU, 3 on CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/models_<device>.json)")

@@ -21,6 +21,7 @@ CASES = [
     ([], 3, 4, 5),                   # G = 0: every row is tail
     ([37, 1, 90, 0, 13], 5, 24, 40),  # sizes that are not tile multiples; K, N multiples of 8 (the kernel path)
     ([13, 29], 3, 7, 9),             # K, N not multiples of the vector width (the padded path on CUDA)
+    ([33, 2, 0, 61, 5, 40], 9, 12, 66),  # more groups than threads, uneven sizes
 ]
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -64,6 +65,24 @@ def test_matches_reference(case, with_bias, device):
     for name, got, want in zip(("dx", "dw", "dbias"), grads(y, (x, w, b), dy), grads(ref, (x, w, b), dy),
                                strict=False):
         assert max_err(got, want) < 1e-12, name
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_thread_split_matches_reference(threads):
+    """The CPU op at other intra-op thread counts than the machine's (one GEMM per group, each threaded)."""
+    x, w, sizes, b = leaves(*make_case([70, 3, 0, 101, 26], 11, 8, 67))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = grouped_matmul(x, w, sizes, b)
+        dy = torch.randn_like(y)
+        got = grads(y, (x, w, b), dy)
+    finally:
+        torch.set_num_threads(before)
+    ref = grouped_matmul_ref(x, w, sizes, b)
+    assert max_err(y, ref) < 1e-12
+    for name, g, want in zip(("dx", "dw", "dbias"), got, grads(ref, (x, w, b), dy), strict=True):
+        assert max_err(g, want) < 1e-12, name
 
 
 @pytest.mark.parametrize("device", DEVICES)

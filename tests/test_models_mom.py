@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import subq.nn.mom as mom_nn
 from conftest import max_err
 from subq.models import MoM, MoMConfig
-from subq.nn.mom import AttentionModules, FFNModules, ModuleDispatch, load_balancing_loss
+from subq.nn.mom import AttentionModules, FFNModules, ModuleDispatch, choose_modules, load_balancing_loss
 
 
 def tiny(dtype=torch.float64, **overrides) -> MoM:
@@ -76,6 +76,48 @@ def test_pools_match_per_token_loop(pool_cls, slots):
     assert out.shape == (2, 7, slots, 16)
     assert max_err(out, module_loop_ref(pool, x, ids)) < 1e-12
     assert torch.all(out[ids == 3] == 0), "SKIP must be a zero update"
+
+
+def mom_ref(model: MoM, ids: torch.Tensor, route: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole model in float64 with every module run token by token (module_loop_ref) and the chosen updates
+    mixed as ``x + Σ_k w_k · update_k``: the formulation before the fused gather / index_add path. Returns the
+    logits and the routing."""
+    c = model.config
+    x = model.wte(ids) + model.wpe(torch.arange(ids.shape[1]))
+
+    def plain(layer, x):
+        dense = torch.zeros(*x.shape[:2], 1, dtype=torch.long)
+        x = x + module_loop_ref(layer.attn, x, dense)[:, :, 0]
+        return x + module_loop_ref(layer.ffn, x, dense)[:, :, 0]
+
+    for layer in model.bottom:
+        x = plain(layer, x)
+    states, chosen = [None, None], []
+    for step in range(c.assembly_steps):
+        for kind, (router, pool) in enumerate(((model.attn_router, model.attn_modules),
+                                               (model.ffn_router, model.ffn_modules))):
+            logits, states[kind] = router(x, states[kind])
+            choice = choose_modules(logits, c.top_k, None if route is None else route[:, :, step, kind])
+            x = x + (module_loop_ref(pool, x, choice.ids) * choice.weights[..., None]).sum(2)
+            chosen.append(choice.ids)
+    for layer in model.top:
+        x = plain(layer, x)
+    return model.lm_head(model.ln_f(x)), torch.stack(chosen, 2).unflatten(2, (c.assembly_steps, 2))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("forced", [False, True])
+def test_model_matches_the_per_token_formulation(top_k, forced):
+    model = tiny(top_k=top_k, router="gru")
+    for module in (model.attn_modules, model.ffn_modules, *model.bottom, *model.top):
+        randomize(module)
+    ids = torch.randint(0, 256, (2, 11))
+    route = random_route(model, 2, 11) if forced else None
+    with torch.no_grad():
+        out = model(ids, route=route)
+        logits, chosen = mom_ref(model, ids, route)
+    assert torch.equal(out.route, chosen)
+    assert max_err(out.logits, logits) < 1e-12
 
 
 @pytest.mark.parametrize("pool_cls", [AttentionModules, FFNModules])

@@ -6,7 +6,10 @@ A pool holds G modules as stacked weights (G, in, out). Each token picks K of G 
 option G is SKIP, a zero update. The (token, slot) rows are sorted by module on the device (argsort, and group
 sizes counted with scatter_add) so every routed projection is one :func:`grouped_matmul` over all rows: no host
 synchronisation and no Python loop over modules. SKIP rows sort last, outside every group, and so come out of
-the grouped GEMM as zeros.
+the grouped GEMM as zeros. That one permutation per decision is the only layout change: the normalised tokens
+are gathered into it, the projected rows scatter into the per-slot attention sequences (one index_select, q/k/v
+stay strided views), the attention output is gathered back, and the updates are added to the residual stream with
+one index_add.
 """
 
 from __future__ import annotations
@@ -22,14 +25,24 @@ from subq.ops.grouped_matmul import grouped_matmul
 
 
 class ModuleDispatch:
-    """The rows (token, slot) of ``ids (batch, seqlen, K)`` sorted by the module they chose (``n_modules`` = SKIP)."""
+    """The rows (token, slot) of ``ids (batch, seqlen, K)`` sorted by the module they chose (``n_modules`` = SKIP).
+
+    One stable argsort gives the permutation; every gather and scatter of the step is an index into it (a row's
+    token, its slot's attention sequence, its position), so no per-module work and no copy between layouts."""
 
     def __init__(self, ids: torch.Tensor, n_modules: int):
+        batch, seqlen, slots = ids.shape
         flat = ids.reshape(-1)
-        self.slots = ids.shape[-1]
+        self.slots, self.batch = slots, batch
         self.order = torch.argsort(flat, stable=True)
-        self.inverse = torch.empty_like(self.order).scatter_(
-            0, self.order, torch.arange(flat.numel(), device=flat.device))
+        rows = torch.arange(flat.numel(), device=flat.device)
+        self.inverse = torch.empty_like(self.order).scatter_(0, self.order, rows)
+        self.token = torch.div(self.order, slots, rounding_mode="floor")   # sorted row -> token (batch * seqlen)
+        slot = self.order - self.token * slots
+        self.position = self.token % seqlen
+        # Slot k of sequence b is attention sequence k * batch + b: the K attentions run as one batched call.
+        self.sequence = slot * batch + torch.div(self.token, seqlen, rounding_mode="floor")
+        self.sequence_rows = torch.empty_like(self.order).scatter_(0, self.sequence * seqlen + self.position, rows)
         # SKIP rows borrow the last module's LayerNorm affine: the grouped GEMM zeroes them whatever they hold.
         self.module_of_row = flat.index_select(0, self.order).clamp(max=n_modules - 1)
         # Not torch.bincount: on CUDA it reads the largest id back to the host to size its output.
@@ -37,11 +50,17 @@ class ModuleDispatch:
         self.group_sizes = counts.scatter_add_(0, flat, torch.ones_like(flat))[:n_modules]
         self.key_visible = ids < n_modules
 
-    def sort(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.index_select(0, self.order)
+    def gather_tokens(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``per_token (batch * seqlen, ...)`` -> one row per (token, slot), in sorted order."""
+        return per_token.index_select(0, self.token)
 
-    def unsort(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.index_select(0, self.inverse)
+    def gather_sequences(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """``per_sequence (slots * batch, seqlen, ...)`` -> the sorted rows' entries."""
+        return per_sequence[self.sequence, self.position]
+
+    def scatter_sequences(self, rows: torch.Tensor, seqlen: int) -> torch.Tensor:
+        """Sorted rows -> ``(slots * batch, seqlen, ...)``, each at its slot's sequence and its position."""
+        return rows.index_select(0, self.sequence_rows).view(self.slots * self.batch, seqlen, *rows.shape[1:])
 
     def per_row(self, param: torch.Tensor) -> torch.Tensor:
         return param.index_select(0, self.module_of_row)
@@ -49,20 +68,20 @@ class ModuleDispatch:
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return grouped_matmul(rows, weight, self.group_sizes, bias)
 
+    def updates(self, rows: torch.Tensor, seqlen: int) -> torch.Tensor:
+        """Sorted rows -> per-slot updates ``(batch, seqlen, K, d)``."""
+        return rows.index_select(0, self.inverse).view(self.batch, seqlen, self.slots, -1)
+
+    def add_to(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """``x + Σ_k w_k · update_k``: each sorted row, weighted, added to its token in one index_add (SKIP rows
+        are zeros). ``weights`` None: every weight is exactly 1 (top-1), so the product is skipped."""
+        if weights is not None:
+            rows = rows * weights.reshape(-1).index_select(0, self.order)[:, None]
+        return x.reshape(-1, x.shape[-1]).index_add(0, self.token, rows).view(x.shape)
+
 
 class DenseDispatch:
     """Every token to module 0 of a one-module pool: the plain layers below and above the routed block."""
-
-    slots = 1
-    key_visible = None
-
-    def sort(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
-
-    unsort = sort
-
-    def per_row(self, param: torch.Tensor) -> torch.Tensor:
-        return param[0]
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return torch.addmm(bias[0], rows, weight[0])
@@ -129,10 +148,25 @@ class _ModulePool(nn.Module):
     def normed_rows(self, x: torch.Tensor, dispatch) -> torch.Tensor:
         """Each (token, slot) row normalised by its module's LayerNorm, rows in dispatch order. The
         normalisation is the same for every module, so it runs once per token; only the affine is per row."""
-        batch, seqlen, d = x.shape
-        h = F.layer_norm(x, (d,), eps=self.eps)
-        rows = dispatch.sort(h[:, :, None].expand(batch, seqlen, dispatch.slots, d).reshape(-1, d))
-        return rows * dispatch.per_row(self.ln_weight) + dispatch.per_row(self.ln_bias)
+        d = x.shape[-1]
+        if dispatch is DENSE:
+            return F.layer_norm(x, (d,), self.ln_weight[0], self.ln_bias[0], self.eps).view(-1, d)
+        rows = dispatch.gather_tokens(F.layer_norm(x, (d,), eps=self.eps).view(-1, d))
+        return torch.addcmul(dispatch.per_row(self.ln_bias), rows, dispatch.per_row(self.ln_weight))
+
+    def forward(self, x: torch.Tensor, dispatch, *args) -> torch.Tensor:
+        """The per-slot updates ``(batch, seqlen, K, d_model)`` (SKIP: zeros)."""
+        rows = self.sorted_updates(x, dispatch, *args)
+        if dispatch is DENSE:
+            return rows.view(*x.shape[:2], 1, -1)
+        return dispatch.updates(rows, x.shape[1])
+
+    def residual(self, x: torch.Tensor, dispatch, weights: torch.Tensor | None, *args) -> torch.Tensor:
+        """``x + Σ_k w_k · update_k`` for router weights ``(batch, seqlen, K)`` (None: top-1, weight 1)."""
+        rows = self.sorted_updates(x, dispatch, *args)
+        if dispatch is DENSE:
+            return x + rows.view(x.shape)
+        return dispatch.add_to(x, rows, weights)
 
 
 class AttentionModules(_ModulePool):
@@ -162,23 +196,23 @@ class AttentionModules(_ModulePool):
         return ModuleKVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw),
                              torch.zeros(shape[:1] + shape[2:3], dtype=torch.bool, device=kw["device"]))
 
-    def forward(self, x: torch.Tensor, dispatch, cache: ModuleKVCache | None = None) -> torch.Tensor:
+    def sorted_updates(self, x: torch.Tensor, dispatch, cache: ModuleKVCache | None = None) -> torch.Tensor:
         batch, seqlen, d = x.shape
-        slots = dispatch.slots
-        qkv = dispatch.unsort(dispatch.matmul(self.normed_rows(x, dispatch), self.c_attn_weight, self.c_attn_bias))
-        # (batch, seqlen, slot, 3, heads, hd) -> 3 x (slot * batch, heads, seqlen, hd): slots batch like sequences
-        q, k, v = qkv.view(batch, seqlen, slots, 3, self.n_head, self.headdim).permute(3, 2, 0, 4, 1, 5).reshape(
-            3, slots * batch, self.n_head, seqlen, self.headdim)
-        visible = dispatch.key_visible
-        if visible is not None:
-            visible = visible.permute(2, 0, 1).reshape(slots * batch, seqlen)
+        qkv = dispatch.matmul(self.normed_rows(x, dispatch), self.c_attn_weight, self.c_attn_bias)
+        if dispatch is DENSE:
+            qkv = qkv.view(batch, seqlen, 3 * d)
+            visible = None
+        else:
+            qkv = dispatch.scatter_sequences(qkv, seqlen)  # (slot * batch, seqlen, 3d): slots batch like sequences
+            visible = dispatch.key_visible.permute(2, 0, 1).reshape(-1, seqlen)
+        # Views, not copies: the attention reads q, k, v with their strides.
+        q, k, v = qkv.view(qkv.shape[0], seqlen, 3, self.n_head, self.headdim).permute(2, 0, 3, 1, 4)
         start = 0
         if cache is not None:
             start, k, v, visible = cache.append(k, v, visible)
-        out = causal_attention(q, k, v, visible, start)
-        rows = out.view(slots, batch, self.n_head, seqlen, self.headdim).permute(1, 3, 0, 2, 4).reshape(-1, d)
-        out = dispatch.unsort(dispatch.matmul(dispatch.sort(rows), self.c_proj_weight, self.c_proj_bias))
-        return out.view(batch, seqlen, slots, d)
+        out = causal_attention(q, k, v, visible, start).transpose(1, 2)  # (sequences, seqlen, heads, hd)
+        rows = out.reshape(-1, d) if dispatch is DENSE else dispatch.gather_sequences(out).view(-1, d)
+        return dispatch.matmul(rows, self.c_proj_weight, self.c_proj_bias)
 
 
 class FFNModules(_ModulePool):
@@ -193,13 +227,11 @@ class FFNModules(_ModulePool):
         self.c_proj_weight = self._weight(d_ffn, d_model)
         self.c_proj_bias = self._bias(d_model)
 
-    def forward(self, x: torch.Tensor, dispatch) -> torch.Tensor:
-        batch, seqlen, d = x.shape
+    def sorted_updates(self, x: torch.Tensor, dispatch) -> torch.Tensor:
         # GELU's tanh form is GPT-2's "gelu_new"; gelu(0) = 0 keeps SKIP rows at zero.
         hidden = F.gelu(dispatch.matmul(self.normed_rows(x, dispatch), self.c_fc_weight, self.c_fc_bias),
                         approximate="tanh")
-        out = dispatch.unsort(dispatch.matmul(hidden, self.c_proj_weight, self.c_proj_bias))
-        return out.view(batch, seqlen, dispatch.slots, d)
+        return dispatch.matmul(hidden, self.c_proj_weight, self.c_proj_bias)
 
 
 class TransformerLayer(nn.Module):
@@ -211,8 +243,8 @@ class TransformerLayer(nn.Module):
         self.ffn = FFNModules(1, d_model, d_ffn, eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cache: ModuleKVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(x, DENSE, cache)[:, :, 0]
-        return x + self.ffn(x, DENSE)[:, :, 0]
+        x = self.attn.residual(x, DENSE, None, cache)
+        return self.ffn.residual(x, DENSE, None)
 
 
 class MLPRouter(nn.Module):
@@ -278,8 +310,3 @@ def choose_modules(logits: torch.Tensor, top_k: int, forced: torch.Tensor | None
     weights = (picked / picked.sum(-1, keepdim=True)).to(logits.dtype)
     loss = load_balancing_loss(probs.reshape(-1, probs.shape[-1]), ids.reshape(-1, ids.shape[-1]))
     return ModuleChoice(ids, weights, loss)
-
-
-def mix(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_k w_k · update_k``: the chosen modules' outputs ``(batch, seqlen, K, d)`` summed with their weights."""
-    return (updates * weights[..., None]).sum(2)
