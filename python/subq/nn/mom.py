@@ -77,7 +77,9 @@ class ModuleDispatch:
         are zeros). ``weights`` None: every weight is exactly 1 (top-1), so the product is skipped."""
         if weights is not None:
             rows = rows * weights.reshape(-1).index_select(0, self.order)[:, None]
-        return x.reshape(-1, x.shape[-1]).index_add(0, self.token, rows).view(x.shape)
+        # x + updates promotes (under autocast: a float32 stream, bfloat16 updates); index_add needs one dtype
+        dtype = torch.promote_types(x.dtype, rows.dtype)
+        return x.reshape(-1, x.shape[-1]).to(dtype).index_add(0, self.token, rows.to(dtype)).view(x.shape)
 
 
 class DenseDispatch:
