@@ -41,7 +41,6 @@ def load_pretrained(model_cls, path: str | Path, device: str | torch.device = "c
     the expected format(s) and the failing key."""
     from subq.models.convert import (
         CheckpointError,
-        checkpoint_dtype,
         load_checked,
         load_foreign,
         read_config,
@@ -61,9 +60,6 @@ def load_pretrained(model_cls, path: str | Path, device: str | torch.device = "c
     model = model_cls(model_cls.config_class(**config))
     file = weights_file(path, "subq", (WEIGHTS_FILE,))
     state = read_weights(file)
-    dtype = checkpoint_dtype(state)
-    if dtype is not None:
-        model = model.to(dtype)
     load_checked(model, state, file, "subq")
     return model.to(device)
 

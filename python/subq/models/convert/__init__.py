@@ -108,10 +108,14 @@ def build(model_cls, config, file: Path, fmt: str) -> nn.Module:
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], file: Path, fmt: str,
                  names: dict[str, str] | None = None) -> nn.Module:
-    """``model.load_state_dict(state)`` (strict) with one :class:`CheckpointError` naming ``file``, the format and the
+    """``model.load_state_dict(state)`` (strict), the model first cast to the checkpoint's dtype when every floating
+    tensor shares one (``checkpoint_dtype``), with one :class:`CheckpointError` naming ``file``, the format and the
     first missing / unexpected / misshapen key. A key that is missing because a tied parameter was saved under its
     other name is fine. ``names`` maps subq keys back to the checkpoint's own names, for the messages."""
     names = names or {}
+    dtype = checkpoint_dtype(state)
+    if dtype is not None:
+        model.to(dtype)
     aliases: dict[int, list[str]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         aliases.setdefault(id(tensor), []).append(name)

@@ -14,7 +14,6 @@ from pathlib import Path
 from subq.models.convert import (
     CheckpointError,
     build,
-    checkpoint_dtype,
     load_checked,
     read_weights,
     require,
@@ -96,9 +95,6 @@ def load(model_cls, path: Path, config: dict, device):
     theirs = read_weights(weights)
     ours = {key_from_hf(k): v for k, v in theirs.items()}
     names = {key_from_hf(k): k for k in theirs} | {k: key_to_hf(k) for k in model.state_dict() if k not in ours}
-    dtype = checkpoint_dtype(theirs)
-    if dtype is not None:
-        model = model.to(dtype)
     return load_checked(model, ours, weights, NAME, names).to(device)
 
 

@@ -237,10 +237,10 @@ def load(model_cls, path: Path, config: dict, device):
     weights = weights_file(path, NAME)
     theirs = read_weights(weights)
     ours, names = state_dict_from_m2(theirs, config, weights, model)
-    names |= {k: key_to_m2(k) for k in model.state_dict() if k not in names}
-    dtype = checkpoint_dtype(theirs)
+    dtype = checkpoint_dtype(theirs)  # of the file itself: `ours` may hold subq-only tensors (a zero position table)
     if dtype is not None:
         model = model.to(dtype)
+    names |= {k: key_to_m2(k) for k in model.state_dict() if k not in names}
     load_checked(model, ours, weights, NAME, names)
     with torch.no_grad():
         load_decay_rates(model, theirs, weights)

@@ -17,7 +17,6 @@ import torch
 from subq.models.convert import (
     CheckpointError,
     build,
-    checkpoint_dtype,
     load_checked,
     read_weights,
     require,
@@ -101,9 +100,6 @@ def load(model_cls, path: Path, config: dict, device):
     ours = {key_from_mamba_ssm(k): v for k, v in theirs.items()}
     names = {key_from_mamba_ssm(k): k for k in theirs} | {
         k: key_to_mamba_ssm(k) for k in model.state_dict() if k not in ours}
-    dtype = checkpoint_dtype(theirs)
-    if dtype is not None:
-        model = model.to(dtype)
     return load_checked(model, ours, weights, NAME, names).to(device)
 
 
