@@ -14,10 +14,10 @@ matmul FLOPs: one formula, ``chunk_scan_flops``, the four products of the chunk 
   (state passing between chunks is elementwise, c H P N, and not a matmul)
   Step 1 is per group, not per head: C_t . B_s depends only on the group, whose heads share B and C; each head's
   decay exp(segsum(dt A)) multiplies the Q x Q product elementwise afterwards. So the algorithm's forward is
-  2 b c (G Q^2 N + H Q^2 P + 2 H Q N P). (bench/bench_ssd.py counted this with G fixed at 1 and 3x for every
-  fwd+bwd; this file counted C B^T per head for the reference. Both are this formula with what each callable
-  executes.) A callable that repeats B and C to the heads (the reference, fla) executes step 1 H times, and the
-  fwd+bwd adds two products per forward product plus what its backward recomputes:
+  2 b c (G Q^2 N + H Q^2 P + 2 H Q N P). (The removed bench/bench_ssd.py counted this with G fixed at 1 and 3x
+  for every fwd+bwd; this file counted C B^T per head for the reference: both are this one formula, evaluated for
+  what each callable executes.) A callable that repeats B and C to the heads (the reference, fla) executes step 1
+  H times, and a fwd+bwd adds two products per forward product plus what its backward recomputes:
   subq       fwd+bwd 2 b c (4 G Q^2 N + 3 H Q^2 P + 8 H Q N P): its backward recomputes steps 1 and 3 and
              step 4's C h (csrc/ssd/ssd_chunk_scan_cpu.cpp; the fused kernels are counted the same)
   reference  step 1 per head, fwd+bwd 3x (autograd, nothing recomputed); fla the same at its own chunk size
