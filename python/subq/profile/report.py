@@ -57,16 +57,20 @@ def _check_line(row: dict) -> str | None:
 
 
 def table(rows: list[dict]) -> str:
-    header = " ".join(_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for _, h, w, f in COLUMNS)
+    points = flat(rows)
+    # text columns as wide as their longest entry (callable names such as flash_chunked_ref_compiled), numbers fixed
+    columns = [(key, h, max([w] + [len(str(r[key])) for r in points]) if f == "s" else w, f)
+               for key, h, w, f in COLUMNS]
+    header = " ".join(_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for _, h, w, f in columns)
     lines = [header]
     previous = None
-    for r in flat(rows):
+    for r in points:
         group = (r["op"], r["size"], r["pass"])
         if previous is not None and group[:2] != previous[:2]:
             lines.append("")
         previous = group
-        lines.append(" ".join(_cell(r[key], w, f) for key, _, w, f in COLUMNS).rstrip())
-    errors = [f"!!! {r['op']} {r['size']} {r['pass']} {r['impl']}: {r['error']}" for r in flat(rows) if r["error"]]
+        lines.append(" ".join(_cell(r[key], w, f) for key, _, w, f in columns).rstrip())
+    errors = [f"!!! {r['op']} {r['size']} {r['pass']} {r['impl']}: {r['error']}" for r in points if r["error"]]
     failed = dict.fromkeys(line for row in rows if (line := _check_line(row)))  # one line per size, not per pass
     return "\n".join(lines + errors + list(failed))
 
