@@ -111,6 +111,13 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
     dtype_name = args.dtype or default_dtype(device)
     dtype = check_dtype(dtype_name, device)
 
+    # "is None", not "or": --repeats 0 is a bad request, not a request for the default.
+    repeats = args.repeats if args.repeats is not None else (50 if device.type == "cuda" else 5)
+    if repeats < 1:
+        raise ProfileError(f"--repeats must be at least 1, got {repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ProfileError(f"--threads must be at least 1, got {args.threads}")
+
     overrides = parse_grid(args.grid)
     for axis in ("batch", "seqlen"):
         if getattr(args, axis):
@@ -129,12 +136,6 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 raise ProfileError(f"{spec.name} at {spec.label(size)} ({dtype_name}) needs about {_gib(need)}, "
                                    f"{device} has {_gib(free)} free: choose smaller sizes (--seqlen, --batch, --grid)")
 
-    # "is None", not "or": --repeats 0 is a bad request, not a request for the default.
-    repeats = args.repeats if args.repeats is not None else (50 if device.type == "cuda" else 5)
-    if repeats < 1:
-        raise ProfileError(f"--repeats must be at least 1, got {repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise ProfileError(f"--threads must be at least 1, got {args.threads}")
     return Plan(specs, sizes, dtype, device, passes, repeats), dtype_name
 
 
