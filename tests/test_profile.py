@@ -21,7 +21,7 @@ from subq.ops import FlashDecodeState
 from subq.profile import check, cli, report
 from subq.profile.check import own_state
 from subq.profile.ops import OPS
-from subq.profile.ops.base import PASSES
+from subq.profile.ops.base import PASSES, compiled
 from subq.profile.ops.flash_step import flash_step_plain
 from subq.profile.ops.grouped_matmul import group_sizes
 from subq.profile.runner import make_call
@@ -400,6 +400,32 @@ def test_opt_in_variant_holds_its_flag_over_forward_and_backward():
     make_call(dataclasses.replace(spy, flag=None), inputs, {}, "fwd")()
     assert seen == [("fwd", "1"), ("bwd", "1"), ("fwd", before)]
     assert os.environ.get(impl.flag) == before
+
+
+def test_compiled_baseline_compiles_once_on_first_call(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, dynamic):
+        calls.append(dynamic)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    reference = OPS["ssd_chunk_scan"].impl("ssd_chunked_ref")
+    variant = compiled(reference)
+    assert calls == [] and variant.name == "ssd_chunked_ref_compiled"
+    size = SSD_SIZES[1]
+    inputs = OPS["ssd_chunk_scan"].make_inputs(size, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(variant.forward(inputs, size), reference.forward(inputs, size))
+    assert calls == [False]  # static shapes, compiled once
+    assert variant.unavailable(torch.device("cuda")) is None and variant.unavailable(torch.device("cpu"))
+
+
+def test_plan_counts_only_the_callables_that_run():
+    args = cli.build_parser().parse_args(["--quick", "--device", "cpu", "--ops", "ssd_chunk_scan", "--fwd"])
+    plan, _ = cli.make_plan(args)
+    assert plan.steps() == 2 * 3  # two sizes; subq, the reference and SDPA (fused, compiled and fla need CUDA)
 
 
 def test_two_bmm_is_the_monarch_product():
