@@ -88,7 +88,7 @@ def _subq(algorithm: str) -> Impl:
 
 MONARCH_CONV = OpSpec(
     name="monarch_conv",
-    summary="causal long convolution by FFT or Monarch DFT; baseline: subq.reference.monarch_conv_fft_ref "
+    summary="long convolution (causal or bidirectional) by FFT or Monarch DFT; baseline: monarch_conv_fft_ref "
             "(torch.fft at 2L)",
     full={"batch": [4], "channels": [768], "seqlen": [1024, 4096, 16384], "bidirectional": [0, 1]},
     quick={"batch": [1], "channels": [16], "seqlen": [256, 1024], "bidirectional": [0]},
