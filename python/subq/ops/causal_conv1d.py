@@ -9,7 +9,7 @@ import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
 from subq._utils import check_bool, check_ndim, check_tensor
-from subq.reference.conv1d import causal_conv1d_ref
+from subq.reference.causal_conv1d import causal_conv1d_ref
 
 ACTIVATIONS = (None, "silu", "swish")
 
