@@ -1,6 +1,6 @@
 """Causal softmax self-attention and its KV cache: the attention layers of the Mamba-2 hybrids and the Transformer
-baseline (:class:`CausalSelfAttention`, with RoPE), and the attention of MoM's routed modules
-(:func:`causal_attention` and :class:`KVCache`, with keys a token can hide)."""
+baseline (:class:`CausalSelfAttention`, with RoPE), the attention of MoM's routed modules (:func:`causal_attention`
+and :class:`KVCache`, with keys a token can hide), and the cache GAU decodes from."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from subq.nn.rope import rotary_embedding
 @dataclass
 class KVCache:
     """Keys and values of one attention call for generation, one row per sequence (MoM: per routing slot and
-    sequence), and, where a token may hide its key (MoM: a token that skipped the slot), whether each position is
-    visible as a key."""
+    sequence), positions on dim -2, and, where a token may hide its key (MoM: a token that skipped the slot),
+    whether each position is visible as a key."""
 
-    keys: torch.Tensor                    # (rows, heads, max_seqlen, headdim)
+    keys: torch.Tensor                    # (rows, heads, max_seqlen, headdim); GAU: (rows, max_seqlen, S)
     values: torch.Tensor
     visible: torch.Tensor | None = None   # (rows, max_seqlen) bool; None: every key is visible
     length: int = 0                       # positions filled
@@ -33,21 +33,22 @@ class KVCache:
                    visible)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None):
-        """Store new keys/values ``(rows, heads, T, headdim)``; return the start position and everything cached so
-        far: ``start, keys, values, visible`` (visible None when the cache tracks none)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; {end} needed")
+        """Store the keys/values of T new positions ``(rows, ..., T, features)``; return the start position and
+        everything cached so far: ``start, keys, values, visible`` (visible None when the cache tracks none)."""
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.keys.shape[-2]:
+            raise ValueError(f"the KV cache holds {self.keys.shape[-2]} positions; {end} needed")
         if k.shape[0] != self.keys.shape[0]:
             raise ValueError(f"the KV cache was allocated for {self.keys.shape[0]} rows (sequences × routing slots), "
                              f"got {k.shape[0]}; allocate it for this batch size")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
+        self.keys[..., start:end, :] = k
+        self.values[..., start:end, :] = v
         self.length = end
+        keys, values = self.keys[..., :end, :], self.values[..., :end, :]
         if self.visible is None:
-            return start, self.keys[:, :, :end], self.values[:, :, :end], None
+            return start, keys, values, None
         self.visible[:, start:end] = True if visible is None else visible
-        return start, self.keys[:, :, :end], self.values[:, :, :end], self.visible[:, :end]
+        return start, keys, values, self.visible[:, :end]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor | None = None,
