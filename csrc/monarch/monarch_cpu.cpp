@@ -138,15 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_two_bmm(const at::Ten
   return {dx, dw1, dw2};
 }
 
-// The forward's per-block calls lose to two-bmm's batched ones with small blocks in bf16 (1.02-1.20x at blocks of
-// 16, bench_monarch_cpu_ratio.py); both leave the same intermediate, so the backward still runs per block.
-constexpr int64_t kSmallMonarchBlock = 32;
-
 std::tuple<at::Tensor, at::Tensor> monarch_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
-  const int64_t largest_block = std::max({w1.size(1), w1.size(2), w2.size(1), w2.size(2)});
-  if (use_two_bmm(x) || (x.scalar_type() == at::kBFloat16 && largest_block <= kSmallMonarchBlock)) {
-    return monarch_fwd_two_bmm(x, w1, w2);
-  }
+  if (use_two_bmm(x)) return monarch_fwd_two_bmm(x, w1, w2);
   const int64_t tokens = x.size(0), k = w1.size(0), q = w1.size(1), p = w1.size(2);
   const int64_t l = w2.size(0), s = w2.size(1);
   const int64_t padded = padded_tokens(tokens);
