@@ -8,13 +8,11 @@ CPU timings are ``time.perf_counter`` medians of a few calls, meant only for smo
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from subq.experimental import enabled as opt_in
 from subq.profile import ceilings
 from subq.profile.device import DTYPES, default_device, device_name, environment, slug
 from subq.profile.report import write_json
@@ -34,26 +32,9 @@ from subq.profile.timing import (
 __all__ = [
     "DEFAULT_L2_BYTES", "DTYPES", "MAX_INPUT_SETS", "REP_MS", "WARMUP_MS", "copy_bandwidth_gbs", "default_device",
     "default_out", "device_name", "do_bench", "environment", "fmt", "input_set_count", "matmul_peak_tflops",
-    "median_ms", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json", "comparison",
+    "median_ms", "opt_in", "rotating", "slug", "synchronize", "tflops", "timed_or_error", "write_json", "comparison",
     "comparison_header", "comparison_cells",
 ]
-
-
-@contextlib.contextmanager
-def env_flag(name: str, on: bool = True) -> Iterator[None]:
-    """Environment variable ``name`` set to "1" for the duration (when ``on``), its previous value or absence back
-    after, so the calls nest. The ops read their opt-in flags (SUBQ_EXPERIMENTAL_*_KERNELS) on every forward and
-    backward call, so a backward run by autograd must run inside it too."""
-    previous = os.environ.get(name)
-    if on:
-        os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 def default_out(prefix: str, device: torch.device) -> Path:

@@ -32,13 +32,12 @@ QUICK = {"tokens": 1024, "d_model": 128, "s": 32, "chunk_size": 64, "seqlen": [2
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("bidirectional", "causal")
 SDPA_HEADDIMS = (64, 128)
-FUSED_FLAG = "SUBQ_EXPERIMENTAL_FLASH_KERNELS"
 GRAD_KEYS = ("q_quad", "k_quad", "q_lin", "k_lin", "v", "u")  # the inputs fwd+bwd differentiates
 
 
 def fused_kernels() -> contextlib.AbstractContextManager[None]:
     """The fused forward and backward for the duration (opt-in until verified on a GPU)."""
-    return h.env_flag(FUSED_FLAG)
+    return h.opt_in("flash_chunk_attention")
 
 
 def make_inputs(args, seqlen, dtype, device):

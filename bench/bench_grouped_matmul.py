@@ -174,7 +174,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ["SUBQ_EXPERIMENTAL_GROUPED_GEMM"] = "1"  # read by the op on every call
+    os.environ[subq.experimental.for_op("grouped_matmul").env] = "1"  # read by the op on every call
     if args.device.type != "cuda" or not torch.cuda.is_available():
         print(f"skip: bench_grouped_matmul compares CUDA grouped GEMMs and needs a CUDA device (device={args.device}, "
               f"torch.cuda.is_available()={torch.cuda.is_available()}); the CPU path is covered by the tests")

@@ -28,7 +28,6 @@ FULL = {"tokens": 16384, "n": [1024, 4096, 8192], "nblocks": [4, 16, 64]}
 QUICK = {"tokens": 256, "n": [256], "nblocks": [4, 16]}
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("subq", "subq_sm90", "two_bmm", "dense")
-SM90_FLAG = "SUBQ_EXPERIMENTAL_SM90_GEMM"  # read by the op on every forward and backward call
 REFERENCE_TOL = 1e-4  # fp32 two-bmm vs the float64 reference
 
 
@@ -82,7 +81,7 @@ def compare(fn: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], i
             tol: float, sm90_gemm: bool = False) -> dict:
     """Relative errors of fn's output and gradients against ref run on the same inputs cast to ref_dtype."""
     try:
-        with h.env_flag(SM90_FLAG, sm90_gemm):
+        with h.opt_in("monarch_matmul", on=sm90_gemm):
             got = output_and_grads(fn, inp.x, inp.w1, inp.w2, inp.dy)
         cast = [t.detach().to(ref_dtype).requires_grad_() for t in (inp.x, inp.w1, inp.w2)]
         want = output_and_grads(ref, *cast, inp.dy)
@@ -121,12 +120,12 @@ def make_call(impl: str, inp: Inputs, pass_name: str) -> Callable[[], object]:
     sm90_gemm = impl == "subq_sm90"
     if pass_name == "fwd":
         def forward() -> torch.Tensor:
-            with torch.no_grad(), h.env_flag(SM90_FLAG, sm90_gemm):
+            with torch.no_grad(), h.opt_in("monarch_matmul", on=sm90_gemm):
                 return fn(*args)
         return forward
 
     def forward_backward() -> tuple[torch.Tensor, ...]:
-        with h.env_flag(SM90_FLAG, sm90_gemm):  # the backward reads the flag too
+        with h.opt_in("monarch_matmul", on=sm90_gemm):  # the backward reads the flag too
             return torch.autograd.grad(fn(*args), args, inp.dy)
     return forward_backward
 

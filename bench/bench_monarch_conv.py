@@ -39,7 +39,6 @@ MAX_TOKENS = 64 * 16384  # batch * seqlen cap: the batch shrinks from L = 16K on
 PASSES = ("fwd", "fwd+bwd")
 GRAD_INPUTS = ("u", "k", "k_rev", "pregate", "postgate", "D")
 SUBQ_IMPLS = ("subq", "subq_monarch", "subq_fused")
-FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"  # read by the op on every forward and backward call
 FUSED_IMPL = "subq_fused"
 
 
@@ -79,7 +78,7 @@ def implementations() -> dict[str, Callable]:
 def fused_flag(name: str) -> contextlib.AbstractContextManager[None]:
     """For subq_fused, the fused kernels' opt-in flag set over the whole call, forward and backward; for the
     others, the environment as it is."""
-    return h.env_flag(FUSED_FLAG, on=name == FUSED_IMPL)
+    return h.opt_in("monarch_conv", on=name == FUSED_IMPL)
 
 
 def make_call(name, fn, inp, pass_name):

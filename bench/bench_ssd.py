@@ -28,7 +28,6 @@ FULL = {"batch": 4, "heads": 32, "headdim": 64, "dstate": 128, "seqlen": [1024, 
                                                                           65536]}
 QUICK = {"batch": 1, "heads": 4, "headdim": 16, "dstate": 16, "seqlen": [256, 512]}
 CHUNK = 256
-FUSED_FLAG = "SUBQ_EXPERIMENTAL_SSD_KERNELS"
 PASSES = ("fwd", "fwd+bwd")
 
 try:
@@ -103,7 +102,7 @@ def with_fused_flag(call):
     """The call with the fused kernels switched on for all of it: the backward reads the flag when autograd runs
     it, after the forward has returned."""
     def flagged():
-        with h.env_flag(FUSED_FLAG):
+        with h.opt_in("ssd_chunk_scan"):
             return call()
     return flagged
 

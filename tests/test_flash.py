@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
+from conftest import DEVICES, assert_within_budget, launched, max_err, opt_in, poison_cuda_allocator, run_profiled
 from subq.ops import FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 from subq.reference import flash_chunked_ref, flash_quadratic_ref, gau_attention_ref
 
@@ -466,7 +466,7 @@ def test_largest_sizes_gpu(causal):
         assert_within_budget(g, g_ref, g_plain, f"d{name}")
 
 
-# ---- the fused CUDA forward and backward (SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 until verified on a GPU) ---------------
+# ---- the fused CUDA forward and backward (opt-in until verified on a GPU) --------------------------------------------
 
 # (batch, seqlen, S, E, chunk_size, gate, bias): every C; L < C, L % C != 0 and an exact multiple; S off the
 # 32-feature step and E off the 64/128-value tiles; the largest S; one position.
@@ -485,7 +485,7 @@ FUSED_CASES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    opt_in(monkeypatch, "flash_chunk_attention")
     batch, seqlen, S, E, C, gate, bias = case
     args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
     poison_cuda_allocator()
@@ -495,7 +495,7 @@ def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
     ref = flash_quadratic_ref(**{k: v.double() for k, v in args.items()}, chunk_size=C, causal=causal)
     plain = flash_chunked_ref(**args, chunk_size=C, causal=causal)
     assert_within_budget(out, ref, plain, f"fused {dtype} causal={causal}")
-    monkeypatch.delenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS")
+    opt_in(monkeypatch, "flash_chunk_attention", on=False)
     composite = flash_chunk_attention(**args, chunk_size=C, causal=causal)
     assert max_err(out, composite) <= 2 * max_err(plain, ref) + 1e-3
 
@@ -508,7 +508,7 @@ def test_fused_cuda_backward(case, causal, dtype, monkeypatch):
     """Every gradient of the fused backward (the forward fused too) against float64 autograd through the quadratic
     formula, within the error budget of autograd through the plain chunked PyTorch in the same dtype; the gradients
     are allocated from NaN-poisoned memory, so an unwritten element fails."""
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    opt_in(monkeypatch, "flash_chunk_attention")
     batch, seqlen, S, E, C, gate, bias = case
     args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
     leaves = {k: v.requires_grad_() for k, v in args.items()}

@@ -97,7 +97,7 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 #ifdef SUBQ_WITH_CUDA
 // Opt-in: the fused kernels were written and compiled without a GPU, so the composite stays the default until the
 // GPU tests (tests/test_flash.py::test_fused_cuda_forward and test_fused_cuda_backward) have passed on one.
-bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_FLASH_KERNELS"); }
+bool fused_kernels_enabled() { return experimental_enabled(Experimental::kFlashKernels); }
 
 // The shapes and dtypes the kernels take (csrc/flash/flash_chunk_attention.h); the composite serves the rest.
 bool fused_kernels_take(const cpu::FlashChunkInputs& in) {

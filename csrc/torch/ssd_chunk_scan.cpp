@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 }
 
 #ifdef SUBQ_WITH_CUDA
-bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_SSD_KERNELS"); }
+bool fused_kernels_enabled() { return experimental_enabled(Experimental::kSsdKernels); }
 
 // The kernels' operand layouts: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
 struct DenseInputs {
