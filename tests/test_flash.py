@@ -259,6 +259,20 @@ def test_mixed_bias_dtype():
     assert leaves["rel_bias"].grad.dtype == torch.float32 and leaves["v"].grad.dtype == torch.bfloat16
 
 
+def test_raw_ops_refuse_a_chunk_size_below_one():
+    """Which chunk sizes the op takes is subq.ops.flash's rule (CHUNK_SIZES); the raw ops keep only the composite's
+    chunk arithmetic defined: 0 would divide by zero."""
+    args = make_inputs(1, 70, 3, 4)
+    features = [args[k] for k in FEATURES]
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1, got 0"):
+        torch.ops.subq.flash_chunk_attention_fwd(*features, args["v"], None, None, 0, False, 0.1, 0.02)
+    state = FlashDecodeState.allocate(1, 64, 3, 4, dtype=torch.float64)
+    token = [torch.randn(1, 3, dtype=torch.float64) for _ in FEATURES]
+    with pytest.raises(RuntimeError, match="k_quad_cache.shape\\[1\\] \\(the chunk size\\) must be >= 1, got 0"):
+        torch.ops.subq.flash_step(*token, torch.randn(1, 4, dtype=torch.float64), None, None, state.lin_state,
+                                  state.chunk_kv, state.k_quad_cache[:, :0], state.v_cache[:, :0], 0, 0.1, 0.1)
+
+
 def test_opcheck():
     args = make_inputs(1, 70, 3, 4, 64, gate=True, bias=True)
     tensors = [args[k].requires_grad_() for k in (*FEATURES, "v", "u", "rel_bias")]

@@ -310,6 +310,15 @@ def test_bad_cu_seqlens_values(cu):
         torch.ops.subq.ssd_chunk_scan_fwd(*raw, torch.tensor(cu).float(), 64, False, 0.0, float("inf"))
 
 
+def test_raw_op_refuses_a_chunk_size_below_one():
+    """Which chunk sizes the op takes is subq.ops.ssd's rule (CHUNK_SIZES); the raw op keeps only the composite's
+    chunk arithmetic defined: 0 would divide by zero."""
+    args = make_inputs(1, 70, 2, 4, 1, 8)
+    raw = [args[n] for n in ("x", "dt", "A", "B", "C")] + [None] * 6
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1, got 0"):
+        torch.ops.subq.ssd_chunk_scan_fwd(*raw, 0, False, 0.0, float("inf"))
+
+
 @pytest.mark.gpu
 def test_device_mismatch():
     args = make_inputs(1, 70, 2, 4, 1, 8)

@@ -30,6 +30,7 @@ PYBIND11_MODULE(_C, m) {
                 subq::monarch_conv::kMaxSeqlen, "], got ", seqlen);
     return subq::monarch_conv::fft_size(seqlen);
   }, "The FFT size subq.ops.monarch_conv uses for a sequence length: the smallest even 2^a 3^b 5^c 7^d >= 2 * seqlen.");
+  m.attr("monarch_conv_max_seqlen") = subq::monarch_conv::kMaxSeqlen;
   m.def("experimental_kernels", [] {
     pybind11::list rows;
     for (const auto& k : subq::glue::kExperimentalKernels) {
