@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from subq.profile.device import default_device, device_name, environment, slug
-from subq.profile.flags import env_flag
 from subq.profile.report import write_json
 from subq.profile.timing import median_ms, synchronize
 
-__all__ = ["default_device", "default_out", "env_flag", "environment", "fmt", "synchronize", "timed_or_error",
+__all__ = ["default_device", "default_out", "environment", "fmt", "synchronize", "timed_or_error",
            "write_json"]
 
 

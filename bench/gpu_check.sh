@@ -22,8 +22,6 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 # torch loads: two copies crash on the first formatted error message. Build with the system compiler, as torch was.
 export CC=/usr/bin/gcc CXX=/usr/bin/g++
 ARCH=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
-EXPERIMENTAL=(SUBQ_EXPERIMENTAL_SM90_GEMM=1 SUBQ_EXPERIMENTAL_SSD_KERNELS=1 SUBQ_EXPERIMENTAL_CONV_KERNELS=1
-              SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1 SUBQ_EXPERIMENTAL_GROUPED_GEMM=1)
 summary=()
 step() {
   summary+=("$1: $2")
@@ -66,6 +64,7 @@ fi
 if [[ $STEPS == *profile* ]]; then
   python3 -m subq.profile --out "$WORK/profile" >"$WORK/profile.log" 2>&1
   step profile "exit $?"
+  mapfile -t EXPERIMENTAL < <(python3 -m subq.info --experimental-env)  # NAME=1 for every opt-in flag
   env "${EXPERIMENTAL[@]}" python3 -m subq.profile --out "$WORK/profile_experimental" \
     >"$WORK/profile_experimental.log" 2>&1
   step "profile (opt-in kernels on)" "exit $?"

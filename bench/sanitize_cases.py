@@ -5,7 +5,7 @@ Sizes are chosen to hit partial tiles, the token padding of the Monarch intermed
 
 import torch
 
-from _harness import env_flag
+from subq.experimental import enabled
 from subq.ops import blockdiag_matmul, monarch_matmul, rmsnorm_gated, ssd_step
 
 
@@ -31,7 +31,7 @@ def run(dtype: torch.dtype, tf32: bool) -> None:
 def run_monarch_sm90(dtype: torch.dtype) -> None:
     """The Hopper wgmma GEMMs (opt-in flag set; the portable kernels elsewhere): 40 tokens put every GEMM on them,
     37 sends the token-contiguous ones back to the portable kernels."""
-    with env_flag("SUBQ_EXPERIMENTAL_SM90_GEMM"):
+    with enabled("monarch_matmul"):
         for tokens in (40, 37):
             monarch_and_blockdiag(dtype, tokens)
     torch.cuda.synchronize()
@@ -43,7 +43,7 @@ def run_grouped_matmul(dtype: torch.dtype, tf32: bool) -> None:
     from subq.ops import grouped_matmul
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    with env_flag("SUBQ_EXPERIMENTAL_GROUPED_GEMM"):
+    with enabled("grouped_matmul"):
         for sizes, tail, k, n in (([37, 0, 90, 13], 5, 24, 40), ([13, 29], 3, 7, 9), ([], 4, 16, 8)):
             x = torch.randn(sum(sizes) + tail, k, device="cuda", dtype=dtype, requires_grad=True)
             w = torch.randn(len(sizes), k, n, device="cuda", dtype=dtype, requires_grad=True)
@@ -56,7 +56,7 @@ def run_grouped_matmul(dtype: torch.dtype, tf32: bool) -> None:
 def run_norm_step(dtype: torch.dtype) -> None:
     """rmsnorm_gated: vector and scalar paths, warp and block units, both gate orders; ssd_step: a partial P tile,
     a state row shorter than one team's vectors, fp32 and low-precision state, strided (scalar) state."""
-    with env_flag("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS"):
+    with enabled("rmsnorm_gated", "ssd_step"):
         for dim, group_size, offset in ((200, 40, 0), (2200, 1100, 0), (129, 43, 1)):
             base = torch.randn(37, dim + offset, device="cuda", dtype=dtype)
             x = base[:, offset:].requires_grad_()
@@ -84,7 +84,7 @@ def run_causal_conv1d(dtype: torch.dtype) -> None:
 
     channels_first = torch.randn(2, 37, 70, device="cuda", dtype=dtype)
     channels_last = torch.randn(2, 70, 37, device="cuda", dtype=dtype).transpose(1, 2)
-    with env_flag("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS"):
+    with enabled("causal_conv1d"):
         for x in (channels_first, channels_last):
             x.requires_grad_()
             w = torch.randn(37, 4, device="cuda", requires_grad=True)
@@ -106,7 +106,7 @@ def run_flash_fused(dtype: torch.dtype) -> None:
     and without (the second), both modes."""
     from subq.ops import flash_chunk_attention
 
-    with env_flag("SUBQ_EXPERIMENTAL_FLASH_KERNELS"):
+    with enabled("flash_chunk_attention"):
         for batch, seqlen, s, e, chunk, gated in ((2, 150, 40, 130, 128, True), (1, 50, 8, 24, 64, False)):
             kw = dict(device="cuda", dtype=dtype, requires_grad=True)
             qk = [torch.randn(batch, seqlen, s, **kw) for _ in range(4)]
@@ -126,7 +126,7 @@ def run_monarch_conv_fused(dtype: torch.dtype) -> None:
     skipped), a precomputed spectrum (no filter gradient)."""
     from subq.ops import monarch_conv, monarch_conv_filter
 
-    with env_flag("SUBQ_EXPERIMENTAL_CONV_KERNELS"):
+    with enabled("monarch_conv"):
         for seqlen, filter_len, bidirectional, gated in ((2, 1, True, True), (100, 60, False, False),
                                                           (2048, 1500, False, True), (4097, 4097, True, True)):
             u = torch.randn(2, 3, seqlen, device="cuda", dtype=dtype, requires_grad=True)
@@ -148,7 +148,7 @@ def run_ssd_fused(dtype: torch.dtype) -> None:
     groups, per-channel D, z, the dt chain, initial and final states, seq_idx; then a case without D or z."""
     from subq.ops import ssd_chunk_scan
 
-    with env_flag("SUBQ_EXPERIMENTAL_SSD_KERNELS"):
+    with enabled("ssd_chunk_scan"):
         batch, seqlen, heads, head_dim, groups, dstate = 2, 150, 4, 40, 2, 24
         kw = dict(device="cuda", dtype=dtype, requires_grad=True)
         x, z = (torch.randn(batch, seqlen, heads, head_dim, **kw) for _ in range(2))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import subq
+from subq import experimental
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -28,17 +29,25 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-# CUDA kernels written without a GPU stay opt-in until their GPU tests pass on one. These flags switch on kernels
-# that replace an op's whole CUDA path (not a fused alternative with tests of its own), so every gpu-marked test,
-# the device sweeps included, runs them; each op's test_cuda_kernels_are_opt_in covers the default path.
-REPLACING_KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_GROUPED_GEMM")
-
-
+# CUDA kernels written without a GPU stay opt-in until their GPU tests pass on one. Those that are an op's whole CUDA
+# implementation (not a fused alternative with tests of its own) are on in every gpu-marked test, the device sweeps
+# included; each such op's test_cuda_kernels_are_opt_in covers the default path.
 @pytest.fixture(autouse=True)
 def _opt_in_kernels_on_gpu(request, monkeypatch):
     if "gpu" in request.node.keywords:
-        for flag in REPLACING_KERNEL_FLAGS:
-            monkeypatch.setenv(flag, "1")
+        for entry in experimental.KERNELS:
+            if entry.whole_op:
+                monkeypatch.setenv(entry.env, "1")
+
+
+def opt_in(monkeypatch, op: str, on: bool = True) -> str:
+    """The opt-in CUDA kernels of public op `op` switched on (or off) for the rest of the test; returns their flag."""
+    flag = experimental.for_op(op).env
+    if on:
+        monkeypatch.setenv(flag, "1")
+    else:
+        monkeypatch.delenv(flag, raising=False)
+    return flag
 
 
 def poison_cuda_allocator() -> None:
@@ -60,14 +69,11 @@ def launched(names: list[str], part: str) -> bool:
     return any(part.lower() in name.lower() for name in names)
 
 
-def assert_opt_in(monkeypatch, flag: str, kernels: list[str], run) -> None:
-    """run() (which checks its own results) launches every one of `kernels` with `flag` set, as the gpu tests set it,
-    and none of them once the flag is unset: the op's default CUDA path."""
+def assert_opt_in(monkeypatch, op: str, kernels: list[str], run) -> None:
+    """run() (which checks its own results) launches every one of `kernels` with op's opt-in flag set, as the gpu
+    tests set it, and none of them once the flag is unset: the op's default CUDA path."""
     for enabled in (True, False):
-        if enabled:
-            monkeypatch.setenv(flag, "1")
-        else:
-            monkeypatch.delenv(flag, raising=False)
+        flag = opt_in(monkeypatch, op, enabled)
         _, names = run_profiled(run)
         expected = enabled and subq.cuda_built()
         for kernel in kernels:

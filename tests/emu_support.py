@@ -22,14 +22,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_within_budget
+from subq import experimental
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "csrc" / "emu"))
 import build as emu_build  # noqa: E402
 
-# Every opt-in kernel family: emulated cases run the kernels, never the glue's composite fallback.
-KERNEL_FLAGS = ("SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "SUBQ_EXPERIMENTAL_SSD_KERNELS",
-                "SUBQ_EXPERIMENTAL_FLASH_KERNELS", "SUBQ_EXPERIMENTAL_CONV_KERNELS", "SUBQ_EXPERIMENTAL_GROUPED_GEMM")
+# Every opt-in kernel family the emulator can run (no arch-specific ones: it has no sm_90a): emulated cases run the
+# kernels, never the glue's composite fallback.
+KERNEL_FLAGS = tuple(entry.env for entry in experimental.KERNELS if entry.needs_arch is None)
 # (SUBQ_EMU_SCHEDULE, SUBQ_EMU_SEED): thread and block order, and the WMMA fragment layout with them.
 SCHEDULES = (("forward", "1"), ("reverse", "1"), ("random", "7"))
 # The worst fraction of its error budget each op's outputs and gradients used (printed in pytest's summary).

@@ -429,7 +429,7 @@ def test_cuda_kernels_write_every_element(shape, layout, dtype):
 @pytest.mark.gpu
 def test_cuda_kernels_are_opt_in(monkeypatch):
     """Until verified on a GPU the kernels (forward, backward, update) run only with
-    SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1; the default CUDA path is the ATen composite."""
+    their opt-in flag set; the default CUDA path is the ATen composite."""
     x, weight, kwargs = make_case(2, 64, 300, 4, "states", "channels_last", torch.bfloat16, device="cuda")
     inputs = leaves(x, weight, kwargs)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -454,7 +454,7 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
         assert max_err(step, step_ref) <= 1e-2 * max(1.0, step_ref.abs().max().item())
 
     kernels = ["causal_conv1d_fwd_kernel", "causal_conv1d_bwd_kernel", "causal_conv1d_update_kernel"]
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", kernels, run)
+    assert_opt_in(monkeypatch, "causal_conv1d", kernels, run)
 
 
 @pytest.mark.gpu

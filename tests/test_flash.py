@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
+from conftest import DEVICES, assert_within_budget, launched, max_err, opt_in, poison_cuda_allocator, run_profiled
 from subq.ops import FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 from subq.reference import flash_chunked_ref, flash_quadratic_ref, gau_attention_ref
 
@@ -259,6 +259,20 @@ def test_mixed_bias_dtype():
     assert leaves["rel_bias"].grad.dtype == torch.float32 and leaves["v"].grad.dtype == torch.bfloat16
 
 
+def test_raw_ops_refuse_a_chunk_size_below_one():
+    """Which chunk sizes the op takes is subq.ops.flash's rule (CHUNK_SIZES); the raw ops keep only the composite's
+    chunk arithmetic defined: 0 would divide by zero."""
+    args = make_inputs(1, 70, 3, 4)
+    features = [args[k] for k in FEATURES]
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1, got 0"):
+        torch.ops.subq.flash_chunk_attention_fwd(*features, args["v"], None, None, 0, False, 0.1, 0.02)
+    state = FlashDecodeState.allocate(1, 64, 3, 4, dtype=torch.float64)
+    token = [torch.randn(1, 3, dtype=torch.float64) for _ in FEATURES]
+    with pytest.raises(RuntimeError, match="k_quad_cache.shape\\[1\\] \\(the chunk size\\) must be >= 1, got 0"):
+        torch.ops.subq.flash_step(*token, torch.randn(1, 4, dtype=torch.float64), None, None, state.lin_state,
+                                  state.chunk_kv, state.k_quad_cache[:, :0], state.v_cache[:, :0], 0, 0.1, 0.1)
+
+
 def test_opcheck():
     args = make_inputs(1, 70, 3, 4, 64, gate=True, bias=True)
     tensors = [args[k].requires_grad_() for k in (*FEATURES, "v", "u", "rel_bias")]
@@ -466,7 +480,7 @@ def test_largest_sizes_gpu(causal):
         assert_within_budget(g, g_ref, g_plain, f"d{name}")
 
 
-# ---- the fused CUDA forward and backward (SUBQ_EXPERIMENTAL_FLASH_KERNELS=1 until verified on a GPU) ---------------
+# ---- the fused CUDA forward and backward (opt-in until verified on a GPU) --------------------------------------------
 
 # (batch, seqlen, S, E, chunk_size, gate, bias): every C; L < C, L % C != 0 and an exact multiple; S off the
 # 32-feature step and E off the 64/128-value tiles; the largest S; one position.
@@ -485,7 +499,7 @@ FUSED_CASES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    opt_in(monkeypatch, "flash_chunk_attention")
     batch, seqlen, S, E, C, gate, bias = case
     args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
     poison_cuda_allocator()
@@ -495,7 +509,7 @@ def test_fused_cuda_forward(case, causal, dtype, monkeypatch):
     ref = flash_quadratic_ref(**{k: v.double() for k, v in args.items()}, chunk_size=C, causal=causal)
     plain = flash_chunked_ref(**args, chunk_size=C, causal=causal)
     assert_within_budget(out, ref, plain, f"fused {dtype} causal={causal}")
-    monkeypatch.delenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS")
+    opt_in(monkeypatch, "flash_chunk_attention", on=False)
     composite = flash_chunk_attention(**args, chunk_size=C, causal=causal)
     assert max_err(out, composite) <= 2 * max_err(plain, ref) + 1e-3
 
@@ -508,7 +522,7 @@ def test_fused_cuda_backward(case, causal, dtype, monkeypatch):
     """Every gradient of the fused backward (the forward fused too) against float64 autograd through the quadratic
     formula, within the error budget of autograd through the plain chunked PyTorch in the same dtype; the gradients
     are allocated from NaN-poisoned memory, so an unwritten element fails."""
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_FLASH_KERNELS", "1")
+    opt_in(monkeypatch, "flash_chunk_attention")
     batch, seqlen, S, E, C, gate, bias = case
     args = make_inputs(batch, seqlen, S, E, C, "cuda", dtype, gate=gate, bias=bias, bias_dtype=torch.float32)
     leaves = {k: v.requires_grad_() for k, v in args.items()}

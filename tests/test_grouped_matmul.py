@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import subq
-from conftest import DEVICES, assert_opt_in, assert_within_budget, max_err, poison_cuda_allocator, run_profiled
+from conftest import DEVICES, assert_opt_in, assert_within_budget, max_err, opt_in, poison_cuda_allocator, run_profiled
 from subq.ops import grouped_matmul
 from subq.reference import grouped_matmul_ref
 
@@ -264,7 +264,7 @@ def test_cuda_kernels_write_every_element(case, dtype):
 @pytest.mark.parametrize("kernels", [True, False], ids=["cutlass", "composite"])
 def test_cuda_never_waits_for_the_host(kernels, monkeypatch):
     if not kernels:
-        monkeypatch.delenv("SUBQ_EXPERIMENTAL_GROUPED_GEMM")
+        opt_in(monkeypatch, "grouped_matmul", on=False)
     x, w, sizes, b = leaves(*make_case([37, 0, 90, 13], 5, 24, 40, dtype=torch.bfloat16, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -278,7 +278,7 @@ def test_cuda_never_waits_for_the_host(kernels, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_kernels_are_opt_in(monkeypatch):
-    """Until verified on a GPU the CUTLASS kernels run only with SUBQ_EXPERIMENTAL_GROUPED_GEMM=1; the default CUDA
+    """Until verified on a GPU the CUTLASS kernels run only with their opt-in flag set; the default CUDA
     path is the expanded composite."""
     x, w, sizes, b = leaves(*make_case([64, 0, 200, 31], 9, 64, 128, dtype=torch.bfloat16, device="cuda"))
     plain = grouped_matmul_ref(x, w, sizes, b)
@@ -294,7 +294,7 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
                                    strict=True):
             assert_within_budget(g, rg, pg, name)
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_GROUPED_GEMM", ["GemmGrouped"], run)
+    assert_opt_in(monkeypatch, "grouped_matmul", ["GemmGrouped"], run)
 
 
 @pytest.mark.gpu

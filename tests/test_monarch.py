@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import subq
-from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
+from conftest import DEVICES, assert_within_budget, launched, max_err, opt_in, poison_cuda_allocator, run_profiled
 from subq.ops import blockdiag_matmul, monarch_matmul
 from subq.profile.ops.monarch import two_bmm
 from subq.reference import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref
@@ -455,7 +455,7 @@ def test_cuda_large_batch_and_blocks():
     assert_within_budget(y, ref, plain, "y")
 
 
-# ---- the Hopper wgmma GEMMs (SUBQ_EXPERIMENTAL_SM90_GEMM=1 until verified on an H100) ------------------------------
+# ---- the Hopper wgmma GEMMs (opt-in until verified on an H100) -------------------------------------------------------
 
 
 @pytest.mark.gpu
@@ -471,7 +471,7 @@ def test_hopper_gemm_path(monkeypatch, dtype, shape, tokens):
         pytest.skip("this build has no sm_90a kernels")
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SM90_GEMM", "1")
+    opt_in(monkeypatch, "monarch_matmul")
     x, w1, w2 = _low_precision_case("cuda", dtype, shape, tokens)
     _check_monarch_within_budget(x, w1, w2)
     x64, w64 = x.detach().double(), w1.detach().double()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import subq
-from conftest import DEVICES, assert_within_budget, launched, max_err, poison_cuda_allocator, run_profiled
+from conftest import DEVICES, assert_within_budget, launched, max_err, opt_in, poison_cuda_allocator, run_profiled
 from subq.ops import monarch_conv, monarch_conv_filter
 from subq.ops.monarch_conv import fft_size
 from subq.reference import monarch_conv_fft_ref, monarch_conv_ref
@@ -433,9 +433,7 @@ def test_device_mismatch():
         monarch_conv(**args)
 
 
-# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_CONV_KERNELS=1 until verified on a GPU) ------------------------------
-
-FUSED_FLAG = "SUBQ_EXPERIMENTAL_CONV_KERNELS"
+# ---- the fused CUDA forward (opt-in until verified on a GPU) ---------------------------------------------------------
 
 
 def _run_fused(fn, kernel="monarch_conv_fused"):
@@ -464,7 +462,7 @@ def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
     """1, 2 and 3 Monarch stages (M = 4 ... 16384), prime and odd lengths; enough rows that the low-precision
     budget rests on many roundings. Stages on CUDA cores only (odd factors), on tensor cores only (256 = 16 16,
     8192 = 16 16 32), and both (2048 = 8 16 16)."""
-    monkeypatch.setenv(FUSED_FLAG, "1")
+    opt_in(monkeypatch, "monarch_conv")
     options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
     args = make_inputs(4, 16, seqlen, seqlen, "cuda", dtype, options=options, param_dtype=torch.float32)
     poison_cuda_allocator()
@@ -478,7 +476,7 @@ def test_fused_cuda_forward(bidirectional, gated, seqlen, dtype, monkeypatch):
 def test_fused_cuda_forward_spectrum_and_fallback(monkeypatch):
     """A precomputed spectrum feeds the kernel; a size beyond the kernel's shared memory (M/2 > 16384) and
     algorithm="fft" take the composite."""
-    monkeypatch.setenv(FUSED_FLAG, "1")
+    opt_in(monkeypatch, "monarch_conv")
     args = make_inputs(2, 8, 1000, 300, "cuda", torch.float32, options=("k_rev", "pregate", "postgate", "D"))
     y_ref, y_plain = _ref64(args), ref_call(args, monarch_conv_fft_ref)
     spec = monarch_conv_filter(args["k"], 1000, k_rev=args["k_rev"])
@@ -531,7 +529,7 @@ def test_fused_cuda_backward(bidirectional, gated, seqlen, dtype, monkeypatch):
     """Every gradient (u, k, k_rev, pregate, postgate, D) of the fused backward: 1, 2 and 3 Monarch stages
     (M = 4 ... 8232), prime and odd lengths, stages on CUDA cores, tensor cores (256) and both (2048), a filter
     shorter than L (one tap at L = 2), float32 parameters."""
-    monkeypatch.setenv(FUSED_FLAG, "1")
+    opt_in(monkeypatch, "monarch_conv")
     options = (("k_rev",) if bidirectional else ()) + (("pregate", "postgate", "D") if gated else ())
     filter_len = max(1, 2 * seqlen // 3)
     args = make_inputs(4, 16, seqlen, filter_len, "cuda", dtype, options=options, param_dtype=torch.float32)
@@ -543,7 +541,7 @@ def test_fused_cuda_backward(bidirectional, gated, seqlen, dtype, monkeypatch):
 def test_fused_cuda_backward_spectrum_params_and_determinism(dtype, monkeypatch):
     """A precomputed spectrum (gradients of u, the gates and D only); filters and D in the input dtype; two runs
     give bit-identical gradients (the batch sums run in a fixed order, no atomics)."""
-    monkeypatch.setenv(FUSED_FLAG, "1")
+    opt_in(monkeypatch, "monarch_conv")
     options = ("k_rev", "pregate", "postgate", "D")
     args = make_inputs(3, 8, 700, 500, "cuda", dtype, options=options, param_dtype=dtype)
     dy = torch.randn(3, 8, 700, device="cuda", dtype=torch.float64)
@@ -556,7 +554,7 @@ def test_fused_cuda_backward_spectrum_params_and_determinism(dtype, monkeypatch)
 @pytest.mark.gpu
 def test_fused_cuda_backward_fallback(monkeypatch):
     """algorithm="fft" and a size beyond the kernels' shared memory (M/2 > 16384) take the composite backward."""
-    monkeypatch.setenv(FUSED_FLAG, "1")
+    opt_in(monkeypatch, "monarch_conv")
 
     def backward_ran(args, algorithm):
         leaves = [t.requires_grad_() for t in args.values()]

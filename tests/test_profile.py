@@ -397,7 +397,7 @@ def test_opt_in_variant_holds_its_flag_over_forward_and_backward():
     inputs = {"x": torch.randn(3, 4, requires_grad=True), "dy": torch.randn(3, 4)}
     before = os.environ.get(impl.flag)
     make_call(spy, inputs, {}, "fwd+bwd")()
-    make_call(dataclasses.replace(spy, flag=None), inputs, {}, "fwd")()
+    make_call(dataclasses.replace(spy, opt_in=None), inputs, {}, "fwd")()
     assert seen == [("fwd", "1"), ("bwd", "1"), ("fwd", before)]
     assert os.environ.get(impl.flag) == before
 

@@ -273,7 +273,7 @@ def test_cuda_writes_every_element_and_is_deterministic(dtype, dim, group_size):
 
 @pytest.mark.gpu
 def test_cuda_kernels_are_opt_in(monkeypatch):
-    """Until verified on a GPU the kernels run only with SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1; the default CUDA path is
+    """Until verified on a GPU the kernels run only with their opt-in flag set; the default CUDA path is
     the ATen composite."""
     x, weight, z = make_inputs((257,), 1024, "before", torch.bfloat16, torch.float32, "cuda", True)
     ref = rmsnorm_gated_ref(x.double(), weight.double(), z.double(), group_size=256)
@@ -291,7 +291,7 @@ def test_cuda_kernels_are_opt_in(monkeypatch):
             assert_within_budget(g, rg, pg, name)
 
     kernels = ["rmsnorm_gated_fwd_kernel", "rmsnorm_gated_bwd_kernel"]
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", kernels, run)
+    assert_opt_in(monkeypatch, "rmsnorm_gated", kernels, run)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, assert_within_budget, launched, max_err, run_profiled
+from conftest import DEVICES, assert_within_budget, launched, max_err, opt_in, run_profiled
 from subq.ops import ssd_chunk_scan
 from subq.reference import ssd_chunked_ref, ssd_ref
 
@@ -310,6 +310,15 @@ def test_bad_cu_seqlens_values(cu):
         torch.ops.subq.ssd_chunk_scan_fwd(*raw, torch.tensor(cu).float(), 64, False, 0.0, float("inf"))
 
 
+def test_raw_op_refuses_a_chunk_size_below_one():
+    """Which chunk sizes the op takes is subq.ops.ssd's rule (CHUNK_SIZES); the raw op keeps only the composite's
+    chunk arithmetic defined: 0 would divide by zero."""
+    args = make_inputs(1, 70, 2, 4, 1, 8)
+    raw = [args[n] for n in ("x", "dt", "A", "B", "C")] + [None] * 6
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1, got 0"):
+        torch.ops.subq.ssd_chunk_scan_fwd(*raw, 0, False, 0.0, float("inf"))
+
+
 @pytest.mark.gpu
 def test_device_mismatch():
     args = make_inputs(1, 70, 2, 4, 1, 8)
@@ -318,7 +327,7 @@ def test_device_mismatch():
         ssd_chunk_scan(**args, chunk_size=64)
 
 
-# ---- the fused CUDA forward (SUBQ_EXPERIMENTAL_SSD_KERNELS=1 until verified on a GPU) ------------------------------
+# ---- the fused CUDA forward (opt-in until verified on a GPU) ---------------------------------------------------------
 
 FUSED_CASES = [
     (2, 300, 4, 64, 1, 128, 256, {}),
@@ -334,7 +343,7 @@ FUSED_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-P{c[3]}-G{c[4]}-N{c[5]}-Q{c[6]}")
 def test_fused_cuda_forward(case, dtype, monkeypatch):
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SSD_KERNELS", "1")
+    opt_in(monkeypatch, "ssd_chunk_scan")
     batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
     opts = dict(opts)
     tensor_opts = {k: opts.pop(k) for k in ("D", "z", "dt_bias", "initial_states") if k in opts}
@@ -350,7 +359,7 @@ def test_fused_cuda_forward(case, dtype, monkeypatch):
     y_plain, final_plain = ssd_chunked_ref(**args, **opts, chunk_size=chunk)
     assert_within_budget(y, y_ref, y_plain, f"y {dtype}")
     assert_within_budget(final, final_ref, final_plain, f"final_states {dtype}")
-    monkeypatch.delenv("SUBQ_EXPERIMENTAL_SSD_KERNELS")
+    opt_in(monkeypatch, "ssd_chunk_scan", on=False)
     y_composite = ssd_chunk_scan(**args, **opts, chunk_size=chunk)
     assert max_err(y, y_composite) <= 2 * max_err(y_plain, y_ref) + 1e-3
 
@@ -377,7 +386,7 @@ FUSED_BWD_CASES = [
 def test_fused_cuda_backward(case, dtype, monkeypatch):
     """Every gradient of the fused path against float64 autograd through the chunked reference, within the error
     budget of the same reference run in the low precision (assert_within_budget also rejects NaN and Inf)."""
-    monkeypatch.setenv("SUBQ_EXPERIMENTAL_SSD_KERNELS", "1")
+    opt_in(monkeypatch, "ssd_chunk_scan")
     batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
     opts = dict(opts)
     with_final = opts.pop("final", True)

@@ -304,7 +304,7 @@ def test_cuda_team_sizes_and_layouts(state_dim, state_dtype, contiguous_state):
 
 @pytest.mark.gpu
 def test_cuda_kernel_is_opt_in(monkeypatch):
-    """Until verified on a GPU the kernel runs only with SUBQ_EXPERIMENTAL_MAMBA2_KERNELS=1; the default CUDA path is
+    """Until verified on a GPU the kernel runs only with its opt-in flag set; the default CUDA path is
     the ATen composite."""
     inputs = make_inputs((3, 8, 64, 128, 2), OPTIONS[1], torch.bfloat16, torch.float32, torch.float32, "cuda")
     inputs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -316,7 +316,7 @@ def test_cuda_kernel_is_opt_in(monkeypatch):
         assert_within_budget(y, y_ref, y_plain, "y")
         assert_within_budget(state, state_ref, state_plain, "state")
 
-    assert_opt_in(monkeypatch, "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", ["ssd_step_kernel"], run)
+    assert_opt_in(monkeypatch, "ssd_step", ["ssd_step_kernel"], run)
 
 
 @pytest.mark.gpu

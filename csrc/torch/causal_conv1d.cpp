@@ -129,7 +129,7 @@ at::Tensor update_composite(const at::Tensor& x, const at::Tensor& conv_state, c
 #ifdef SUBQ_WITH_CUDA
 
 // The kernels are opt-in until their GPU tests have passed on a GPU (they were written without one).
-bool has_kernels(at::ScalarType t) { return has_kernel_dtype(t) && mamba2_layer_kernels_enabled(); }
+bool has_kernels(at::ScalarType t) { return has_kernel_dtype(t) && experimental_enabled(Experimental::kMamba2Kernels); }
 
 Strides3 strides(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
 

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_expanded(const at::Tensor& dy
 
 // The CUTLASS grouped GEMM is opt-in until its GPU tests have passed on a GPU (it was written without one).
 bool has_kernels(at::ScalarType t) {
-  return has_kernel_dtype(t) && experimental_flag("SUBQ_EXPERIMENTAL_GROUPED_GEMM");
+  return has_kernel_dtype(t) && experimental_enabled(Experimental::kGroupedGemm);
 }
 
 struct Shape {

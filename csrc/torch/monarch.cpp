@@ -110,7 +110,7 @@ bool ran(Status status, const char* op) {
 
 // Opt-in until tests/test_monarch.py::test_hopper_gemm_path has passed on an H100: the wgmma GEMMs for 16-bit inputs.
 GemmPath gemm_path() {
-  return experimental_flag("SUBQ_EXPERIMENTAL_SM90_GEMM") ? GemmPath::kHopperWhenAvailable : GemmPath::kPortable;
+  return experimental_enabled(Experimental::kSm90Gemm) ? GemmPath::kHopperWhenAvailable : GemmPath::kPortable;
 }
 
 BlockdiagParams blockdiag_params(const at::Tensor& x, const at::Tensor& w) {

@@ -96,7 +96,7 @@ cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const O
 #ifdef SUBQ_WITH_CUDA
 // Opt-in: the fused kernels were written and compiled without a GPU; they become the default once
 // test_fused_cuda_forward, test_fused_cuda_backward and the sanitizer cases have passed on one.
-bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_CONV_KERNELS"); }
+bool fused_kernels_enabled() { return experimental_enabled(Experimental::kConvKernels); }
 
 // What both fused kernels read: contiguous inputs (held here while a kernel runs) and the params pointing at them.
 struct FusedInputs {

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "monarch_conv/monarch_conv.h"
+#include "torch/experimental_flags.h"
 
 TORCH_LIBRARY(subq, m) {
   m.def("blockdiag_fwd(Tensor x, Tensor w) -> Tensor");
@@ -29,4 +30,19 @@ PYBIND11_MODULE(_C, m) {
                 subq::monarch_conv::kMaxSeqlen, "], got ", seqlen);
     return subq::monarch_conv::fft_size(seqlen);
   }, "The FFT size subq.ops.monarch_conv uses for a sequence length: the smallest even 2^a 3^b 5^c 7^d >= 2 * seqlen.");
+  m.attr("monarch_conv_max_seqlen") = subq::monarch_conv::kMaxSeqlen;
+  m.def("experimental_kernels", [] {
+    pybind11::list rows;
+    for (const auto& k : subq::glue::kExperimentalKernels) {
+      pybind11::dict row;
+      row["env"] = k.env;
+      row["ops"] = k.ops;
+      row["kernels"] = k.kernels;
+      row["needs_arch"] = k.needs_arch;
+      row["whole_op"] = k.whole_op;
+      row["why"] = k.why;
+      rows.append(row);
+    }
+    return rows;
+  }, "The opt-in CUDA kernels (csrc/torch/experimental_flags.h), one dict per flag; read through subq.experimental.");
 }

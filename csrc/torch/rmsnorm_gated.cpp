@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, con
 #ifdef SUBQ_WITH_CUDA
 
 // The kernels are opt-in until their GPU tests have passed on a GPU (they were written without one).
-bool has_kernels(at::ScalarType t) { return has_kernel_dtype(t) && mamba2_layer_kernels_enabled(); }
+bool has_kernels(at::ScalarType t) { return has_kernel_dtype(t) && experimental_enabled(Experimental::kMamba2Kernels); }
 
 // The kernels take a row stride but need unit stride along features.
 at::Tensor rows_unit_stride(const at::Tensor& m) {

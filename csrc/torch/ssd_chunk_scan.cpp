@@ -27,8 +27,9 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 cpu::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
-  TORCH_CHECK(chunk_size == 64 || chunk_size == 128 || chunk_size == 256,
-              "chunk_size must be 64, 128 or 256, got ", chunk_size);
+  // Which sizes the op takes is subq.ops.ssd's rule (CHUNK_SIZES, an int argument); the glue only keeps the
+  // composite's chunk arithmetic defined, and the fused kernels refuse sizes they were not built for.
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   TORCH_CHECK(dt_min >= 0 && dt_min <= dt_max, "dt_limit must be (lo, hi) with 0 <= lo <= hi, got (", dt_min,
               ", ", dt_max, ")");
   cpu::SsdOptions opt;
@@ -117,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 }
 
 #ifdef SUBQ_WITH_CUDA
-bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_SSD_KERNELS"); }
+bool fused_kernels_enabled() { return experimental_enabled(Experimental::kSsdKernels); }
 
 // The kernels' operand layouts: dense 16-bit x, B, C, z; float32 dt and parameters; int32 seq_idx.
 struct DenseInputs {

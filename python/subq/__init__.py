@@ -30,7 +30,7 @@ except ImportError as err:  # pragma: no cover - only without a built extension
         "reinstall with `pip install --no-build-isolation .` from the source tree"
     ) from err
 
-from subq import nn, ops, reference
+from subq import experimental, nn, ops, reference
 
 try:
     __version__ = importlib.metadata.version("subq")  # 0.1.0+cu130torch2.11: the torch and CUDA it was built for
@@ -48,4 +48,4 @@ def cuda_archs() -> str:
     return _C.cuda_archs()
 
 
-__all__ = ["cuda_archs", "cuda_built", "nn", "ops", "reference", "__version__"]
+__all__ = ["cuda_archs", "cuda_built", "experimental", "nn", "ops", "reference", "__version__"]

@@ -2,12 +2,15 @@
 
 Versions (subq, torch, CUDA, Python), the build (CUDA or CPU-only, its archs, the torch it was built against), the
 GPU found, and for each op the path it takes on this device: the fused CUDA kernel, or the ATen composite, with
-the opt-in flag (``SUBQ_EXPERIMENTAL_*``) that changes it.
+the opt-in flag (``SUBQ_EXPERIMENTAL_*``, listed by :mod:`subq.experimental`) that changes it.
+
+``python -m subq.info --experimental-env`` prints instead one ``NAME=1`` line per opt-in flag (bench/gpu_check.sh
+switches every opt-in kernel on with them).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import platform
 import sys
 from dataclasses import dataclass
@@ -15,33 +18,24 @@ from dataclasses import dataclass
 import torch
 
 import subq
+from subq import experimental
 
 
 @dataclass(frozen=True)
 class OpKernels:
-    """An op's CUDA kernels: their opt-in flag (None: on by default), what they are, the arch the build needs."""
+    """Ops' CUDA kernels: what they are, and their opt-in flag's row (None: on by default)."""
 
     op: str
-    flag: str | None
     kernels: str
-    needs_arch: str | None = None
+    opt_in: experimental.ExperimentalKernels | None = None
 
 
 # The ops with hand-written or CUTLASS CUDA kernels; the rest run ATen composites on every device.
 OP_KERNELS = (
-    OpKernels("monarch_matmul", None, "CUTLASS batched GEMMs + permutation kernel"),
-    OpKernels("monarch_matmul (Hopper)", "SUBQ_EXPERIMENTAL_SM90_GEMM", "CUTLASS 3 TMA + wgmma GEMMs", "90a"),
-    OpKernels("ssd_chunk_scan", "SUBQ_EXPERIMENTAL_SSD_KERNELS", "fused tensor-core forward and backward"),
-    OpKernels("ssd_step, causal_conv1d, rmsnorm_gated", "SUBQ_EXPERIMENTAL_MAMBA2_KERNELS", "CUDA kernels"),
-    OpKernels("monarch_conv", "SUBQ_EXPERIMENTAL_CONV_KERNELS", "fused Monarch-DFT forward and backward"),
-    OpKernels("flash_chunk_attention", "SUBQ_EXPERIMENTAL_FLASH_KERNELS", "fused tensor-core forward and backward"),
-    OpKernels("grouped_matmul", "SUBQ_EXPERIMENTAL_GROUPED_GEMM", "CUTLASS grouped GEMM"),
+    OpKernels("monarch_matmul, blockdiag_matmul", "CUTLASS batched GEMMs + permutation kernel"),
+    *(OpKernels(", ".join(e.ops) + (f" (sm_{e.needs_arch})" if e.needs_arch else ""), e.kernels, e)
+      for e in experimental.KERNELS),
 )
-
-
-def flag_on(flag: str | None) -> bool:
-    """As the glue reads it (csrc/torch/experimental_flags.h): on when the variable is exactly "1"."""
-    return flag is None or os.environ.get(flag) == "1"
 
 
 def op_path(entry: OpKernels, gpu: bool) -> str:
@@ -49,11 +43,14 @@ def op_path(entry: OpKernels, gpu: bool) -> str:
         return "ATen composite (CPU)"
     if not subq.cuda_built():
         return "ATen composite (CPU-only build: no CUDA kernels compiled)"
-    if entry.needs_arch and entry.needs_arch not in subq.cuda_archs().split(";"):
-        return f"not in this build (it has no sm_{entry.needs_arch})"
-    if flag_on(entry.flag):
-        return f"{entry.kernels}" + (f" ({entry.flag}=1)" if entry.flag else "")
-    return f"ATen composite (set {entry.flag}=1 for the {entry.kernels})"
+    opt_in = entry.opt_in
+    if opt_in is None:
+        return entry.kernels
+    if opt_in.needs_arch and opt_in.needs_arch not in subq.cuda_archs().split(";"):
+        return f"not in this build (it has no sm_{opt_in.needs_arch})"
+    if opt_in.on:
+        return f"{entry.kernels} ({opt_in.env}=1)"
+    return f"ATen composite (set {opt_in.env}=1 for the {entry.kernels})"
 
 
 def report() -> str:
@@ -73,15 +70,23 @@ def report() -> str:
     else:
         lines.append("GPU: none found (torch.cuda.is_available() is False): every op runs on the CPU")
     lines.append("")
-    lines.append(f"{'op':<40} path on {'cuda' if gpu else 'cpu'}")
+    width = max(len(entry.op) for entry in OP_KERNELS) + 2
+    lines.append(f"{'op':<{width}}path on {'cuda' if gpu else 'cpu'}")
     for entry in OP_KERNELS:
-        lines.append(f"{entry.op:<40} {op_path(entry, gpu)}")
-    lines.append(f"{'every other op':<40} ATen composite")
+        lines.append(f"{entry.op:<{width}}{op_path(entry, gpu)}")
+    lines.append(f"{'every other op':<{width}}ATen composite")
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(report())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m subq.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--experimental-env", action="store_true",
+                        help="print NAME=1 for every opt-in kernel flag, one a line, and nothing else")
+    args = parser.parse_args(argv)
+    if args.experimental_env:
+        print("\n".join(f"{name}={value}" for name, value in experimental.all_on().items()))
+    else:
+        print(report())
     return 0
 
 

@@ -19,7 +19,7 @@ from subq import _C
 from subq._utils import check_device, check_dtype_in, check_int, check_like, check_ndim, check_tensor
 
 ALGORITHMS = ("auto", "fft", "monarch")
-MAX_SEQLEN = 2**30  # monarch_conv::kMaxSeqlen (csrc/monarch_conv/monarch_conv.h)
+MAX_SEQLEN: int = _C.monarch_conv_max_seqlen  # the kernels' limit, declared once in csrc/monarch_conv/monarch_conv.h
 
 
 def fft_size(seqlen: int) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from subq.profile.flags import env_flag
 from subq.profile.ops import Impl, OpSpec
 from subq.profile.ops.base import Inputs, Size, leaves_of
 
@@ -42,7 +41,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def outputs(impl: Impl, inputs: Inputs, size: Size, gradients: bool) -> dict[str, torch.Tensor]:
     """The forward output ("y") and, with ``gradients``, one "d<leaf>" per leaf for the output gradient inputs["dy"]."""
-    with env_flag(impl.flag):
+    with impl.kernels_on():
         if not gradients:
             with torch.no_grad():
                 return {"y": impl.forward(inputs, size)}

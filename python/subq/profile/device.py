@@ -95,7 +95,8 @@ def environment(device: torch.device) -> dict:
         "subq_cuda_archs": subq.cuda_archs(),
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         # Which opt-in kernels ran: the ops read these on every call.
-        "experimental_flags": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SUBQ_EXPERIMENTAL_")},
+        "experimental_flags": {name: os.environ[name] for name in sorted(e.env for e in subq.experimental.KERNELS)
+                               if name in os.environ},
         "timer": timer_name(device),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from subq.profile.check import check, error_text
-from subq.profile.flags import env_flag
 from subq.profile.ops import Impl, OpSpec
 from subq.profile.ops.base import Inputs, Size, leaves_of
 from subq.profile.progress import Progress
@@ -37,13 +36,13 @@ class Plan:
 def make_call(impl: Impl, inputs: Inputs, size: Size, pass_name: str) -> Callable[[], object]:
     if pass_name == "fwd":
         def forward() -> torch.Tensor:
-            with torch.no_grad(), env_flag(impl.flag):
+            with torch.no_grad(), impl.kernels_on():
                 return impl.forward(inputs, size)
         return forward
     leaves = tuple(inputs[name] for name in leaves_of(impl, inputs))
 
     def forward_backward() -> tuple[torch.Tensor, ...]:
-        with env_flag(impl.flag):
+        with impl.kernels_on():
             out = impl.forward(inputs, size)
             return torch.autograd.grad(out, leaves, inputs["dy"].view(out.shape))
     return forward_backward

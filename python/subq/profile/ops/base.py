@@ -18,6 +18,7 @@ its token's inputs (its leaves) and output.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from subq import experimental
 from subq.profile.errors import ProfileError
 from subq.profile.timing import input_set_count
 
@@ -53,8 +55,17 @@ class Impl:
     leaves: tuple[str, ...]  # the inputs it reads and, in fwd+bwd, differentiates (those an input set has)
     matmul_flops: Formula
     useful_flops: Formula
-    flag: str | None = None  # an opt-in SUBQ_EXPERIMENTAL_* variable set to "1" around its forward and backward
+    opt_in: str | None = None  # the op whose opt-in kernels (subq.experimental) are on around forward and backward
     unavailable: Availability = lambda device: None
+
+    @property
+    def flag(self) -> str | None:
+        """The environment variable that switches the opt-in kernels on, from the one table of them."""
+        return experimental.for_op(self.opt_in).env if self.opt_in else None
+
+    def kernels_on(self) -> contextlib.AbstractContextManager:
+        """The opt-in kernels on for the duration (nothing changes for a callable without them)."""
+        return experimental.enabled(self.opt_in) if self.opt_in else contextlib.nullcontext()
 
 
 def leaves_of(impl: Impl, inputs: Inputs) -> tuple[str, ...]:
@@ -66,10 +77,10 @@ def _cuda_only(what: str) -> Availability:
     return lambda device: None if device.type == "cuda" else f"{what} is timed on CUDA only"
 
 
-def opt_in(impl: Impl, name: str, flag: str) -> Impl:
-    """``impl`` with the opt-in kernels behind ``flag`` switched on, timed side by side with the default path. They
-    are CUDA kernels: on a CPU the variant would time the default path again."""
-    return replace(impl, name=name, flag=flag, unavailable=_cuda_only(f"{flag}=1"))
+def opt_in(impl: Impl, name: str, op: str) -> Impl:
+    """``impl`` with ``op``'s opt-in kernels switched on, timed side by side with the default path. They are CUDA
+    kernels: on a CPU the variant would time the default path again."""
+    return replace(impl, name=name, opt_in=op, unavailable=_cuda_only(f"{experimental.for_op(op).env}=1"))
 
 
 def compiled(impl: Impl) -> Impl:

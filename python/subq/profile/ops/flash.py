@@ -88,7 +88,7 @@ FLASH = OpSpec(
     make_inputs=_inputs,
     impls=(
         _SUBQ,
-        opt_in(_SUBQ, "subq_fused", "SUBQ_EXPERIMENTAL_FLASH_KERNELS"),
+        opt_in(_SUBQ, "subq_fused", "flash_chunk_attention"),
         _REFERENCE,
         compiled(_REFERENCE),
         sdpa("sdpa", width=lambda s: s["value_dim"], causal=lambda s: bool(s["causal"])),

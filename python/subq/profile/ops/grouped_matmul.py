@@ -96,7 +96,7 @@ GROUPED_MATMUL = OpSpec(
     make_inputs=_inputs,
     impls=(
         _SUBQ,
-        opt_in(_SUBQ, "subq_cutlass", "SUBQ_EXPERIMENTAL_GROUPED_GEMM"),
+        opt_in(_SUBQ, "subq_cutlass", "grouped_matmul"),
         Impl("torch_loop", torch_loop, ("x", "w"), three_x(_flops), three_x(_flops)),
         Impl("torch_grouped_mm", lambda i, s: torch._grouped_mm(i["x"], i["w_t"].transpose(1, 2), offs=i["offsets"]),
              ("x", "w_t"), three_x(_flops), three_x(_flops), unavailable=_grouped_mm_unavailable),

@@ -155,7 +155,7 @@ MONARCH = OpSpec(
     make_inputs=_inputs(order=2),
     impls=(
         _MONARCH_SUBQ,
-        opt_in(_MONARCH_SUBQ, "subq_sm90", "SUBQ_EXPERIMENTAL_SM90_GEMM"),
+        opt_in(_MONARCH_SUBQ, "subq_sm90", "monarch_matmul"),
         Impl("two_bmm", lambda i, s: two_bmm(i["x"], i["w1"], i["w2"]), ("x", "w1", "w2"),
              three_x(_monarch_flops), three_x(_monarch_flops)),
         DENSE,

@@ -96,7 +96,7 @@ MONARCH_CONV = OpSpec(
     impls=(
         _subq("auto"),
         _subq("monarch"),
-        opt_in(_subq("auto"), "subq_fused", "SUBQ_EXPERIMENTAL_CONV_KERNELS"),
+        opt_in(_subq("auto"), "subq_fused", "monarch_conv"),
         Impl("monarch_conv_fft_ref", lambda i, s: monarch_conv_fft_ref(i["u"], i["k"], i.get("k_rev")), _LEAVES,
              three_x(_reference_fft_flops), three_x(_direct_flops)),
     ),

@@ -134,7 +134,7 @@ SSD = OpSpec(
     make_inputs=_inputs,
     impls=(
         _SUBQ,
-        opt_in(_SUBQ, "subq_fused", "SUBQ_EXPERIMENTAL_SSD_KERNELS"),
+        opt_in(_SUBQ, "subq_fused", "ssd_chunk_scan"),
         _REFERENCE,
         compiled(_REFERENCE),
         sdpa("sdpa_causal", width=lambda s: s["nheads"] * s["headdim"], causal=lambda s: True),
