@@ -7,9 +7,18 @@ namespace {
 
 using at::Tensor;
 
-// Keys per tile of gau_attention: the scores of one tile are (b, L, kKeyTile) in the compute dtype, so this bounds
-// the extra memory at L x 256 per batch row while keeping each matmul large enough to run near peak on a CPU.
+// Keys per tile of gau_attention: the scores of one tile are (b, L, keys) in the compute dtype, so this bounds the
+// extra memory at L x 256 per batch row while keeping each matmul large enough to run near peak on a CPU. Causal
+// tiles stay at 256 keys (their diagonal square is formed as a triangle, whose cost grows with the tile).
+// Bidirectional tiles grow up to kScoreElements scores: every tile adds its part into the whole output, so fewer,
+// larger tiles save passes over it (the plain formulation's L x L matrix is one tile).
 constexpr int64_t kKeyTile = 256;
+constexpr int64_t kScoreElements = int64_t{1} << 24;
+
+int64_t keys_per_tile(int64_t batch, int64_t L, bool causal) {
+  if (causal) return kKeyTile;
+  return std::max(kKeyTile, kScoreElements / std::max<int64_t>(batch * L, 1));
+}
 
 at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -183,12 +192,12 @@ void mask_future(const KeyTile& t, Tensor& m) {
   m.narrow(1, 0, t.cols).masked_fill_(at::ones({t.cols, t.cols}, m.options().dtype(at::kBool)).triu(1), 0);
 }
 
-KeyTile key_tile(const Tensor& q, const Tensor& k, const std::optional<Tensor>& bias, int64_t k0,
+KeyTile key_tile(const Tensor& q, const Tensor& k, const std::optional<Tensor>& bias, int64_t k0, int64_t keys,
                  const GauOptions& opt) {
   const int64_t L = q.size(1);
   KeyTile t;
   t.k0 = k0;
-  t.cols = std::min(kKeyTile, L - k0);
+  t.cols = std::min(keys, L - k0);
   t.q0 = opt.causal ? k0 : 0;
   t.rows = L - t.q0;
   Tensor scores = at::matmul(q.narrow(1, t.q0, t.rows), k.narrow(1, k0, t.cols).transpose(1, 2)).mul_(opt.scale);
@@ -270,8 +279,9 @@ Tensor gau_attention_fwd(const GauInputs& in, const GauOptions& opt) {
   if (in.rel_bias) bias = in.rel_bias->to(ct);
   // The first tile is seen by every query (q0 = 0 in both modes): its product starts the sum, no zeros + add.
   Tensor out;
-  for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
-    KeyTile t = key_tile(q, k, bias, k0, opt);
+  const int64_t keys = keys_per_tile(q.size(0), L, opt.causal);
+  for (int64_t k0 = 0; k0 < L; k0 += keys) {
+    KeyTile t = key_tile(q, k, bias, k0, keys, opt);
     Tensor part = rows_times_keys(t, t.relu_scores.square_(), v.narrow(1, k0, t.cols));
     if (k0 == 0) {
       out = part;
@@ -303,8 +313,9 @@ std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const GauInputs& in, c
   Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   Tensor drel_bias = bias ? at::zeros({2 * L - 1}, q.options()) : Tensor();
-  for (int64_t k0 = 0; k0 < L; k0 += kKeyTile) {
-    KeyTile t = key_tile(q, k, bias, k0, opt);
+  const int64_t keys = keys_per_tile(q.size(0), L, opt.causal);
+  for (int64_t k0 = 0; k0 < L; k0 += keys) {
+    KeyTile t = key_tile(q, k, bias, k0, keys, opt);
     Tensor v_t = v.narrow(1, k0, t.cols), g_t = g.narrow(1, t.q0, t.rows);
     Tensor kernel = t.relu_scores.square();
     if (in.u) ungated.narrow(1, t.q0, t.rows).add_(rows_times_keys(t, kernel, v_t));
