@@ -28,7 +28,7 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using cpu::DftAlgorithm;
+using composite::DftAlgorithm;
 
 // "auto" is ATen's FFT on CPU (pocketfft is the right tool there) and the Monarch DFT on CUDA (issue 4: no cuFFT).
 DftAlgorithm parse_algorithm(c10::string_view algorithm, const at::Device& device) {
@@ -57,7 +57,7 @@ void check_filter(const Tensor& k, const OptTensor& k_rev) {
   }
 }
 
-cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
+composite::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
                                     const OptTensor& filter_spectrum, const OptTensor& pregate,
                                     const OptTensor& postgate, const OptTensor& D, c10::string_view algorithm) {
   check_dim(u, 3, "u");
@@ -108,7 +108,7 @@ struct FusedInputs {
 // algorithm="fft", no rows (B = 0 or H = 0), an FFT size beyond the kernels' shared memory): the caller then runs
 // the composite. The filter's spectrum is the precomputed one, or made here by the composite's Monarch DFT (H rows:
 // small next to the B H rows of the op).
-std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
+std::optional<FusedInputs> fused_inputs(const composite::MonarchConvInputs& in) {
   const Tensor& u_in = in.u;
   if (u_in.scalar_type() == at::kDouble || in.algorithm != DftAlgorithm::kMonarch || u_in.numel() == 0) {
     return std::nullopt;
@@ -117,7 +117,7 @@ std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
   if (!monarch_conv_fused_fwd_supports(M)) return std::nullopt;
   FusedInputs f;
   f.spectrum = (in.filter_spectrum ? *in.filter_spectrum
-                                   : cpu::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
+                                   : composite::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
                    .contiguous();
   f.u = u_in.contiguous();
   f.pregate = in.pregate ? in.pregate->contiguous() : Tensor();
@@ -143,7 +143,7 @@ std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
   return f;
 }
 
-std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
+std::optional<Tensor> fused_forward(const composite::MonarchConvInputs& in) {
   auto f = fused_inputs(in);
   if (!f) return std::nullopt;
   Tensor y = at::empty_like(f->u);
@@ -156,7 +156,7 @@ std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
 
 // The fused backward, or nullopt where it does not apply (fused_inputs; a dy of another dtype than u, which the
 // kernel would read rounded; a workspace beyond its cap): the composite's gradients, in the same dtypes.
-std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const cpu::MonarchConvInputs& in) {
+std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const composite::MonarchConvInputs& in) {
   if (dy_in.scalar_type() != in.u.scalar_type()) return std::nullopt;
   auto f = fused_inputs(in);
   if (!f) return std::nullopt;
@@ -207,7 +207,7 @@ Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_
     if (auto y = fused_forward(in)) return *y;
   }
 #endif
-  return cpu::monarch_conv_fwd(in);
+  return composite::monarch_conv_fwd(in);
 }
 
 std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
@@ -222,7 +222,7 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const Op
     if (auto grads = fused_backward(dy, in)) return *grads;
   }
 #endif
-  return cpu::monarch_conv_bwd(dy, in);
+  return composite::monarch_conv_bwd(dy, in);
 }
 
 Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seqlen) {
@@ -232,7 +232,7 @@ Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seql
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(k.device());
 #endif
-  return cpu::monarch_conv_filter(k, k_rev, seqlen, parse_algorithm("auto", k.device()));
+  return composite::monarch_conv_filter(k, k_rev, seqlen, parse_algorithm("auto", k.device()));
 }
 
 void check_dft_size(int64_t n) {

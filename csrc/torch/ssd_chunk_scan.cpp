@@ -26,12 +26,12 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-cpu::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
+composite::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
   TORCH_CHECK(chunk_size == 64 || chunk_size == 128 || chunk_size == 256,
               "chunk_size must be 64, 128 or 256, got ", chunk_size);
   TORCH_CHECK(dt_min >= 0 && dt_min <= dt_max, "dt_limit must be (lo, hi) with 0 <= lo <= hi, got (", dt_min,
               ", ", dt_max, ")");
-  cpu::SsdOptions opt;
+  composite::SsdOptions opt;
   opt.chunk_size = chunk_size;
   opt.dt_softplus = dt_softplus;
   opt.dt_min = dt_min;
@@ -51,7 +51,7 @@ void check_optional(const OptTensor& t, const Tensor& x, const char* name, at::I
   TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
 }
 
-cpu::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+composite::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
                             const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                             const OptTensor& initial_states, const OptTensor& seq_idx) {
   check_dim(x, 4, "x");
@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(x.device());
 #endif
-  return cpu::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
+  return composite::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -124,7 +124,7 @@ struct DenseInputs {
   Tensor x, dt, A, B, C, D, z, dt_bias, init, seq;
 };
 
-DenseInputs dense_inputs(const cpu::SsdInputs& in) {
+DenseInputs dense_inputs(const composite::SsdInputs& in) {
   auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
   DenseInputs t;
   t.x = in.x.contiguous(), t.B = in.B.contiguous(), t.C = in.C.contiguous();
@@ -138,7 +138,7 @@ DenseInputs dense_inputs(const cpu::SsdInputs& in) {
 
 // The fields SsdForwardParams and SsdBackwardParams share: dtype, shape, dt options and the forward's inputs.
 template <typename Params>
-void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
+void fill_inputs(Params& p, const DenseInputs& t, const composite::SsdOptions& opt) {
   p.dtype = kernel_dtype(t.x.scalar_type());
   p.shape = {t.x.size(0), t.x.size(1), t.x.size(2), t.x.size(3), t.B.size(2), t.B.size(3), opt.chunk_size};
   p.dt_softplus = opt.dt_softplus;
@@ -159,7 +159,7 @@ void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
 }
 
 // The tensor-core forward.
-std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const cpu::SsdOptions& opt) {
+std::tuple<Tensor, Tensor, Tensor> fused_forward(const composite::SsdInputs& in, const composite::SsdOptions& opt) {
   const c10::cuda::CUDAGuard guard(in.x.device());
   const DenseInputs t = dense_inputs(in);
   const Tensor &x = t.x, &B = t.B;
@@ -212,15 +212,15 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(x.device());
 #endif
-  return cpu::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
+  return composite::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
 }
 
 
 #ifdef SUBQ_WITH_CUDA
 // The tensor-core backward: the forward's operand layouts (see fused_forward), dy in x's dtype, float32 dfinal_states.
 // Gradients come back in their inputs' dtypes, as the composite returns them.
-std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const cpu::SsdInputs& in,
-                                   const cpu::SsdOptions& opt) {
+std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const composite::SsdInputs& in,
+                                   const composite::SsdOptions& opt) {
   const c10::cuda::CUDAGuard guard(in.x.device());
   const DenseInputs t = dense_inputs(in);
   const Tensor &x = t.x, &B = t.B, &C = t.C, &dt = t.dt, &A = t.A, &D = t.D, &z = t.z, &dt_bias = t.dt_bias,

@@ -12,7 +12,7 @@
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
-#include "conv1d/causal_conv1d.h"
+#include "causal_conv1d/causal_conv1d.h"
 
 namespace subq::conv1d {
 

@@ -5,7 +5,7 @@
 // and the initial states get dx at negative times; final-state gradients add to the inputs they copied.
 // One block per (batch, 32-channel, 64-step) tile, as in the forward; the weight and bias gradients are written as
 // per-tile partial sums and reduced by a second kernel in a fixed order (deterministic, no atomics).
-#include "conv1d/causal_conv1d_common.cuh"
+#include "causal_conv1d/causal_conv1d_common.cuh"
 
 namespace subq {
 namespace conv1d {

@@ -2,7 +2,7 @@
 // backward; a unit is handled by one warp when the group is small and by a whole block otherwise, so the group's
 // statistic is a warp shuffle or a warp shuffle plus one shared-memory step. Each thread walks the group in
 // vectors of 16 bytes when pointers and strides allow, and every statistic is accumulated in float32.
-#include "norm/rmsnorm_gated.h"
+#include "rmsnorm_gated/rmsnorm_gated.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
