@@ -157,7 +157,7 @@ Status run_causal_conv1d_bwd(const CausalConv1dParams& p, const CausalConv1dGrad
     constexpr int W = decltype(w)::value;
     if (blocks > 0) {
       causal_conv1d_bwd_kernel<T, W><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, g, n_time_tiles);
-      if (launch_status() != Status::kSuccess) return Status::kCudaError;
+      SUBQ_RETURN_IF_ERROR(launch_status());
     }
     // Runs for an empty batch too: the gradients are then zero.
     const int64_t cols = p.dim * (W + 1);

@@ -77,9 +77,36 @@
     return __VA_ARGS__();                                      \
   }()
 
-// Returns the Status of `expr` from the calling function unless it is kSuccess.
-#define SUBQ_RETURN_IF_ERROR(expr)                                     \
+// Family = the CUTLASS kernel family of the GEMMs (csrc/gemm/kernel_families.cuh, which the caller includes) for a
+// dtype and math mode: TensorOpBF16, TensorOpF16, and for float32 TensorOpTF32 (MathMode::kTF32) or SimtF32
+// (kExact, FFMA).
+#define SUBQ_GEMM_FAMILY_SWITCH(DTYPE, MATH, Family, ...)      \
+  [&]() -> ::subq::Status {                                    \
+    switch (DTYPE) {                                           \
+      case ::subq::DType::kBFloat16: {                         \
+        using Family = ::subq::gemm::TensorOpBF16;             \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+      case ::subq::DType::kFloat16: {                          \
+        using Family = ::subq::gemm::TensorOpF16;              \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+      case ::subq::DType::kFloat32: {                          \
+        if ((MATH) == ::subq::MathMode::kTF32) {               \
+          using Family = ::subq::gemm::TensorOpTF32;           \
+          return __VA_ARGS__();                                \
+        }                                                      \
+        using Family = ::subq::gemm::SimtF32;                  \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+    }                                                          \
+    return ::subq::Status::kUnsupported;                       \
+  }()
+
+// Returns the Status of the expression from the calling function unless it is kSuccess (variadic, so that the
+// expression may hold commas, e.g. template arguments).
+#define SUBQ_RETURN_IF_ERROR(...)                                      \
   do {                                                                 \
-    const ::subq::Status subq_status_ = (expr);                        \
+    const ::subq::Status subq_status_ = (__VA_ARGS__);                 \
     if (subq_status_ != ::subq::Status::kSuccess) return subq_status_; \
   } while (0)

@@ -10,6 +10,7 @@
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "grouped_matmul/grouped_problems.cuh"
 
 namespace subq {
@@ -230,17 +231,6 @@ Status launch_bias_grad(const GroupedMatmulParams& p, const int64_t* starts, cud
 
 // ---- dispatch -------------------------------------------------------------------------------------------------------
 
-// Calls fn with the kernel family (csrc/gemm/kernel_families.cuh) of a dtype and math mode.
-template <typename Fn>
-Status with_family(DType dtype, MathMode math, Fn&& fn) {
-  switch (dtype) {
-    case DType::kBFloat16: return fn(gemm::TensorOpBF16{});
-    case DType::kFloat16: return fn(gemm::TensorOpF16{});
-    case DType::kFloat32: return math == MathMode::kTF32 ? fn(gemm::TensorOpTF32{}) : fn(gemm::SimtF32{});
-  }
-  return Status::kUnsupported;
-}
-
 bool aligned(const void* ptr, int64_t ld, int vector, int element_size) {
   return reinterpret_cast<uintptr_t>(ptr) % (uintptr_t(vector) * element_size) == 0 && ld % vector == 0;
 }
@@ -262,7 +252,8 @@ bool operands_aligned(const GroupedMatmulParams& p, int vector) {
 template <typename Family>
 Status launch_product(GroupedProduct product, const Problems& problems, cudaStream_t stream) {
   switch (product) {
-    case GroupedProduct::kForward: return grouped_matmul::launch_grouped_gemm<Family, RowMajor, RowMajor>(problems, stream);
+    case GroupedProduct::kForward:
+      return grouped_matmul::launch_grouped_gemm<Family, RowMajor, RowMajor>(problems, stream);
     case GroupedProduct::kInputGrad:
       return grouped_matmul::launch_grouped_gemm<Family, RowMajor, ColumnMajor>(problems, stream);
     case GroupedProduct::kWeightGrad:
@@ -303,8 +294,8 @@ int64_t grouped_matmul_workspace_bytes(const GroupedMatmulParams& params) {
 
 int grouped_matmul_alignment(DType dtype, MathMode math) {
   int vector = 0;
-  with_family(dtype, math, [&](auto family) {
-    vector = decltype(family)::kAlignment;
+  SUBQ_GEMM_FAMILY_SWITCH(dtype, math, Family, [&] {
+    vector = Family::kAlignment;
     return Status::kSuccess;
   });
   return vector;
@@ -321,17 +312,10 @@ Status run_grouped_matmul(const GroupedMatmulParams& p, cudaStream_t stream) {
   ws.problems.count = static_cast<int>(p.product == GroupedProduct::kWeightGrad ? p.groups : slots);
   ws.problems.add_c = forward_with_bias(p);
   setup_problems<<<1, kSetupThreads, 0, stream>>>(plan_for(p), ws);
-  if (launch_status() != Status::kSuccess) return Status::kCudaError;
-  if (!gemm) {
-    switch (p.dtype) {
-      case DType::kBFloat16: return launch_bias_grad<__nv_bfloat16>(p, ws.starts, stream);
-      case DType::kFloat16: return launch_bias_grad<__half>(p, ws.starts, stream);
-      case DType::kFloat32: return launch_bias_grad<float>(p, ws.starts, stream);
-    }
-    return Status::kUnsupported;
-  }
-  return with_family(p.dtype, p.math, [&](auto family) {
-    return launch_product<decltype(family)>(p.product, ws.problems, stream);
+  SUBQ_RETURN_IF_ERROR(launch_status());
+  if (!gemm) return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] { return launch_bias_grad<T>(p, ws.starts, stream); });
+  return SUBQ_GEMM_FAMILY_SWITCH(p.dtype, p.math, Family, [&] {
+    return launch_product<Family>(p.product, ws.problems, stream);
   });
 }
 

@@ -67,9 +67,10 @@ Status launch_grouped_gemm(const Problems& problems, cudaStream_t stream) {
 
 // Explicit instantiation for one kernel family: forward (A, B row-major), input gradient (B = w^T, column-major),
 // weight gradient (A = x^T, column-major).
-#define SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, LayoutA, LayoutB)                                  \
-  template subq::Status subq::grouped_matmul::launch_grouped_gemm<subq::gemm::Family, subq::grouped_matmul::LayoutA, \
-                                                                subq::grouped_matmul::LayoutB>(             \
+#define SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, LayoutA, LayoutB)                        \
+  template subq::Status                                                                         \
+  subq::grouped_matmul::launch_grouped_gemm<subq::gemm::Family, subq::grouped_matmul::LayoutA,  \
+                                            subq::grouped_matmul::LayoutB>(                     \
       const subq::grouped_matmul::Problems&, cudaStream_t);
 #define SUBQ_INSTANTIATE_GROUPED_GEMM(Family)                        \
   SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, RowMajor, RowMajor)  \

@@ -136,7 +136,9 @@ at::Tensor blockdiag_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in) {
   at::Tensor y = at::empty({x.size(0), w.size(0) * w.size(1)}, x.options());
   BlockdiagParams p = blockdiag_params(x, w);
   p.y = y.data_ptr();
-  if (!ran(blockdiag_fwd(p, c10::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) return composite::blockdiag_fwd(x, w);
+  if (!ran(run_blockdiag_fwd(p, c10::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) {
+    return composite::blockdiag_fwd(x, w);
+  }
   return y;
 }
 
@@ -153,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
   g.dy = dy.data_ptr();
   g.dx = mask[0] ? dx.data_ptr() : nullptr;
   g.dw = mask[1] ? dw.data_ptr() : nullptr;
-  if (!ran(blockdiag_bwd(blockdiag_params(x, w), g, c10::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
+  if (!ran(run_blockdiag_bwd(blockdiag_params(x, w), g, c10::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
     return composite::blockdiag_bwd(dy, x, w, mask);
   }
   return {dx, dw};
@@ -191,7 +193,9 @@ std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, cons
   p.y = y.data_ptr();
   p.intermediate = intermediate.data_ptr();
   p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
-  if (!ran(monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) return composite::monarch_fwd(x, w1, w2);
+  if (!ran(run_monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) {
+    return composite::monarch_fwd(x, w1, w2);
+  }
   return {y, intermediate};
 }
 
@@ -217,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   g.dw1 = mask[1] ? dw1.data_ptr() : nullptr;
   g.dw2 = mask[2] ? dw2.data_ptr() : nullptr;
   g.workspace = workspace.data_ptr();
-  if (!ran(monarch_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
+  if (!ran(run_monarch_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
     return composite::monarch_bwd(dy, x, intermediate, w1, w2, mask);
   }
   return {dx, dw1, dw2};

@@ -101,7 +101,7 @@ bool fused_kernels_enabled() { return experimental_flag("SUBQ_EXPERIMENTAL_CONV_
 // What both fused kernels read: contiguous inputs (held here while a kernel runs) and the params pointing at them.
 struct FusedInputs {
   Tensor u, pregate, postgate, D, spectrum;
-  MonarchConvFusedParams params;
+  MonarchConvParams params;
 };
 
 // The fused kernels' inputs for 16- and 32-bit u on CUDA, or nullopt where they do not apply (float64,
@@ -114,7 +114,7 @@ std::optional<FusedInputs> fused_inputs(const composite::MonarchConvInputs& in) 
     return std::nullopt;
   }
   const int64_t L = u_in.size(2), M = monarch_conv::fft_size(L);
-  if (!monarch_conv_fused_fwd_supports(M)) return std::nullopt;
+  if (!monarch_conv_fwd_supports(M)) return std::nullopt;
   FusedInputs f;
   f.spectrum = (in.filter_spectrum ? *in.filter_spectrum
                                    : composite::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
@@ -124,7 +124,7 @@ std::optional<FusedInputs> fused_inputs(const composite::MonarchConvInputs& in) 
   f.postgate = in.postgate ? in.postgate->contiguous() : Tensor();
   f.D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
 
-  MonarchConvFusedParams& p = f.params;
+  MonarchConvParams& p = f.params;
   p.dtype = kernel_dtype(u_in.scalar_type());
   p.batch = u_in.size(0);
   p.heads = u_in.size(1);
@@ -148,7 +148,7 @@ std::optional<Tensor> fused_forward(const composite::MonarchConvInputs& in) {
   if (!f) return std::nullopt;
   Tensor y = at::empty_like(f->u);
   f->params.y = y.data_ptr();
-  const Status status = run_monarch_conv_fused_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
+  const Status status = run_monarch_conv_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
   check_cuda_status(status, "subq monarch_conv fused CUDA forward");
   return y;
@@ -160,31 +160,31 @@ std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const com
   if (dy_in.scalar_type() != in.u.scalar_type()) return std::nullopt;
   auto f = fused_inputs(in);
   if (!f) return std::nullopt;
-  MonarchConvFusedBwdParams p;
-  p.forward = f->params;
-  p.filter_len = in.k ? in.k->size(1) : 0;
-  if (!monarch_conv_fused_bwd_supports(p)) return std::nullopt;  // the workspace's size: from filter_len and D
+  const MonarchConvParams& p = f->params;
+  MonarchConvGrads g;
+  g.filter_len = in.k ? in.k->size(1) : 0;
+  if (!monarch_conv_bwd_supports(p, g)) return std::nullopt;  // the workspace's size: from filter_len and D
   const Tensor dy = dy_in.contiguous();
   const int64_t H = f->u.size(1);
   const auto fp32 = f->u.options().dtype(at::kFloat);
   Tensor du = at::empty_like(f->u);
   Tensor dpregate = f->pregate.defined() ? at::empty_like(f->pregate) : Tensor();
   Tensor dpostgate = f->postgate.defined() ? at::empty_like(f->postgate) : Tensor();
-  Tensor dk = in.k ? at::empty({H, p.filter_len}, fp32) : Tensor();
-  Tensor dk_rev = in.k_rev ? at::empty({H, p.filter_len}, fp32) : Tensor();
+  Tensor dk = in.k ? at::empty({H, g.filter_len}, fp32) : Tensor();
+  Tensor dk_rev = in.k_rev ? at::empty({H, g.filter_len}, fp32) : Tensor();
   Tensor dD = in.D ? at::empty({H}, fp32) : Tensor();
-  const auto workspace_bytes = static_cast<int64_t>(monarch_conv_fused_bwd_workspace_bytes(p));
+  const auto workspace_bytes = static_cast<int64_t>(monarch_conv_bwd_workspace_bytes(p, g));
   Tensor workspace = at::empty({workspace_bytes}, f->u.options().dtype(at::kByte));
   auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; };
-  p.dy = dy.data_ptr();
-  p.du = du.data_ptr();
-  p.dpregate = ptr(dpregate);
-  p.dpostgate = ptr(dpostgate);
-  p.dk = static_cast<float*>(ptr(dk));
-  p.dk_rev = static_cast<float*>(ptr(dk_rev));
-  p.dD = static_cast<float*>(ptr(dD));
-  p.workspace = ptr(workspace);
-  const Status status = run_monarch_conv_fused_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  g.dy = dy.data_ptr();
+  g.du = du.data_ptr();
+  g.dpregate = ptr(dpregate);
+  g.dpostgate = ptr(dpostgate);
+  g.dk = static_cast<float*>(ptr(dk));
+  g.dk_rev = static_cast<float*>(ptr(dk_rev));
+  g.dD = static_cast<float*>(ptr(dD));
+  g.workspace = ptr(workspace);
+  const Status status = run_monarch_conv_bwd(p, g, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
   check_cuda_status(status, "subq monarch_conv fused CUDA backward");
   // Parameter gradients in their parameter's dtype, as the composite returns them; absent ones empty.
