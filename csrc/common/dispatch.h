@@ -14,42 +14,34 @@
 #include "common/dtype.h"
 #include "common/status.h"
 
+// One case of the switches below: T = TYPE where the dtype is ENUM.
+#define SUBQ_DTYPE_CASE(ENUM, TYPE, T, ...) \
+  case ::subq::DType::ENUM: {               \
+    using T = TYPE;                         \
+    return __VA_ARGS__();                   \
+  }
+
 // T = the element type of DTYPE: float, __half or __nv_bfloat16.
-#define SUBQ_DTYPE_SWITCH(DTYPE, T, ...)                       \
-  [&]() -> ::subq::Status {                                    \
-    switch (DTYPE) {                                           \
-      case ::subq::DType::kFloat32: {                          \
-        using T = float;                                       \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kFloat16: {                          \
-        using T = __half;                                      \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kBFloat16: {                         \
-        using T = __nv_bfloat16;                               \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-    }                                                          \
-    return ::subq::Status::kUnsupported;                       \
+#define SUBQ_DTYPE_SWITCH(DTYPE, T, ...)                         \
+  [&]() -> ::subq::Status {                                      \
+    switch (DTYPE) {                                             \
+      SUBQ_DTYPE_CASE(kFloat32, float, T, __VA_ARGS__)           \
+      SUBQ_DTYPE_CASE(kFloat16, __half, T, __VA_ARGS__)          \
+      SUBQ_DTYPE_CASE(kBFloat16, __nv_bfloat16, T, __VA_ARGS__)  \
+    }                                                            \
+    return ::subq::Status::kUnsupported;                         \
   }()
 
 // The same for the kernels that take 16-bit inputs only (tensor-core MMAs on half / bfloat16 operands): T is
 // __half or __nv_bfloat16, and kFloat32 is kUnsupported (the caller then takes its composite path).
-#define SUBQ_HALF_DTYPE_SWITCH(DTYPE, T, ...)                  \
-  [&]() -> ::subq::Status {                                    \
-    switch (DTYPE) {                                           \
-      case ::subq::DType::kFloat16: {                          \
-        using T = __half;                                      \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kBFloat16: {                         \
-        using T = __nv_bfloat16;                               \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kFloat32: break;                     \
-    }                                                          \
-    return ::subq::Status::kUnsupported;                       \
+#define SUBQ_HALF_DTYPE_SWITCH(DTYPE, T, ...)                    \
+  [&]() -> ::subq::Status {                                      \
+    switch (DTYPE) {                                             \
+      SUBQ_DTYPE_CASE(kFloat16, __half, T, __VA_ARGS__)          \
+      SUBQ_DTYPE_CASE(kBFloat16, __nv_bfloat16, T, __VA_ARGS__)  \
+      case ::subq::DType::kFloat32: break;                       \
+    }                                                            \
+    return ::subq::Status::kUnsupported;                         \
   }()
 
 // A second operand type that is either float32 or the main element type T, the type DTYPE stands for (a float32
@@ -80,27 +72,21 @@
 // Family = the CUTLASS kernel family of the GEMMs (csrc/gemm/kernel_families.cuh, which the caller includes) for a
 // dtype and math mode: TensorOpBF16, TensorOpF16, and for float32 TensorOpTF32 (MathMode::kTF32) or SimtF32
 // (kExact, FFMA).
-#define SUBQ_GEMM_FAMILY_SWITCH(DTYPE, MATH, Family, ...)      \
-  [&]() -> ::subq::Status {                                    \
-    switch (DTYPE) {                                           \
-      case ::subq::DType::kBFloat16: {                         \
-        using Family = ::subq::gemm::TensorOpBF16;             \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kFloat16: {                          \
-        using Family = ::subq::gemm::TensorOpF16;              \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-      case ::subq::DType::kFloat32: {                          \
-        if ((MATH) == ::subq::MathMode::kTF32) {               \
-          using Family = ::subq::gemm::TensorOpTF32;           \
-          return __VA_ARGS__();                                \
-        }                                                      \
-        using Family = ::subq::gemm::SimtF32;                  \
-        return __VA_ARGS__();                                  \
-      }                                                        \
-    }                                                          \
-    return ::subq::Status::kUnsupported;                       \
+#define SUBQ_GEMM_FAMILY_SWITCH(DTYPE, MATH, Family, ...)                        \
+  [&]() -> ::subq::Status {                                                      \
+    switch (DTYPE) {                                                             \
+      SUBQ_DTYPE_CASE(kBFloat16, ::subq::gemm::TensorOpBF16, Family, __VA_ARGS__) \
+      SUBQ_DTYPE_CASE(kFloat16, ::subq::gemm::TensorOpF16, Family, __VA_ARGS__)   \
+      case ::subq::DType::kFloat32: {                                            \
+        if ((MATH) == ::subq::MathMode::kTF32) {                                 \
+          using Family = ::subq::gemm::TensorOpTF32;                             \
+          return __VA_ARGS__();                                                  \
+        }                                                                        \
+        using Family = ::subq::gemm::SimtF32;                                    \
+        return __VA_ARGS__();                                                    \
+      }                                                                          \
+    }                                                                            \
+    return ::subq::Status::kUnsupported;                                         \
   }()
 
 // Returns the Status of the expression from the calling function unless it is kSuccess (variadic, so that the
