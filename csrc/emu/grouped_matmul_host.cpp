@@ -63,8 +63,8 @@ Status launch_grouped_gemm(const Problems& problems, cudaStream_t) {
   return Status::kSuccess;
 }
 
-// Exactly the instantiations the dispatcher (grouped_matmul.cu: with_family, launch_product) calls: four kernel
-// families, each with the forward, input-gradient and weight-gradient operand layouts.
+// Exactly the instantiations the dispatcher (grouped_matmul.cu: SUBQ_GEMM_FAMILY_SWITCH, launch_product) calls: four
+// kernel families, each with the forward, input-gradient and weight-gradient operand layouts.
 #define SUBQ_EMU_GROUPED_GEMM(Family, LayoutA, LayoutB) \
   template Status launch_grouped_gemm<gemm::Family, LayoutA, LayoutB>(const Problems&, cudaStream_t);
 #define SUBQ_EMU_GROUPED_GEMM_FAMILY(Family)            \
