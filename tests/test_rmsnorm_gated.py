@@ -227,6 +227,26 @@ def test_nan_stays_in_its_group(device):
     assert torch.equal(torch.isnan(y), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["before", "after"])
+def test_extreme_gates_match_the_reference(gate, dtype):
+    """The CPU's fused loops compute silu with their own exp: its clamps (exp saturates to 0 below -87 and to inf
+    above 88) must give ATen's results at and past them, with infinities and NaN, forward and backward."""
+    x, weight, z = make_inputs((3,), 40, gate, torch.float32)
+    z[0, :8] = torch.tensor([-1e4, -100.0, -88.5, -87.0, 87.0, 88.5, 100.0, 1e4])
+    z[1, 0], z[1, 5], z[2, 7] = float("inf"), -float("inf"), float("nan")
+    x, weight, z = (t.to(dtype).requires_grad_() for t in (x, weight, z))
+    dy = torch.randn(3, 40).to(dtype)
+    y = rmsnorm_gated(x, weight, z, **kwargs(20, gate))
+    grads = torch.autograd.grad(y, (x, weight, z), dy)
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, z)]
+    y_ref = rmsnorm_gated_ref(*refs, **kwargs(20, gate))
+    grads_ref = torch.autograd.grad(y_ref, refs, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+        torch.testing.assert_close(got.double(), want.to(got.dtype).double(), rtol=tol, atol=tol, equal_nan=True)
+
+
 # ---- CUDA specifics -------------------------------------------------------------------------------------------------
 
 

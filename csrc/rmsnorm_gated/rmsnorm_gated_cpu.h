@@ -23,4 +23,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd(const at::Tenso
                                                                  const at::Tensor& rstd, int64_t group_size,
                                                                  bool norm_before_gate, std::array<bool, 3> output_mask);
 
+// The CPU's fused version of the two above (rmsnorm_gated_cpu_fused.cpp): same contract, one pass per group.
+std::tuple<at::Tensor, at::Tensor> rmsnorm_gated_fwd_fused(const at::Tensor& x, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& z, double eps,
+                                                           int64_t group_size, bool norm_before_gate);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_fused(const at::Tensor& dy, const at::Tensor& x,
+                                                                       const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& z,
+                                                                       const at::Tensor& rstd, int64_t group_size,
+                                                                       bool norm_before_gate,
+                                                                       std::array<bool, 3> output_mask);
+
 }  // namespace subq::composite

@@ -79,6 +79,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_composite(const at::Tensor& d
   return composite::rmsnorm_gated_bwd(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
 }
 
+// The CPU runs the fused loops; the composite above stays the CUDA fallback (it runs as ATen CUDA kernels).
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z,
+                                           double eps, int64_t group_size, bool norm_before_gate) {
+  check_rmsnorm(x, weight, z, group_size);
+  check_eps(eps);
+  return composite::rmsnorm_gated_fwd_fused(x, weight, z, eps, group_size, norm_before_gate);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                       const at::Tensor& weight, const OptTensor& z,
+                                                       const at::Tensor& rstd, int64_t group_size,
+                                                       bool norm_before_gate, std::array<bool, 3> mask) {
+  check_rmsnorm(x, weight, z, group_size);
+  check_grad(dy, x, rstd, group_size);
+  return composite::rmsnorm_gated_bwd_fused(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
+}
+
 #ifdef SUBQ_WITH_CUDA
 
 // The kernels are opt-in until their GPU tests have passed on a GPU (they were written without one).
@@ -175,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dy_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(subq, CPU, m) {
-  m.impl("rmsnorm_gated_fwd", &fwd_composite);
-  m.impl("rmsnorm_gated_bwd", &bwd_composite);
+  m.impl("rmsnorm_gated_fwd", &fwd_cpu);
+  m.impl("rmsnorm_gated_bwd", &bwd_cpu);
 }
 
 // Without the CUDA kernels built, CUDA tensors still work through the ATen composite.
