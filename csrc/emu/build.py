@@ -58,6 +58,7 @@ GLUE = [
 COMPOSITES = [
     "causal_conv1d/causal_conv1d_cpu.cpp",
     "rmsnorm_gated/rmsnorm_gated_cpu.cpp",
+    "rmsnorm_gated/rmsnorm_gated_cpu_fused.cpp",
     "ssd/ssd_step_cpu.cpp",
     "ssd/ssd_chunk_scan_cpu.cpp",
     "flash/flash_attention_cpu.cpp",
