@@ -45,7 +45,7 @@ cd "$(mktemp -d)"  # away from the source tree: the installed package only
 "$venv/bin/python" - <<'PYEOF'
 import torch
 import subq
-from subq.reference.conv1d import causal_conv1d_ref
+from subq.reference.causal_conv1d import causal_conv1d_ref
 
 print(f"subq {subq.__version__}: cuda_built={subq.cuda_built()} cuda_archs={subq.cuda_archs()!r} from {subq.__file__}")
 x, w, b = torch.randn(2, 8, 50, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64), torch.randn(8)

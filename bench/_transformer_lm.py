@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subq.models.attention import CausalSelfAttention
+from subq.nn.attention import CausalSelfAttention
 
 
 class TransformerBlock(nn.Module):

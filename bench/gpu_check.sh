@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's work (see ../shared/GPU.md): build for this GPU's arch, run the whole test suite, run
-# compute-sanitizer on small cases of every kernel, run the benchmarks and the profiler (default paths, then with
-# every opt-in SUBQ_EXPERIMENTAL_* kernel switched on).
+# compute-sanitizer on small cases of every kernel, run each op's side-by-side benchmark (subq-profile on one op: subq,
+# its opt-in kernel variants and its baselines, checked against float64) and the profiler over every op (default
+# paths, then with every opt-in SUBQ_EXPERIMENTAL_* kernel switched on).
 #   SUBQ_GPU_STEPS="build test sanitize bench profile"   which steps to run (default: all)
-#   SUBQ_GPU_BENCHES="monarch ssd"                         which bench/bench_<name>.py the bench step runs (default: all)
+#   SUBQ_GPU_BENCHES="monarch_matmul ssd_chunk_scan"     which ops the bench step runs, one process each (default:
+#                                                          all; python3 -m subq.profile --list names them)
 # The device tool returns at most 8 files from $OUT and stops a command after 10 minutes, so: logs and JSON go to
 # $SUBQ_GPU_WORK (kept between calls on a warm machine), and after every step all of it is packed into one
 # $OUT/gpu_<steps>.tar.gz, which survives a later step running out of time. Split the steps over calls, e.g.
@@ -52,13 +54,12 @@ if [[ $STEPS == *sanitize* ]]; then
 fi
 
 if [[ $STEPS == *bench* ]]; then
-  benches=${SUBQ_GPU_BENCHES:-$(ls bench/bench_*.py | sed 's|bench/bench_||; s|\.py$||')}
-  for bench in $benches; do
-    script=bench/bench_$bench.py
-    name=bench_$bench
-    python3 "$script" --out "$WORK/$name.json" >"$WORK/$name.log" 2>&1
-    step "$name" "exit $?"
-    tail -n 30 "$WORK/$name.log"
+  ops=${SUBQ_GPU_BENCHES:-$(python3 -c "from subq.profile.ops import OPS; print(*OPS)")}
+  for op in $ops; do
+    # writes $WORK/bench/<op>_<gpu>.{json,csv,png}
+    python3 -m subq.profile --ops "$op" --no-progress --out "$WORK/bench" >"$WORK/bench_$op.log" 2>&1
+    step "bench $op" "exit $?"
+    tail -n 30 "$WORK/bench_$op.log"
   done
 fi
 

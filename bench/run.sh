@@ -2,7 +2,8 @@
 # The main job: set up (see .ci/setup.sh), then subq-profile over every op (table on the terminal; JSON, CSV and the
 # roofline PNG under bench/results/). Extra arguments go to subq-profile, e.g. --quick or --ops monarch_matmul;
 # without any, a machine with no GPU gets the quick CPU grid (a few minutes) and a GPU the full grid.
-# bench/bench_monarch.py is still there for the Monarch side-by-side with correctness checks.
+# Every op's spec (python/subq/profile/ops/) holds its side-by-side baselines and its float64 check: --ops one op is
+# that op's benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh

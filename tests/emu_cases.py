@@ -8,7 +8,7 @@ import torch
 
 import subq
 from emu_support import Case
-from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from subq.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.flash import flash_chunked_ref
 from subq.reference.grouped_matmul import grouped_matmul_ref
 from subq.reference.monarch_conv import monarch_conv_ref

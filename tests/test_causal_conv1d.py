@@ -1,4 +1,4 @@
-"""subq.ops.causal_conv1d and causal_conv1d_update against the plain reference (subq.reference.conv1d)."""
+"""subq.ops.causal_conv1d and causal_conv1d_update against the plain reference (subq.reference.causal_conv1d)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import subq.distributed as sd
 from dist_support import run_ranks
 from subq import ops
-from subq.reference.conv1d import causal_conv1d_ref
+from subq.reference.causal_conv1d import causal_conv1d_ref
 from subq.reference.flash import flash_chunked_ref
 from subq.reference.ssd import ssd_chunked_ref
 

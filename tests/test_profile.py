@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -17,12 +18,15 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from subq.ops import FlashDecodeState
-from subq.profile import cli
+from subq.profile import check, cli, report
+from subq.profile.check import own_state
 from subq.profile.ops import OPS
-from subq.profile.ops.base import PASSES
+from subq.profile.ops.base import PASSES, compiled
 from subq.profile.ops.flash_step import flash_step_plain
-from subq.profile.runner import make_call, own_state
-from subq.reference import flash_chunked_ref, ssd_ref
+from subq.profile.ops.grouped_matmul import group_sizes
+from subq.profile.runner import make_call
+from subq.reference import flash_chunked_ref, monarch_matmul_ref, ssd_ref
+from subq.reference.monarch_conv import toeplitz
 
 ROOT = Path(__file__).resolve().parents[1]
 MATMUL_EVENTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
@@ -89,9 +93,10 @@ def test_ssd_matmul_flops_match_the_executed_products(size, pass_name):
     assert counted_flops(make_call(ref, inputs, size, pass_name)) == ref.matmul_flops(size, pass_name)
 
 
+@pytest.mark.parametrize("causal", [0, 1])
 @pytest.mark.parametrize("pass_name", PASSES)
-def test_flash_reference_matmul_flops_match_the_executed_products(pass_name):
-    size = {"batch": 2, "seqlen": 100, "qk_dim": 8, "value_dim": 16, "chunk_size": 64}  # padded last chunk
+def test_flash_reference_matmul_flops_match_the_executed_products(pass_name, causal):
+    size = {"batch": 2, "seqlen": 100, "qk_dim": 8, "value_dim": 16, "chunk_size": 64, "causal": causal}  # padded
     spec = OPS["flash_chunk_attention"]
     inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
     ref = spec.impl("flash_chunked_ref")
@@ -224,7 +229,7 @@ def test_flash_step_useful_flops_sum_to_the_forward():
     total = sum(step.useful_flops({"batch": b, "qk_dim": S, "value_dim": E, "chunk_size": C, "position": t}, "fwd")
                 for t in range(L))
     forward = OPS["flash_chunk_attention"].subq.useful_flops(
-        {"batch": b, "seqlen": L, "qk_dim": S, "value_dim": E, "chunk_size": C}, "fwd")
+        {"batch": b, "seqlen": L, "qk_dim": S, "value_dim": E, "chunk_size": C, "causal": 1}, "fwd")
     assert total == forward + 2 * b * S * E * (L - 2 * C)
 
 
@@ -317,13 +322,199 @@ def test_flash_step_plain_decodes_causal_flash_attention():
     torch.testing.assert_close(steps, want)
 
 
+# ---- the side-by-side baselines and the float64 check (what bench/bench_<op>.py ran before) -------------------------
+
+
+def test_ssd_counts_are_one_formula_with_what_each_callable_executes():
+    """The chunk algorithm's forward is 2 b c (G Q^2 N + H Q^2 P + 2 H Q N P); the reference executes C B^T once per
+    head instead of per group, subq's backward recomputes steps 1, 3 and 4."""
+    size = {"batch": 2, "seqlen": 300, "nheads": 6, "headdim": 8, "dstate": 16, "ngroups": 2, "chunk_size": 64}
+    b, c, H, P, N, G, Q = 2, 5, 6, 8, 16, 2, 64
+    spec = OPS["ssd_chunk_scan"]
+    subq_fwd, ref_fwd = (spec.impl(n).matmul_flops(size, "fwd") for n in ("subq", "ssd_chunked_ref"))
+    assert subq_fwd == 2 * b * c * (G * Q * Q * N + H * Q * Q * P + 2 * H * Q * N * P)
+    assert ref_fwd - subq_fwd == 2 * b * c * (H - G) * Q * Q * N
+    assert spec.impl("ssd_chunked_ref").matmul_flops(size, "fwd+bwd") == 3 * ref_fwd
+    assert spec.subq.matmul_flops(size, "fwd+bwd") == 2 * b * c * (4 * G * Q * Q * N + 3 * H * Q * Q * P
+                                                                   + 8 * H * Q * N * P)
+    for name in ("subq_fused", "ssd_chunked_ref_compiled", "fla_chunk_simple_gla"):  # variants share their formula
+        base = "subq" if name == "subq_fused" else "ssd_chunked_ref"
+        assert spec.impl(name).matmul_flops(size, "fwd+bwd") == spec.impl(base).matmul_flops(size, "fwd+bwd")
+
+
+def naive_simple_gla(q, k, v, g, scale):
+    """Gated linear attention by its recurrence, S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t S_t, in
+    flash-linear-attention's (batch, time, heads, features) layout."""
+    state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    out = []
+    for t in range(q.shape[1]):
+        state = g[:, t, :, None, None].exp() * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhn,bhnp->bhp", q[:, t], state))
+    return torch.stack(out, dim=1), state
+
+
+def test_fla_formulation_computes_the_ssd(monkeypatch):
+    """fla is not installed here: its kernel is replaced by the recurrence it computes, which checks the mapping of
+    the SSD's inputs onto gated linear attention (q = C, k = B per head, v = dt x, g = dt A)."""
+    fla_module = type(sys)("fla.ops.simple_gla")
+    fla_module.chunk_simple_gla = lambda q, k, v, g, scale: naive_simple_gla(q, k, v, g, scale)
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", fla_module)
+    spec = OPS["ssd_chunk_scan"]
+    size = {"batch": 2, "seqlen": 20, "nheads": 4, "headdim": 3, "dstate": 5, "ngroups": 2, "chunk_size": 64}
+    inputs = check.in_float64(spec.make_inputs(size, torch.float64, torch.device("cpu")))
+    with torch.no_grad():
+        got = spec.impl("fla_chunk_simple_gla").forward(inputs, size)
+        want = ssd_ref(*(inputs[n] for n in ("x", "dt", "A", "B", "C")))[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_callables_that_cannot_run_here_are_skipped_with_a_reason():
+    cpu = torch.device("cpu")
+    skipped = OPS["ssd_chunk_scan"].skipped_on(cpu)
+    assert {"subq_fused", "ssd_chunked_ref_compiled"} <= set(skipped)
+    assert "CUDA" in skipped["ssd_chunked_ref_compiled"] and "SUBQ_EXPERIMENTAL_SSD_KERNELS" in skipped["subq_fused"]
+    assert "torch._grouped_mm" in OPS["grouped_matmul"].skipped_on(cpu)["torch_grouped_mm"]
+    names = [i.name for i in OPS["monarch_matmul"].impls_on(cpu)]
+    assert names == ["subq", "two_bmm", "dense"]
+
+
+def test_opt_in_variant_holds_its_flag_over_forward_and_backward():
+    impl = OPS["monarch_matmul"].impl("subq_sm90")
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", os.environ.get(impl.flag)))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, dy):
+            seen.append(("bwd", os.environ.get(impl.flag)))
+            return dy
+
+    spy = dataclasses.replace(impl, forward=lambda i, s: Spy.apply(i["x"]), leaves=("x",))
+    inputs = {"x": torch.randn(3, 4, requires_grad=True), "dy": torch.randn(3, 4)}
+    before = os.environ.get(impl.flag)
+    make_call(spy, inputs, {}, "fwd+bwd")()
+    make_call(dataclasses.replace(spy, flag=None), inputs, {}, "fwd")()
+    assert seen == [("fwd", "1"), ("bwd", "1"), ("fwd", before)]
+    assert os.environ.get(impl.flag) == before
+
+
+def test_compiled_baseline_compiles_once_on_first_call(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, dynamic):
+        calls.append(dynamic)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    reference = OPS["ssd_chunk_scan"].impl("ssd_chunked_ref")
+    variant = compiled(reference)
+    assert calls == [] and variant.name == "ssd_chunked_ref_compiled"
+    size = SSD_SIZES[1]
+    inputs = OPS["ssd_chunk_scan"].make_inputs(size, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(variant.forward(inputs, size), reference.forward(inputs, size))
+    assert calls == [False]  # static shapes, compiled once
+    assert variant.unavailable(torch.device("cuda")) is None and variant.unavailable(torch.device("cpu"))
+
+
+def test_plan_counts_only_the_callables_that_run():
+    args = cli.build_parser().parse_args(["--quick", "--device", "cpu", "--ops", "ssd_chunk_scan", "--fwd"])
+    plan, _ = cli.make_plan(args)
+    assert plan.steps() == 2 * 3  # two sizes; subq, the reference and SDPA (fused, compiled and fla need CUDA)
+
+
+def test_two_bmm_is_the_monarch_product():
+    """The Monarch baseline itself, forward and gradients, against the float64 reference."""
+    size = MONARCH_SIZES[0]
+    spec = OPS["monarch_matmul"]
+    inputs = check.in_float64(spec.make_inputs(size, torch.float32, torch.device("cpu")))
+    two_bmm = spec.impl("two_bmm")
+    reference = dataclasses.replace(two_bmm, forward=lambda i, s: monarch_matmul_ref(i["x"], i["w1"], i["w2"]))
+    got, want = (check.outputs(impl, inputs, size, gradients=True) for impl in (two_bmm, reference))
+    assert got.keys() == {"y", "dx", "dw1", "dw2"}
+    assert check.worst(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("op", ["monarch_matmul", "ssd_chunk_scan", "ssd_step", "grouped_matmul"])
+def test_check_passes_subq_against_the_float64_baseline(op):
+    spec = OPS[op]
+    size = spec.sizes(quick=True, overrides={})[0]
+    inputs = spec.make_inputs(size, torch.float32, torch.device("cpu"))
+    result = check.check(spec, inputs, size, torch.float32, torch.device("cpu"), gradients="fwd+bwd" in spec.passes)
+    assert result["ok"], result
+    assert result["reference_dtype"] == "float64" and result["tol"] == 1e-4
+    assert set(result["by_impl"]) == {"subq"}  # the opt-in variants are CUDA only
+
+
+@pytest.mark.parametrize("wrong", ["output", "gradient", "raises"])
+def test_check_fails_a_wrong_subq(wrong):
+    """A subq whose output is off by 1 %, whose gradients are 1.5x, or that raises: each fails the check."""
+    spec = OPS["monarch_matmul"]
+    right = spec.subq.forward
+
+    def forward(i, s):
+        y = right(i, s)
+        if wrong == "raises":
+            raise RuntimeError("subq kernel: bad launch\nmore")
+        return 1.01 * y if wrong == "output" else y.detach() + 1.5 * (y - y.detach())
+
+    bad = dataclasses.replace(spec, impls=(dataclasses.replace(spec.subq, forward=forward), *spec.baselines))
+    size = MONARCH_SIZES[0]
+    inputs = bad.make_inputs(size, torch.float32, torch.device("cpu"))
+    result = check.check(bad, inputs, size, torch.float32, torch.device("cpu"), gradients=True)
+    assert not result["ok"]
+    if wrong == "raises":
+        assert result["errors"] == {"subq": "RuntimeError: subq kernel: bad launch"}
+    else:
+        assert result["max_rel_err"] > 100 * result["tol"]
+    row = {"op": bad.name, "size_label": bad.label(size), "pass": "fwd", "impls": [], "check_subq_vs": result}
+    assert report.checks_summary([row])["failed"] == 1
+    assert "!!! CHECK FAILED monarch_matmul b2 L24 n64 nb4 vs float64 two_bmm" in report.table([row])
+
+
+@pytest.mark.parametrize("skewed", [0, 1])
+def test_grouped_matmul_routing_splits_every_token(skewed):
+    size = {"tokens": 1000, "groups": 16, "k": 8, "n": 8, "skewed": skewed}
+    counts = group_sizes(size)
+    assert sum(counts) == 1000 and len(counts) == 16
+    if skewed:
+        assert counts == sorted(counts, reverse=True) and counts[0] > 600 and counts[-1] < 5
+    else:
+        assert max(counts) - min(counts) <= 1
+    inputs = OPS["grouped_matmul"].make_inputs(size, torch.float32, torch.device("cpu"))
+    assert inputs["group_sizes"].tolist() == counts and inputs["offsets"][-1] == 1000
+
+
+@pytest.mark.parametrize("bidirectional", [0, 1])
+def test_monarch_conv_useful_flops_count_the_toeplitz_entries(bidirectional):
+    size = {"batch": 2, "channels": 3, "seqlen": 10, "bidirectional": bidirectional}
+    spec = OPS["monarch_conv"]
+    inputs = spec.make_inputs(size, torch.float64, torch.device("cpu"))
+    entries = int(toeplitz(inputs["k"].detach(), 10, inputs.get("k_rev")).count_nonzero())
+    for impl in spec.impls:
+        assert impl.useful_flops(size, "fwd") == 2 * 2 * entries, impl.name
+    assert ("k_rev" in inputs) == bool(bidirectional)
+
+
+def test_flash_bidirectional_useful_flops_count_every_pair_in_a_chunk():
+    b, L, S, E, C = 2, 100, 3, 5, 64
+    size = {"batch": b, "seqlen": L, "qk_dim": S, "value_dim": E, "chunk_size": C, "causal": 0}
+    pairs = 64 * 64 + 36 * 36
+    assert OPS["flash_chunk_attention"].subq.useful_flops(size, "fwd") == b * (pairs * (2 * S + 2 * E) + 4 * S * E * L)
+
+
 # ---- the CLI end to end on the CPU ---------------------------------------------------------------------------------
 
 TINY = ["--quick", "--device", "cpu", "--seqlen", "64", "--grid", "n=64", "nblocks=4", "headdim=16", "dstate=16",
         "causal=1", "position=127", "--repeats", "2", "--no-progress"]
 ROW_KEYS = {"op", "size_label", "pass", "input_sets", "impls", "ms", "tflops", "pct_peak", "useful_tflops", "gbs",
             "pct_bandwidth", "matmul_flops", "useful_flops", "min_bytes", "intensity", "speedup_subq_vs", "errors",
-            "check_subq_vs"}
+            "check_subq_vs", "skipped", "peak_extra_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +597,7 @@ def test_without_matplotlib_everything_but_the_plot_is_written(tmp_path, capsys,
     assert cli.main([*argv, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().err.strip().splitlines() == [
         "subq-profile: no roofline plot: matplotlib is not installed (pip install matplotlib)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile_cpu.csv", "profile_cpu.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blockdiag_matmul_cpu.csv", "blockdiag_matmul_cpu.json"]
 
 
 def test_compare_prints_the_ratio_per_row(tiny_run, tmp_path, capsys):
@@ -454,6 +645,8 @@ def assert_one_line_error(capsys, argv, needle):
     (["--device", "cpu", "--ops", "flash_step", "--grid", "position=-1"], "position must be at least 0"),
     (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "cannot read"),
     (["--device", "cpu", "--ops", "rmsnorm_gated", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--device", "cpu", "--ops", "rmsnorm_gated", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--device", "cpu", "--ops", "grouped_matmul", "--grid", "skewed=2"], "skewed must be 0 or 1"),
     (["--device", "cpu", "--ops", "rmsnorm_gated", "--seqlen", "0"], "L0 D4096: every size must be at least 1"),
     (["--device", "cpu", "--ops", "rmsnorm_gated", "--batch", "-1"], "b-1 L1024 D4096: every size must be at least 1"),
 ])

@@ -17,7 +17,7 @@ from subq._utils import ArgumentTypeError, check_bool, check_int, check_positive
 from subq.distributed import tensor_parallel
 from subq.distributed._comm import check_group
 from subq.models._common import CachedGeneration, Pretrained
-from subq.models.attention import CausalSelfAttention
+from subq.nn.attention import CausalSelfAttention
 from subq.nn.mamba2 import Mamba2, RMSNormGated
 
 

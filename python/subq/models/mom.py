@@ -17,12 +17,12 @@ from torch import nn
 
 from subq._utils import check_int
 from subq.models._common import CachedGeneration, Pretrained
+from subq.nn.attention import KVCache
 from subq.nn.mom import (
     ROUTERS,
     AttentionModules,
     FFNModules,
     ModuleDispatch,
-    ModuleKVCache,
     TransformerLayer,
     choose_modules,
 )
@@ -133,7 +133,7 @@ class MoM(CachedGeneration, Pretrained, nn.Module):
         self.lm_head.weight = self.wte.weight
 
     def forward(self, input_ids: torch.Tensor, route: torch.Tensor | None = None,
-                cache: list[ModuleKVCache] | None = None) -> MoMOutput:
+                cache: list[KVCache] | None = None) -> MoMOutput:
         """``input_ids (batch, seqlen)``. ``route`` forces the routing: option ids broadcastable to
         ``(batch, seqlen, H, 2, top_k)`` (per step and module type, or per token too; SKIP = the pool size); the
         weights stay the router's renormalised probabilities of the forced options. ``cache`` (from
@@ -203,7 +203,7 @@ class MoM(CachedGeneration, Pretrained, nn.Module):
         routed_end = self.config.n_bottom + self.config.assembly_steps
         return caches[:self.config.n_bottom], caches[self.config.n_bottom:routed_end], caches[routed_end:]
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> list[ModuleKVCache]:
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> list[KVCache]:
         """One KV cache per attention call, in forward's order: the bottom layers', one per assembly step (a row
         per routing slot and sequence), the top layers'."""
         def plain(layers):
@@ -217,7 +217,7 @@ class MoM(CachedGeneration, Pretrained, nn.Module):
         """The last position's logits (batch, vocab) of the prompt, leaving ``caches`` ready for ``step``."""
         return self(input_ids, cache=caches).logits[:, -1]
 
-    def step(self, input_ids: torch.Tensor, cache: list[ModuleKVCache]) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sequence, ``input_ids (batch,)``; extends ``cache``."""
         return self(input_ids[:, None], cache=cache).logits[:, 0]
 

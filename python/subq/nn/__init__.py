@@ -1,14 +1,17 @@
 """Drop-in modules built on subq.ops."""
 
-from subq.nn.flash import FLASH, GAU, FlashInferenceCache, GAUInferenceCache, ScaleNorm, ScaleOffset, rotary_embedding
+from subq.nn.attention import CausalSelfAttention, KVCache
+from subq.nn.flash import FLASH, GAU, FlashInferenceCache, GAUInferenceCache, ScaleNorm, ScaleOffset
 from subq.nn.m2 import HyenaFilter, M2DimensionMixer, M2InferenceCache, M2SequenceMixer
 from subq.nn.mamba2 import Mamba2, Mamba2Cache, RMSNormGated
 from subq.nn.mom import AttentionModules, FFNModules, GRURouter, MLPRouter, load_balancing_loss
 from subq.nn.monarch_linear import BlockdiagLinear, MonarchLinear
+from subq.nn.rope import rotary_embedding
 
 __all__ = [
     "AttentionModules",
     "BlockdiagLinear",
+    "CausalSelfAttention",
     "FFNModules",
     "FLASH",
     "FlashInferenceCache",
@@ -16,6 +19,7 @@ __all__ = [
     "GAUInferenceCache",
     "GRURouter",
     "HyenaFilter",
+    "KVCache",
     "M2DimensionMixer",
     "M2InferenceCache",
     "M2SequenceMixer",

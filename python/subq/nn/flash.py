@@ -26,6 +26,8 @@ from torch import nn
 from subq import distributed
 from subq._utils import check_bool, check_int_choice, check_positive_ints, check_real
 from subq.distributed._comm import check_group, gather_shard_layout
+from subq.nn.attention import KVCache
+from subq.nn.rope import rotary_embedding
 from subq.ops.flash import CHUNK_SIZES, FlashDecodeState, flash_chunk_attention, flash_step, gau_attention
 
 NORMS = ("layernorm", "scalenorm")
@@ -42,19 +44,6 @@ class ScaleNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / x.norm(dim=-1, keepdim=True).clamp(min=self.eps) * self.scale
-
-
-def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """RoPE on the last dim of ``x (..., L, S)`` in the rotate-half layout: features i and i + S//2 form a pair
-    rotated by ``positions[l] · base^(-i / (S//2))``; an odd last feature is left as is. Then
-    ``rope(q, m) · rope(k, n)`` depends on m - n only. Angles in float32 (float64 for float64 inputs)."""
-    half = x.shape[-1] // 2
-    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=angle_dtype) / max(half, 1))
-    angles = positions.to(angle_dtype)[:, None] * inv_freq                 # (L, half)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 class ScaleOffset(nn.Module):
@@ -113,16 +102,17 @@ class _GatedUnit(nn.Module):
         return u, v, heads
 
 
-@dataclass
-class GAUInferenceCache:
+@dataclass(kw_only=True)
+class GAUInferenceCache(KVCache):
     """Decoding state of one causal GAU layer: the keys (after RoPE) and values of the first ``position`` tokens,
     ``keys (B, max_seqlen, S)`` and ``values (B, max_seqlen, E)`` in the compute dtype (float32, float64 for
     float64), and the attention scale they are decoded with."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
     scale: float
-    position: int = 0
+
+    @property
+    def position(self) -> int:  # the name FLASH's cache and FlashDecodeState use
+        return self.length
 
     @property
     def batch_size(self) -> int:
@@ -169,9 +159,7 @@ class GAU(_GatedUnit):
         u, v, (q, k) = self._features(x, torch.arange(seqlen, device=x.device))
         out = gau_attention(q, k, v, u=u, rel_bias=bias, causal=self.causal, scale=scale)
         if cache is not None:
-            cache.keys[:, :seqlen] = k.detach()
-            cache.values[:, :seqlen] = v.detach()
-            cache.position = seqlen
+            cache.append(k.detach(), v.detach())
         return x + self.proj_out(out)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
@@ -189,7 +177,7 @@ class GAU(_GatedUnit):
         kw = {"device": self.proj_in.weight.device, "dtype": compute_dtype}
         return GAUInferenceCache(torch.zeros(batch_size, max_seqlen, self.s, **kw),
                                  torch.zeros(batch_size, max_seqlen, self.e, **kw),
-                                 self.scale if self.scale is not None else 1.0 / max_seqlen)
+                                 scale=self.scale if self.scale is not None else 1.0 / max_seqlen)
 
     def step(self, x: torch.Tensor, cache: GAUInferenceCache) -> torch.Tensor:
         """The output for one token ``x (B, 1, d)`` at position ``t = cache.position``: its query against the t + 1
@@ -201,14 +189,12 @@ class GAU(_GatedUnit):
         if t >= capacity:
             raise ValueError(f"the cache is full: it holds {capacity} positions")
         u, v, (q, k) = self._features(x, torch.tensor([t], device=x.device))
-        ct = cache.keys.dtype
-        cache.keys[:, t] = k[:, 0].detach()
-        cache.values[:, t] = v[:, 0].detach()
-        scores = torch.einsum("bjs,bs->bj", cache.keys[:, :t + 1], q[:, 0].to(ct)) * cache.scale
+        _, keys, values, _ = cache.append(k.detach(), v.detach())
+        ct = keys.dtype
+        scores = torch.einsum("bjs,bs->bj", keys, q[:, 0].to(ct)) * cache.scale
         if self.rel_bias is not None:
             scores = scores + self.rel_bias[self.max_len - 1 - t: self.max_len].to(ct)  # offsets -t..0
-        out = torch.einsum("bj,bje->be", F.relu(scores).square(), cache.values[:, :t + 1]) * u[:, 0].to(ct)
-        cache.position = t + 1
+        out = torch.einsum("bj,bje->be", F.relu(scores).square(), values) * u[:, 0].to(ct)
         return x + self.proj_out(out.to(v.dtype)[:, None])
 
     def extra_repr(self) -> str:

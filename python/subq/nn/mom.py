@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from subq._utils import check_positive_ints
+from subq.nn.attention import KVCache, causal_attention
 from subq.ops.grouped_matmul import grouped_matmul
 
 
@@ -92,44 +93,6 @@ class DenseDispatch:
 DENSE = DenseDispatch()
 
 
-@dataclass
-class ModuleKVCache:
-    """Keys and values of one attention call for generation, one row per (routing slot, sequence), and whether
-    each position is visible as a key (a token that skipped the slot is not)."""
-
-    keys: torch.Tensor      # (slots * batch, heads, max_seqlen, headdim)
-    values: torch.Tensor
-    visible: torch.Tensor   # (slots * batch, max_seqlen) bool
-    length: int = 0         # positions filled
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None):
-        """Store new keys/values; return the start position and everything cached so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; {end} needed")
-        if k.shape[0] != self.keys.shape[0]:
-            raise ValueError(f"the KV cache was allocated for {self.keys.shape[0]} (slot, sequence) rows, "
-                             f"got {k.shape[0]}; allocate it for this batch size")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.visible[:, start:end] = True if visible is None else visible
-        self.length = end
-        return start, self.keys[:, :, :end], self.values[:, :, :end], self.visible[:, :end]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor | None,
-                     start: int = 0) -> torch.Tensor:
-    """Softmax attention of ``q (rows, heads, Tq, hd)`` at positions ``start..`` over keys at ``0..Tk-1``: query i
-    sees key j iff j <= start + i and key j is visible (``key_visible (rows, Tk)``, None = all) or is the query's
-    own position, so a query always sees at least itself and no row is empty."""
-    q_pos = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
-    k_pos = torch.arange(k.shape[2], device=q.device)
-    mask = k_pos <= q_pos
-    if key_visible is not None:
-        mask = mask & (key_visible[:, None, None, :] | (k_pos == q_pos))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 class _ModulePool(nn.Module):
     """G modules, each with GPT-2's own pre-LayerNorm, stored as stacked parameters."""
 
@@ -192,13 +155,11 @@ class AttentionModules(_ModulePool):
         self.c_proj_weight = self._weight(d_model, d_model)
         self.c_proj_bias = self._bias(d_model)
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, slots: int, dtype=None) -> ModuleKVCache:
-        shape = (slots * batch_size, self.n_head, max_seqlen, self.headdim)
-        kw = dict(device=self.c_attn_weight.device, dtype=dtype or self.c_attn_weight.dtype)
-        return ModuleKVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw),
-                             torch.zeros(shape[:1] + shape[2:3], dtype=torch.bool, device=kw["device"]))
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, slots: int, dtype=None) -> KVCache:
+        return KVCache.allocate(slots * batch_size, self.n_head, max_seqlen, self.headdim, self.c_attn_weight.device,
+                                dtype or self.c_attn_weight.dtype, hidden_keys=True)
 
-    def sorted_updates(self, x: torch.Tensor, dispatch, cache: ModuleKVCache | None = None) -> torch.Tensor:
+    def sorted_updates(self, x: torch.Tensor, dispatch, cache: KVCache | None = None) -> torch.Tensor:
         batch, seqlen, d = x.shape
         qkv = dispatch.matmul(self.normed_rows(x, dispatch), self.c_attn_weight, self.c_attn_bias)
         if dispatch is DENSE:
@@ -244,7 +205,7 @@ class TransformerLayer(nn.Module):
         self.attn = AttentionModules(1, d_model, n_head, eps, device=device, dtype=dtype)
         self.ffn = FFNModules(1, d_model, d_ffn, eps, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cache: ModuleKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = self.attn.residual(x, DENSE, None, cache)
         return self.ffn.residual(x, DENSE, None)
 

@@ -9,7 +9,8 @@ import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
 from subq._utils import check_bool, check_ndim, check_tensor
-from subq.reference.conv1d import causal_conv1d_ref
+from subq.ops._autograd import grad_of_grad
+from subq.reference.causal_conv1d import causal_conv1d_ref
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -202,8 +203,7 @@ def _backward(ctx, dy, dfinal_states):
 torch.library.register_autograd("subq::causal_conv1d_fwd", _backward, setup_context=_setup)
 
 
-# ---- double backward: differentiate the reference's first-order gradients ------------------------------------------
-# Rare (Hessian-vector products, gradient penalties), so it runs the plain reference rather than more kernels.
+# ---- double backward: differentiate the reference twice (subq.ops._autograd) ---------------------------------------
 
 
 def _bwd_setup(ctx, inputs, output):
@@ -215,30 +215,15 @@ def _bwd_setup(ctx, inputs, output):
 def _bwd_backward(ctx, g_dx, g_dweight, g_dbias, g_dinit):
     x, weight, bias, seq_idx, initial_states, dy, dfinal_states = ctx.saved_tensors
     activation = "silu" if ctx.silu else None
-    primals = [x, weight, bias, initial_states]
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in primals]
-        dy_leaf = dy.detach().requires_grad_()
-        outputs, grads = [], [dy_leaf]
-        y, final_states = causal_conv1d_ref(leaves[0], leaves[1], leaves[2], seq_idx, leaves[3], True, activation)
-        outputs.append(y)
-        dfinal_leaf = None
-        if dfinal_states is not None and dfinal_states.numel() > 0:
-            dfinal_leaf = dfinal_states.detach().requires_grad_()
-            outputs.append(final_states)
-            grads.append(dfinal_leaf)
-        wanted = [(i, t) for i, t in enumerate(leaves) if t is not None and ctx.mask[i]]
-        firsts = torch.autograd.grad(outputs, [t for _, t in wanted], grads, create_graph=True, allow_unused=True)
-        g_out = (g_dx, g_dweight, g_dbias, g_dinit)
-        pairs = [(f, g_out[i]) for f, (i, _) in zip(firsts, wanted, strict=True) if None not in (f, g_out[i])]
-        if not pairs:
-            return (None,) * 9
-        inputs = [dy_leaf, *(t for t in leaves if t is not None), *([dfinal_leaf] if dfinal_leaf is not None else [])]
-        second = list(torch.autograd.grad([f for f, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
-    d_dy = second.pop(0)
-    d_primals = [None if t is None else second.pop(0) for t in leaves]
-    d_dfinal = second.pop(0) if dfinal_leaf is not None else None
-    d_x, d_weight, d_bias, d_init = d_primals
+
+    def reference(x, weight, bias, initial_states):
+        return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, True, activation)
+
+    if dfinal_states is not None and dfinal_states.numel() == 0:  # the op's "no final-state gradient"
+        dfinal_states = None
+    d_dy, d_dfinal, d_x, d_weight, d_bias, d_init = grad_of_grad(reference, (x, weight, bias, initial_states),
+                                                                 (dy, dfinal_states), ctx.mask,
+                                                                 (g_dx, g_dweight, g_dbias, g_dinit))
     return d_x, d_weight, d_bias, None, d_init, d_dy, d_dfinal, None, None
 
 

@@ -9,6 +9,7 @@ import torch
 
 from subq import _C  # noqa: F401  (registers the torch.ops.subq schemas and kernels)
 from subq._utils import autocast_inputs, check_like, check_ndim, check_nonempty_dims, check_tensor
+from subq.ops._autograd import grad_of_grad
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_matmul_ref
 
 
@@ -147,20 +148,7 @@ torch.library.register_autograd("subq::blockdiag_fwd", _blockdiag_backward, setu
 torch.library.register_autograd("subq::monarch_fwd", _monarch_backward, setup_context=_monarch_setup)
 
 
-# ---- double backward: differentiate the reference's first-order gradients ------------------------------------------
-# Rare (Hessian-vector products, gradient penalties), so it runs the dense reference rather than more kernels.
-
-
-def _grad_of_grad(reference, primals, dy, wanted, grad_outputs):
-    """Gradients w.r.t. (dy, *primals) of <grad_outputs, d reference(primals) / d primals · dy>."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in primals]
-        dy_leaf = dy.detach().requires_grad_()
-        firsts = torch.autograd.grad(reference(*leaves), leaves, dy_leaf, create_graph=True)
-        pairs = [(f, g) for f, g, w in zip(firsts, grad_outputs, wanted, strict=True) if w and g is not None]
-        if not pairs:
-            return [None] * (1 + len(leaves))
-        return torch.autograd.grad([f for f, _ in pairs], [dy_leaf, *leaves], [g for _, g in pairs], allow_unused=True)
+# ---- double backward: differentiate the dense reference twice (subq.ops._autograd) ---------------------------------
 
 
 def _save_bwd_inputs(ctx, inputs, output):
@@ -171,14 +159,14 @@ def _save_bwd_inputs(ctx, inputs, output):
 
 def _blockdiag_bwd_backward(ctx, g_dx, g_dw):
     dy, x, w = ctx.saved_tensors
-    d_dy, d_x, d_w = _grad_of_grad(blockdiag_matmul_ref, (x, w), dy, ctx.mask, (g_dx, g_dw))
+    d_dy, d_x, d_w = grad_of_grad(blockdiag_matmul_ref, (x, w), (dy,), ctx.mask, (g_dx, g_dw))
     return d_dy, d_x, d_w, None
 
 
 def _monarch_bwd_backward(ctx, g_dx, g_dw1, g_dw2):
     # The reference recomputes the intermediate from x and w1, so second derivatives flow through them.
     dy, x, _intermediate, w1, w2 = ctx.saved_tensors
-    d_dy, d_x, d_w1, d_w2 = _grad_of_grad(monarch_matmul_ref, (x, w1, w2), dy, ctx.mask, (g_dx, g_dw1, g_dw2))
+    d_dy, d_x, d_w1, d_w2 = grad_of_grad(monarch_matmul_ref, (x, w1, w2), (dy,), ctx.mask, (g_dx, g_dw1, g_dw2))
     return d_dy, d_x, None, d_w1, d_w2, None
 
 

@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the small grid: a smoke run in minutes on a CPU")
     parser.add_argument("--repeats", type=int, help="minimum timed calls per measurement (default 50 on a GPU, "
                                                     "where at least 100 ms is also timed; 5 on a CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's); 1 on a shared machine, "
+                                                    "where threads competing with other jobs time the scheduler")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/ inside the subq repo, "
-                                                 "else ./subq-profile-results/)")
+                                                 "else ./subq-profile-results/); files profile_<device>.{json,csv,png}"
+                                                 ", or <op>_<device>.* for --ops with one op")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--list", action="store_true", help="list the ops, their callables and grids, and exit")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
@@ -108,6 +111,13 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
     dtype_name = args.dtype or default_dtype(device)
     dtype = check_dtype(dtype_name, device)
 
+    # "is None", not "or": --repeats 0 is a bad request, not a request for the default.
+    repeats = args.repeats if args.repeats is not None else (50 if device.type == "cuda" else 5)
+    if repeats < 1:
+        raise ProfileError(f"--repeats must be at least 1, got {repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ProfileError(f"--threads must be at least 1, got {args.threads}")
+
     overrides = parse_grid(args.grid)
     for axis in ("batch", "seqlen"):
         if getattr(args, axis):
@@ -126,10 +136,6 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 raise ProfileError(f"{spec.name} at {spec.label(size)} ({dtype_name}) needs about {_gib(need)}, "
                                    f"{device} has {_gib(free)} free: choose smaller sizes (--seqlen, --batch, --grid)")
 
-    # "is None", not "or": --repeats 0 is a bad request, not a request for the default.
-    repeats = args.repeats if args.repeats is not None else (50 if device.type == "cuda" else 5)
-    if repeats < 1:
-        raise ProfileError(f"--repeats must be at least 1, got {repeats}")
     return Plan(specs, sizes, dtype, device, passes, repeats), dtype_name
 
 
@@ -159,6 +165,8 @@ def _main(argv: list[str] | None) -> int:
         raise ProfileError(f"--out {out}: cannot create the folder ({err.strerror})") from None
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = plan.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -173,16 +181,23 @@ def _main(argv: list[str] | None) -> int:
     rows = run(plan, peak, progress)
     print(report.table(rows))
     print(report.LEGEND)
+    for line in report.skipped_lines(rows):
+        print(line)
+    checks = report.checks_summary(rows)
+    verdict = "all ok" if checks["all_ok"] else f"{checks['failed']} FAILED"
+    print(f"checks against the float64 baselines: {verdict}, worst max rel err {checks['max_rel_err']}")
 
-    stem = out / f"profile_{slug(device_name(device))}"
+    # One op's run has its own file, so it does not overwrite the every-op profile (and its plot) beside it.
+    name = plan.specs[0].name if len(plan.specs) == 1 and args.ops else "profile"
+    stem = out / f"{name}_{slug(device_name(device))}"
     payload = {
         "benchmark": "profile", "env": env,
         "config": {"ops": [s.name for s in plan.specs], "dtype": dtype_name, "passes": list(plan.passes),
                    "quick": args.quick, "overrides": parse_grid(args.grid) | {
                        k: v for k, v in (("batch", args.batch), ("seqlen", args.seqlen)) if v},
-                   "repeats": plan.repeats},
+                   "repeats": plan.repeats, "threads": torch.get_num_threads()},
         "peak": peak,
-        "checks": report.checks_summary(rows),
+        "checks": checks,
         "rows": rows,
     }
     report.write_json(stem.with_suffix(".json"), payload)

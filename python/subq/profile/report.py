@@ -47,25 +47,48 @@ def _cell(value: object, width: int, spec: str) -> str:
     return f"{text:>{width}}"
 
 
+def _check_line(row: dict) -> str | None:
+    check = row.get("check_subq_vs")
+    if not check or check["ok"]:
+        return None
+    what = check.get("error") or check["errors"] or (
+        f"max rel err {check['max_rel_err']:.2e} > tol {check['tol']:.1e} ({check['by_impl']})")
+    return f"!!! CHECK FAILED {row['op']} {row['size_label']} vs float64 {check['against']}: {what}"
+
+
 def table(rows: list[dict]) -> str:
-    header = " ".join(_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for _, h, w, f in COLUMNS)
+    points = flat(rows)
+    # text columns as wide as their longest entry (callable names such as flash_chunked_ref_compiled), numbers fixed
+    columns = [(key, h, max([w] + [len(str(r[key])) for r in points]) if f == "s" else w, f)
+               for key, h, w, f in COLUMNS]
+    header = " ".join(_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for _, h, w, f in columns)
     lines = [header]
     previous = None
-    for r in flat(rows):
+    for r in points:
         group = (r["op"], r["size"], r["pass"])
         if previous is not None and group[:2] != previous[:2]:
             lines.append("")
         previous = group
-        lines.append(" ".join(_cell(r[key], w, f) for key, _, w, f in COLUMNS).rstrip())
-    errors = [f"!!! {r['op']} {r['size']} {r['pass']} {r['impl']}: {r['error']}" for r in flat(rows) if r["error"]]
-    return "\n".join(lines + errors)
+        lines.append(" ".join(_cell(r[key], w, f) for key, _, w, f in columns).rstrip())
+    errors = [f"!!! {r['op']} {r['size']} {r['pass']} {r['impl']}: {r['error']}" for r in points if r["error"]]
+    failed = dict.fromkeys(line for row in rows if (line := _check_line(row)))  # one line per size, not per pass
+    return "\n".join(lines + errors + list(failed))
+
+
+def skipped_lines(rows: list[dict]) -> list[str]:
+    """One line per callable that did not run on this device, and why."""
+    reasons = {(row["op"], impl): why for row in rows for impl, why in row.get("skipped", {}).items()}
+    return [f"not run: {op} {impl}: {why}" for (op, impl), why in reasons.items()]
 
 
 def checks_summary(rows: list[dict]) -> dict:
-    errs = [r["check_subq_vs"]["max_rel_err"] for r in rows if r.get("check_subq_vs")]
-    valid = [e for e in errs if e is not None]
-    return {"what": "max |subq - baseline| / max |baseline| of forward outputs, same dtype (informational)",
-            "max_rel_err": max(valid) if valid else None, "failed": len(errs) - len(valid)}
+    checks = {(row["op"], row["size_label"]): row["check_subq_vs"] for row in rows if row.get("check_subq_vs")}
+    valid = [c["max_rel_err"] for c in checks.values() if c["max_rel_err"] is not None]
+    return {"what": "max |subq - baseline in float64| / max |baseline in float64|, forward output and gradients; "
+                    "tol: 2x the baseline's own error in the run's dtype, at least 1e-2 (16-bit) or 1e-4 (fp32)",
+            "max_rel_err": max(valid) if valid else None,
+            "failed": sum(not c["ok"] for c in checks.values()),
+            "all_ok": all(c["ok"] for c in checks.values())}
 
 
 def write_json(path: Path, payload: dict) -> None:

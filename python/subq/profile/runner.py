@@ -1,5 +1,6 @@
-"""The sweep: for each op and size, make rotated input sets, check subq against a same-math baseline, then time
-subq and every baseline in each pass, and turn times into the row that the report, JSON and plot read."""
+"""The sweep: for each op and size, make rotated input sets, check subq against its float64 baseline (check.py), then
+time subq, its opt-in variants and every baseline that runs on the device in each pass, and turn times into the row
+that the report, JSON and plot read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from subq.profile.check import check, error_text
+from subq.profile.flags import env_flag
 from subq.profile.ops import Impl, OpSpec
-from subq.profile.ops.base import Inputs, Size
+from subq.profile.ops.base import Inputs, Size, leaves_of
 from subq.profile.progress import Progress
 from subq.profile.timing import gbs, input_set_count, median_ms, rotating, tflops
 
@@ -27,24 +30,22 @@ class Plan:
         return tuple(p for p in self.passes if p in spec.passes)
 
     def steps(self) -> int:
-        return sum(len(self.sizes[s.name]) * len(self.passes_of(s)) * len(s.impls) for s in self.specs)
-
-
-def error_text(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        return sum(len(self.sizes[s.name]) * len(self.passes_of(s)) * len(s.impls_on(self.device))
+                   for s in self.specs)
 
 
 def make_call(impl: Impl, inputs: Inputs, size: Size, pass_name: str) -> Callable[[], object]:
     if pass_name == "fwd":
         def forward() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), env_flag(impl.flag):
                 return impl.forward(inputs, size)
         return forward
-    leaves = tuple(inputs[name] for name in impl.leaves)
+    leaves = tuple(inputs[name] for name in leaves_of(impl, inputs))
 
     def forward_backward() -> tuple[torch.Tensor, ...]:
-        out = impl.forward(inputs, size)
-        return torch.autograd.grad(out, leaves, inputs["dy"].view(out.shape))
+        with env_flag(impl.flag):
+            out = impl.forward(inputs, size)
+            return torch.autograd.grad(out, leaves, inputs["dy"].view(out.shape))
     return forward_backward
 
 
@@ -60,24 +61,19 @@ def time_impl(impl: Impl, sets: list[Inputs], size: Size, pass_name: str,
         return None, error_text(err)
 
 
-def own_state(spec: OpSpec, inputs: Inputs) -> Inputs:
-    """The input set with a copy of a decode step's state: one callable's in-place update must not feed the next."""
-    return inputs | {name: inputs[name].clone() for name in spec.state}
-
-
-def check(spec: OpSpec, inputs: Inputs, size: Size) -> dict | None:
-    """max |subq - baseline| / max |baseline| of the forward outputs on one input set, in the run's dtype: a large
-    value means the timings compare different computations. Informational; tests/ decide correctness."""
-    if spec.check_against is None:
+def peak_extra_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """Memory one call allocates beyond what is already allocated (CUDA's allocator statistics; None on a CPU)."""
+    if device.type != "cuda":
         return None
     try:
-        with torch.no_grad():
-            got = spec.subq.forward(own_state(spec, inputs), size).double()
-            want = spec.impl(spec.check_against).forward(own_state(spec, inputs), size).double()
-        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item() if want.numel() else 0.0
-    except RuntimeError as err_:
-        return {"against": spec.check_against, "max_rel_err": None, "error": error_text(err_)}
-    return {"against": spec.check_against, "max_rel_err": err}
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+    except RuntimeError:  # the timing recorded the error already
+        return None
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -92,22 +88,25 @@ def measure_size(spec: OpSpec, size: Size, plan: Plan, peak: dict, progress: Pro
     progress.begin(f"{spec.name} {spec.label(size)}")
     count = input_set_count(spec.set_bytes(size, plan.dtype), plan.device)
     sets = [spec.make_inputs(size, plan.dtype, plan.device) for _ in range(count)]
-    checked = check(spec, sets[0], size)
+    passes = plan.passes_of(spec)
+    checked = check(spec, sets[0], size, plan.dtype, plan.device, gradients="fwd+bwd" in passes)
+    impls = spec.impls_on(plan.device)
     rows = []
-    for pass_name in plan.passes_of(spec):
-        timed = {}
-        for impl in spec.impls:
+    for pass_name in passes:
+        timed, memory = {}, {}
+        for impl in impls:
             progress.step(f"{spec.name} {spec.label(size)} {pass_name} {impl.name}")
             timed[impl.name] = time_impl(impl, sets, size, pass_name, plan)
+            memory[impl.name] = peak_extra_bytes(make_call(impl, sets[0], size, pass_name), plan.device)
         ms = {name: t[0] for name, t in timed.items()}
-        flops = {i.name: i.matmul_flops(size, pass_name) for i in spec.impls}
-        useful = {i.name: i.useful_flops(size, pass_name) for i in spec.impls}
-        nbytes = {i.name: spec.min_bytes(i, size, plan.dtype, pass_name) for i in spec.impls}
+        flops = {i.name: i.matmul_flops(size, pass_name) for i in impls}
+        useful = {i.name: i.useful_flops(size, pass_name) for i in impls}
+        nbytes = {i.name: spec.min_bytes(i, size, plan.dtype, pass_name) for i in impls}
         tf = {name: tflops(flops[name], ms[name]) for name in ms}
         bw = {name: gbs(nbytes[name], ms[name]) for name in ms}
         rows.append({
             "op": spec.name, **size, "size_label": spec.label(size), "pass": pass_name, "input_sets": count,
-            "impls": [i.name for i in spec.impls],
+            "impls": [i.name for i in impls], "skipped": spec.skipped_on(plan.device),
             "ms": ms, "tflops": tf,
             "pct_peak": {name: _pct(v, peak["matmul_tflops"]) for name, v in tf.items()},
             "useful_tflops": {name: tflops(useful[name], ms[name]) for name in ms},
@@ -115,7 +114,8 @@ def measure_size(spec: OpSpec, size: Size, plan: Plan, peak: dict, progress: Pro
             "pct_bandwidth": {name: _pct(v, peak["copy_gbs"]) for name, v in bw.items()},
             "matmul_flops": flops, "useful_flops": useful, "min_bytes": nbytes,
             "intensity": {name: flops[name] / nbytes[name] for name in ms},
-            "speedup_subq_vs": {i.name: _ratio(ms[i.name], ms[spec.subq.name]) for i in spec.baselines},
+            "speedup_subq_vs": {i.name: _ratio(ms[i.name], ms[spec.subq.name]) for i in impls[1:]},
+            "peak_extra_bytes": memory,
             "errors": {name: t[1] for name, t in timed.items() if t[1] is not None},
             "check_subq_vs": checked,
         })

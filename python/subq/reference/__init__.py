@@ -1,6 +1,6 @@
 """Plain PyTorch references: short, obviously right, meant to run in float64. Tests compare every op to these."""
 
-from subq.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from subq.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from subq.reference.flash import flash_chunked_ref, flash_quadratic_ref, gau_attention_ref, rel_bias_matrix
 from subq.reference.grouped_matmul import grouped_matmul_ref
 from subq.reference.monarch import blockdiag_matmul_ref, monarch_dense_matrix, monarch_matmul_ref

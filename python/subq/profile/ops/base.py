@@ -1,5 +1,8 @@
 """What the profiler knows about one op: its size grids, how to make inputs, subq's callable and the baselines', and
 for each of them the FLOP formulas. Bytes are derived from the input shapes, so they cannot disagree with them.
+Variants of a callable share its formulas: ``opt_in`` (subq with an opt-in kernel flag), ``compiled`` (torch.compile
+of a baseline), ``peer`` (a reference repository's formulation, where its package imports); a callable that cannot
+run on a device says why, and the run lists it as not run.
 
 FLOPs count a multiply-add as 2. Two counts per callable:
 - ``matmul_flops``: the matrix-product FLOPs the algorithm actually executes (what the matmul peak is a ceiling of);
@@ -15,10 +18,12 @@ its token's inputs (its leaves) and output.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,6 +33,7 @@ from subq.profile.timing import input_set_count
 Size = dict[str, int]
 Inputs = dict[str, torch.Tensor]  # "dy" is the output gradient, shaped like the output (a decode step: its size)
 Formula = Callable[[Size, str], float]  # (size, pass) -> FLOPs
+Availability = Callable[[torch.device], str | None]  # device -> why the callable cannot run there, or None
 PASSES = ("fwd", "fwd+bwd")
 META = torch.device("meta")
 STATE_DTYPE = torch.float32  # a decode state accumulates over the whole generation: kept in fp32 whatever the dtype
@@ -44,9 +50,43 @@ class Impl:
 
     name: str
     forward: Callable[[Inputs, Size], torch.Tensor]  # (one input set, its size) -> output
-    leaves: tuple[str, ...]  # the inputs it reads and, in fwd+bwd, differentiates
+    leaves: tuple[str, ...]  # the inputs it reads and, in fwd+bwd, differentiates (those an input set has)
     matmul_flops: Formula
     useful_flops: Formula
+    flag: str | None = None  # an opt-in SUBQ_EXPERIMENTAL_* variable set to "1" around its forward and backward
+    unavailable: Availability = lambda device: None
+
+
+def leaves_of(impl: Impl, inputs: Inputs) -> tuple[str, ...]:
+    """``impl``'s leaves that ``inputs`` holds: an optional input (k_rev) is in some sizes' sets only."""
+    return tuple(name for name in impl.leaves if name in inputs)
+
+
+def _cuda_only(what: str) -> Availability:
+    return lambda device: None if device.type == "cuda" else f"{what} is timed on CUDA only"
+
+
+def opt_in(impl: Impl, name: str, flag: str) -> Impl:
+    """``impl`` with the opt-in kernels behind ``flag`` switched on, timed side by side with the default path. They
+    are CUDA kernels: on a CPU the variant would time the default path again."""
+    return replace(impl, name=name, flag=flag, unavailable=_cuda_only(f"{flag}=1"))
+
+
+def compiled(impl: Impl) -> Impl:
+    """``torch.compile`` of a baseline (static shapes: one compile per size, outside the timed calls' median). CUDA
+    only: on a CPU the compile takes minutes per size and the generated C++ is not what the kernels compete with."""
+    compile_once = functools.cache(lambda: torch.compile(impl.forward, dynamic=False))
+    return replace(impl, name=f"{impl.name}_compiled", forward=lambda i, s: compile_once()(i, s),
+                   unavailable=_cuda_only("torch.compile"))
+
+
+def peer(impl: Impl, module: str, cuda_only: bool = True) -> Impl:
+    """A reference repository's formulation, run only where its package imports (and, for Triton code, on CUDA)."""
+    def unavailable(device: torch.device) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        return _cuda_only(module)(device) if cuda_only else None
+    return replace(impl, unavailable=unavailable)
 
 
 @dataclass(frozen=True)
@@ -57,7 +97,7 @@ class OpSpec:
     quick: dict[str, list[int]]
     make_inputs: Callable[[Size, torch.dtype, torch.device], Inputs]
     impls: tuple[Impl, ...]
-    check_against: str | None  # a baseline computing the same function: subq's output is compared with it
+    check_against: str | None  # a baseline computing the same function, in float64 the check of subq (check.py)
     work_bytes: Callable[[Size, torch.dtype], int]  # peak memory beyond the input sets, an over-estimate
     invalid: Callable[[Size], str | None] = lambda size: None
     abbrev: dict[str, str] = field(default_factory=dict)  # axis -> short name for the size label
@@ -75,6 +115,13 @@ class OpSpec:
 
     def impl(self, name: str) -> Impl:
         return next(i for i in self.impls if i.name == name)
+
+    def impls_on(self, device: torch.device) -> tuple[Impl, ...]:
+        return tuple(i for i in self.impls if i.unavailable(device) is None)
+
+    def skipped_on(self, device: torch.device) -> dict[str, str]:
+        """The callables that cannot run on ``device``, and why (a missing peer package, CUDA-only code)."""
+        return {i.name: reason for i in self.impls if (reason := i.unavailable(device)) is not None}
 
     def sizes(self, quick: bool, overrides: dict[str, list[int]]) -> list[Size]:
         """The grid with ``overrides`` replacing axes of the same name; raises on a combination the op rejects."""
@@ -103,7 +150,7 @@ class OpSpec:
 
     def min_bytes(self, impl: Impl, size: Size, dtype: torch.dtype, pass_name: str) -> int:
         inputs = self._meta_inputs(size, dtype)
-        read = sum(inputs[n].numel() * inputs[n].element_size() for n in impl.leaves)
+        read = sum(inputs[n].numel() * inputs[n].element_size() for n in leaves_of(impl, inputs))
         written = inputs["dy"].numel() * inputs["dy"].element_size()
         return read + written + self.state_bytes(size) if pass_name == "fwd" else 3 * read + 2 * written
 

@@ -1,4 +1,7 @@
-"""Monarch products: ``blockdiag_matmul`` (order 1) and ``monarch_matmul`` (order 2), square Monarch matrices.
+"""Monarch products: ``blockdiag_matmul`` (order 1) and ``monarch_matmul`` (order 2), square Monarch matrices, against
+the plain PyTorch bmm formulations (order 2: HazyResearch m2's two-bmm) and a dense linear layer of the same size.
+``subq_sm90`` is order 2 with SUBQ_EXPERIMENTAL_SM90_GEMM=1: with an sm_90a build on a Hopper GPU its 16-bit GEMMs
+run on the wgmma kernels, elsewhere the same kernels as subq.
 
 Size: ``batch``, ``seqlen`` (T = batch * seqlen tokens), ``n`` features, ``nblocks``; block b = n // nblocks, so
 order 1 has ``w (nb, b, b)`` and order 2 has k = l = nb, p = q = r = s = b.
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import subq
-from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, three_x
+from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, opt_in, three_x
 
 FULL = {"batch": [4], "seqlen": [4096], "n": [1024, 4096, 8192], "nblocks": [4, 16, 64]}
 ABBREV = {"batch": "b", "seqlen": "L", "n": "n", "nblocks": "nb"}
@@ -141,6 +144,9 @@ BLOCKDIAG = OpSpec(
     abbrev=ABBREV,
 )
 
+_MONARCH_SUBQ = Impl("subq", lambda i, s: subq.ops.monarch_matmul(i["x"], i["w1"], i["w2"]), ("x", "w1", "w2"),
+                     three_x(_monarch_flops), three_x(_monarch_flops))
+
 MONARCH = OpSpec(
     name="monarch_matmul",
     summary="order-2 Monarch product; baselines: m2's two-bmm PyTorch formulation, dense F.linear",
@@ -148,8 +154,8 @@ MONARCH = OpSpec(
     quick={"batch": [1], "seqlen": [256], "n": [256], "nblocks": [4, 16]},
     make_inputs=_inputs(order=2),
     impls=(
-        Impl("subq", lambda i, s: subq.ops.monarch_matmul(i["x"], i["w1"], i["w2"]), ("x", "w1", "w2"),
-             three_x(_monarch_flops), three_x(_monarch_flops)),
+        _MONARCH_SUBQ,
+        opt_in(_MONARCH_SUBQ, "subq_sm90", "SUBQ_EXPERIMENTAL_SM90_GEMM"),
         Impl("two_bmm", lambda i, s: two_bmm(i["x"], i["w1"], i["w2"]), ("x", "w1", "w2"),
              three_x(_monarch_flops), three_x(_monarch_flops)),
         DENSE,
