@@ -56,9 +56,9 @@ class SeededBug:
         return self.name
 
 
-CONV_FWD = "conv1d/causal_conv1d_fwd.cu"
-CONV_COMMON = "conv1d/causal_conv1d_common.cuh"
-RMSNORM = "norm/rmsnorm_gated.cu"
+CONV_FWD = "causal_conv1d/causal_conv1d_fwd.cu"
+CONV_COMMON = "causal_conv1d/causal_conv1d_common.cuh"
+RMSNORM = "rmsnorm_gated/rmsnorm_gated.cu"
 SSD_FWD = "ssd/ssd_chunk_scan_fwd.cu"
 FLASH_FWD = "flash/flash_chunk_attention_fwd.cu"
 TILES = "common/wmma_tiles.cuh"  # the tile toolkit: seeded in it, compiled into one kernel's file

@@ -32,10 +32,10 @@ sys.path.insert(0, str(EMU))
 import rewrite  # noqa: E402
 
 KERNELS = [
-    "conv1d/causal_conv1d_fwd.cu",
-    "conv1d/causal_conv1d_bwd.cu",
-    "conv1d/causal_conv1d_update.cu",
-    "norm/rmsnorm_gated.cu",
+    "causal_conv1d/causal_conv1d_fwd.cu",
+    "causal_conv1d/causal_conv1d_bwd.cu",
+    "causal_conv1d/causal_conv1d_update.cu",
+    "rmsnorm_gated/rmsnorm_gated.cu",
     "ssd/ssd_step.cu",
     "ssd/ssd_chunk_scan_fwd.cu",
     "ssd/ssd_chunk_scan_bwd.cu",
@@ -44,7 +44,7 @@ KERNELS = [
     "monarch_conv/monarch_conv_fused_fwd.cu",
     "monarch_conv/monarch_conv_fused_bwd.cu",
     "monarch/monarch_permute.cu",
-    "grouped_gemm/grouped_gemm.cu",
+    "grouped_matmul/grouped_matmul.cu",
 ]
 GLUE = [
     "torch/causal_conv1d.cpp",
@@ -56,18 +56,19 @@ GLUE = [
     "torch/grouped_matmul.cpp",
 ]
 COMPOSITES = [
-    "conv1d/causal_conv1d_cpu.cpp",
-    "norm/rmsnorm_gated_cpu.cpp",
+    "causal_conv1d/causal_conv1d_cpu.cpp",
+    "rmsnorm_gated/rmsnorm_gated_cpu.cpp",
+    "rmsnorm_gated/rmsnorm_gated_cpu_fused.cpp",
     "ssd/ssd_step_cpu.cpp",
     "ssd/ssd_chunk_scan_cpu.cpp",
     "flash/flash_attention_cpu.cpp",
     "monarch_conv/monarch_conv_cpu.cpp",
     "monarch_conv/monarch_dft.cpp",
-    "grouped_gemm/grouped_gemm_cpu.cpp",
+    "grouped_matmul/grouped_matmul_cpu.cpp",
 ]
 # Emulator-only stand-ins (csrc/emu/) for code the emulator cannot run, compiled like the kernels.
 STAND_INS = [
-    "grouped_gemm_host.cpp",  # the CUTLASS grouped GEMM behind grouped_gemm.cu's setup kernel
+    "grouped_matmul_host.cpp",  # the CUTLASS grouped GEMM behind grouped_matmul.cu's setup kernel
 ]
 VARIANTS = {
     "plain": "-O2",

@@ -1,7 +1,7 @@
 // Force-included into the emulator's copy of the torch glue (csrc/emu/rewrite.py points at::empty / empty_like
 // there): outputs and workspaces start as NaN (floating) or -1 (integer), so an element a kernel never writes shows
 // in the result (initcheck), and 512-byte aligned, as the CUDA caching allocator's blocks are (CPU tensors are only
-// 64-byte aligned; the cores may rely on more, e.g. grouped_gemm's 256-byte aligned workspace).
+// 64-byte aligned; the cores may rely on more, e.g. grouped_matmul's 256-byte aligned workspace).
 #pragma once
 
 #include <cstddef>

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 using at::Tensor;
@@ -356,4 +356,4 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
   return out.to(v.scalar_type());
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -15,7 +15,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 struct FlashChunkInputs {
   at::Tensor q_quad, k_quad, q_lin, k_lin;  // (b, L, S)
@@ -71,4 +71,4 @@ at::Tensor flash_step(const at::Tensor& q_quad, const at::Tensor& k_quad, const 
                       const std::optional<at::Tensor>& rel_bias, FlashDecodeState& state, double quad_scale,
                       double lin_scale);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

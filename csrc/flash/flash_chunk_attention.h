@@ -28,8 +28,9 @@ struct FlashChunkShape {
   int64_t chunk_size = 256;                                  // C: 64, 128, 256 or 512
 };
 
-// What the forward and the backward both read: the dtype, the shape, the options and the forward's inputs.
-struct FlashChunkProblem {
+// The forward's dtype, shape, options, inputs, output and workspace. The backward takes the same struct (its out
+// and workspace are not read) with a FlashChunkGrads.
+struct FlashChunkParams {
   DType dtype = DType::kBFloat16;  // q_quad, k_quad, q_lin, k_lin, v, u (and out, dout and the gradients):
                                    // kFloat16 or kBFloat16
   FlashChunkShape shape;
@@ -44,23 +45,20 @@ struct FlashChunkProblem {
   const void* v = nullptr;         // (B, L, E)
   const void* u = nullptr;         // (B, L, E) output gate; nullptr: none
   const float* rel_bias = nullptr;  // (2C - 1,): query i, key j of a chunk get rel_bias[j - i + C - 1]; nullptr: none
-};
 
-struct FlashChunkParams : FlashChunkProblem {
   void* out = nullptr;             // (B, L, E), written
-  void* workspace = nullptr;       // flash_chunk_workspace_bytes(shape) bytes, 256-byte aligned
+  void* workspace = nullptr;       // flash_chunk_attention_fwd_workspace_bytes(shape) bytes, 256-byte aligned
 };
 
-size_t flash_chunk_workspace_bytes(const FlashChunkShape& shape);
+size_t flash_chunk_attention_fwd_workspace_bytes(const FlashChunkShape& shape);
 
 // kInvalidArgument for shapes outside the kernels' range (C not 64/128/256/512, S > 256, E > 4096, B > 65535,
 // a missing pointer); an empty batch or sequence does nothing. kUnsupported for float32 inputs (the caller takes
 // its composite path).
 Status run_flash_chunk_attention_fwd(const FlashChunkParams& params, cudaStream_t stream);
 
-// The forward's problem, the output's gradient, and the gradients to write. Gradients are overwritten, not
-// accumulated into.
-struct FlashChunkBackwardParams : FlashChunkProblem {
+// The output's gradient and the gradients to write. Gradients are overwritten, not accumulated into.
+struct FlashChunkGrads {
   const void* dout = nullptr;       // (B, L, E): the gradient of the forward's output
 
   void* dq_quad = nullptr;          // (B, L, S), written
@@ -70,13 +68,14 @@ struct FlashChunkBackwardParams : FlashChunkProblem {
   void* dv = nullptr;               // (B, L, E), written
   void* du = nullptr;               // (B, L, E), written when u is given (required then)
   float* drel_bias = nullptr;       // (2C - 1,) float32, written when rel_bias is given (required then)
-  void* workspace = nullptr;        // flash_chunk_backward_workspace_bytes(shape) bytes, 256-byte aligned
+  void* workspace = nullptr;        // flash_chunk_attention_bwd_workspace_bytes(shape) bytes, 256-byte aligned
 };
 
-size_t flash_chunk_backward_workspace_bytes(const FlashChunkShape& shape);
+size_t flash_chunk_attention_bwd_workspace_bytes(const FlashChunkShape& shape);
 
 // The same shape limits, statuses and empty-input behaviour as run_flash_chunk_attention_fwd; kInvalidArgument also
 // for a missing gradient pointer (du with u, drel_bias with rel_bias).
-Status run_flash_chunk_attention_bwd(const FlashChunkBackwardParams& params, cudaStream_t stream);
+Status run_flash_chunk_attention_bwd(const FlashChunkParams& params, const FlashChunkGrads& grads,
+                                     cudaStream_t stream);
 
 }  // namespace subq

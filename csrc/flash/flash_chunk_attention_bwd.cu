@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "flash/flash_chunk_states.cuh"
 
 namespace subq {
@@ -297,16 +298,16 @@ Workspace workspace_layout(const Dims& d) {
 unsigned tiles(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
 
 template <typename T>
-Status launch(const FlashChunkBackwardParams& p, const Dims& d, cudaStream_t stream) {
+Status launch(const FlashChunkParams& p, const FlashChunkGrads& g, const Dims& d, cudaStream_t stream) {
   const Workspace w = workspace_layout(d);
-  auto* base = static_cast<unsigned char*>(p.workspace);
+  auto* base = static_cast<unsigned char*>(g.workspace);
   auto* state = reinterpret_cast<float*>(base);
   auto* dstate = reinterpret_cast<float*>(base + w.state);
   auto* kernel = reinterpret_cast<T*>(base + 2 * w.state);
   auto* dscore = reinterpret_cast<T*>(base + 2 * w.state + w.square);
   auto* d_out_gated = reinterpret_cast<T*>(base + 2 * w.state + 2 * w.square);
 
-  const T* dout = static_cast<const T*>(p.dout);
+  const T* dout = static_cast<const T*>(g.dout);
   const T* u = static_cast<const T*>(p.u);
   Tensors<T> t{d,
                p.causal,
@@ -323,13 +324,13 @@ Status launch(const FlashChunkBackwardParams& p, const Dims& d, cudaStream_t str
                dstate,
                kernel,
                dscore,
-               static_cast<T*>(p.dq_quad),
-               static_cast<T*>(p.dk_quad),
-               static_cast<T*>(p.dq_lin),
-               static_cast<T*>(p.dk_lin),
-               static_cast<T*>(p.dv),
-               u ? static_cast<T*>(p.du) : nullptr,
-               p.rel_bias ? p.drel_bias : nullptr};
+               static_cast<T*>(g.dq_quad),
+               static_cast<T*>(g.dk_quad),
+               static_cast<T*>(g.dq_lin),
+               static_cast<T*>(g.dk_lin),
+               static_cast<T*>(g.dv),
+               u ? static_cast<T*>(g.du) : nullptr,
+               p.rel_bias ? g.drel_bias : nullptr};
 
   launch_chunk_states(t.k_lin, t.v, d, p.causal, /*reverse=*/false, p.lin_scale, state, stream);
   if (u) {
@@ -339,8 +340,8 @@ Status launch(const FlashChunkBackwardParams& p, const Dims& d, cudaStream_t str
         dout, u, n, d_out_gated);
   }
   launch_chunk_states(t.q_lin, t.d_out_gated, d, p.causal, /*reverse=*/true, p.lin_scale, dstate, stream);
-  if (t.drel_bias && cudaMemsetAsync(t.drel_bias, 0, sizeof(float) * (2 * d.C - 1), stream) != cudaSuccess) {
-    return Status::kCudaError;
+  if (t.drel_bias) {
+    SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(t.drel_bias, 0, sizeof(float) * (2 * d.C - 1), stream)));
   }
 
   const unsigned chunks = static_cast<unsigned>(d.B * d.G), row_tiles = tiles(d.C, kRowTile);
@@ -358,23 +359,23 @@ Status launch(const FlashChunkBackwardParams& p, const Dims& d, cudaStream_t str
 
 }  // namespace
 
-size_t flash_chunk_backward_workspace_bytes(const FlashChunkShape& shape) {
+size_t flash_chunk_attention_bwd_workspace_bytes(const FlashChunkShape& shape) {
   const Workspace w = workspace_layout(make_dims(shape));
   return 2 * w.state + 2 * w.square + w.gated;
 }
 
-Status run_flash_chunk_attention_bwd(const FlashChunkBackwardParams& p, cudaStream_t stream) {
+Status run_flash_chunk_attention_bwd(const FlashChunkParams& p, const FlashChunkGrads& g, cudaStream_t stream) {
   const FlashChunkShape& s = p.shape;
   if (p.dtype == DType::kFloat32) return Status::kUnsupported;
   if (!shape_supported(s)) return Status::kInvalidArgument;
   if (s.batch == 0 || s.seqlen == 0) return Status::kSuccess;
-  if (!p.q_quad || !p.k_quad || !p.q_lin || !p.k_lin || !p.v || !p.dout || !p.dq_quad || !p.dk_quad || !p.dq_lin ||
-      !p.dk_lin || !p.dv || (p.u && !p.du) || (p.rel_bias && !p.drel_bias) || !p.workspace) {
+  if (!p.q_quad || !p.k_quad || !p.q_lin || !p.k_lin || !p.v || !g.dout || !g.dq_quad || !g.dk_quad || !g.dq_lin ||
+      !g.dk_lin || !g.dv || (p.u && !g.du) || (p.rel_bias && !g.drel_bias) || !g.workspace) {
     return Status::kInvalidArgument;
   }
   const Dims d = make_dims(s);
   if (d.B * d.G > 0x7fffffff) return Status::kInvalidArgument;
-  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, d, stream) : launch<__half>(p, d, stream);
+  return SUBQ_HALF_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, g, d, stream); });
 }
 
 }  // namespace subq

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "flash/flash_chunk_states.cuh"
 
 namespace subq {
@@ -108,7 +109,7 @@ Status launch(const FlashChunkParams& p, const Dims& d, cudaStream_t stream) {
 
 }  // namespace
 
-size_t flash_chunk_workspace_bytes(const FlashChunkShape& shape) {
+size_t flash_chunk_attention_fwd_workspace_bytes(const FlashChunkShape& shape) {
   return (state_bytes(make_dims(shape)) + 255) / 256 * 256;
 }
 
@@ -122,7 +123,7 @@ Status run_flash_chunk_attention_fwd(const FlashChunkParams& p, cudaStream_t str
   }
   const Dims d = make_dims(s);
   if (d.B * d.G > 0x7fffffff) return Status::kInvalidArgument;
-  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, d, stream) : launch<__half>(p, d, stream);
+  return SUBQ_HALF_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, d, stream); });
 }
 
 }  // namespace subq

@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "common/dispatch.h"
 #include "gemm/batched_gemm.h"
 #include "gemm/batched_gemm_launch.cuh"
 #include "gemm/instantiations/extern.h"
@@ -58,7 +59,7 @@ Status dispatch_layouts(const BatchedGemmParams& p, cudaStream_t stream) {
     if (a == Major::kColumn && b == Major::kRow) return gemm::launch_batched_gemm<Family, ColumnMajor, RowMajor, RowMajor>(p, stream);
     return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, RowMajor>(p, stream);
   }
-  // Strided output: the Monarch output permutation (A and B column-major, as monarch_fwd lays them out).
+  // Strided output: the Monarch output permutation (A and B column-major, as run_monarch_fwd lays them out).
   if (a == Major::kColumn && b == Major::kColumn) {
     return gemm::launch_batched_gemm<Family, ColumnMajor, ColumnMajor, Affine>(p, stream);
   }
@@ -115,7 +116,7 @@ Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
   if (params.m < 0 || params.n < 0 || params.k < 1 || params.batch < 0) return Status::kInvalidArgument;
   if (params.m == 0 || params.n == 0 || params.batch == 0) return Status::kSuccess;
   BatchedGemmParams p = params;
-  // A single batch has no batch stride: zero it so an arbitrary value (e.g. monarch_fwd's 1 when l == 1) does not
+  // A single batch has no batch stride: zero it so an arbitrary value (e.g. run_monarch_fwd's 1 when l == 1) does not
   // fail the vector-alignment checks and push an aligned GEMM onto the scalar-store kernels.
   if (p.batch == 1) p.a.batch_stride = p.b.batch_stride = p.d.batch_stride = 0;
   // A column-major D is the row-major D^T = B^T A^T: one set of kernels serves both.
@@ -130,14 +131,7 @@ Status run_batched_gemm(const BatchedGemmParams& params, cudaStream_t stream) {
   const Status hopper = try_sm90(p, stream);
   if (hopper != Status::kMisaligned) return hopper;
 #endif
-  switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_layouts<gemm::TensorOpBF16>(p, stream);
-    case DType::kFloat16: return dispatch_layouts<gemm::TensorOpF16>(p, stream);
-    case DType::kFloat32:
-      return p.math == MathMode::kTF32 ? dispatch_layouts<gemm::TensorOpTF32>(p, stream)
-                                       : dispatch_layouts<gemm::SimtF32>(p, stream);
-  }
-  return Status::kUnsupported;
+  return SUBQ_GEMM_FAMILY_SWITCH(p.dtype, p.math, Family, [&] { return dispatch_layouts<Family>(p, stream); });
 }
 
 }  // namespace subq

@@ -3,6 +3,7 @@
 #include "monarch/monarch.h"
 
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "gemm/batched_gemm.h"
 #include "monarch/monarch_permute.cuh"
 
@@ -45,12 +46,6 @@ Status zero_token_padding(void* buffer, int64_t features, int64_t tokens, DType 
                                      features, stream));
 }
 
-#define SUBQ_RETURN_IF_ERROR(expr)            \
-  do {                                        \
-    const Status status_ = (expr);            \
-    if (status_ != Status::kSuccess) return status_; \
-  } while (0)
-
 bool valid(const MonarchShape& s) {
   return s.tokens >= 0 && s.k > 0 && s.p > 0 && s.q > 0 && s.l > 0 && s.r > 0 && s.s > 0 && s.k * s.q == s.l * s.r;
 }
@@ -59,7 +54,7 @@ bool valid(const MonarchShape& s) {
 
 // ---- Order 1 --------------------------------------------------------------------------------------------------
 
-Status blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream) {
+Status run_blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream) {
   if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
   const int64_t n_out = p.nblocks * p.out_block;
   // y_j (t, o) = sum_i x_j(t, i) w_j(o, i)
@@ -69,7 +64,7 @@ Status blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream) {
               mat(p.y, n_out, 1, p.out_block), stream);
 }
 
-Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStream_t stream) {
+Status run_blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStream_t stream) {
   if (p.tokens < 0 || p.nblocks < 1 || p.in_block < 1 || p.out_block < 1) return Status::kInvalidArgument;
   const int64_t n_in = p.nblocks * p.in_block, n_out = p.nblocks * p.out_block;
   if (g.dx) {  // dx_j (t, i) = sum_o dy_j(t, o) w_j(o, i)
@@ -108,7 +103,7 @@ int64_t monarch_bwd_workspace_elements(const MonarchShape& s) {
 
 // Feature-major intermediate: T[f][t] = (R x)[t, f] with f = i*q + c and ld = padded tokens. Block j of u = P t is
 // u_j(t, m) = T[m*l + j][t]: column-major with leading dimension l*padded and batch stride padded.
-Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
+Status run_monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
   const MonarchShape& s = p.shape;
   if (!valid(s)) return Status::kInvalidArgument;
   if (s.tokens == 0) return Status::kSuccess;
@@ -137,7 +132,7 @@ Status monarch_fwd(const MonarchParams& p, cudaStream_t stream) {
               mat(p.y, s.l * s.s, s.l, 1), stream);
 }
 
-Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t stream) {
+Status run_monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t stream) {
   const MonarchShape& s = p.shape;
   if (!valid(s)) return Status::kInvalidArgument;
   const size_t esize = dtype_size(p.dtype);

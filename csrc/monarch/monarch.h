@@ -37,8 +37,8 @@ struct BlockdiagGrads {
   void* dw = nullptr;                // (nblocks, out_block, in_block); nullptr: not wanted
 };
 
-Status blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream);
-Status blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStream_t stream);
+Status run_blockdiag_fwd(const BlockdiagParams& p, cudaStream_t stream);
+Status run_blockdiag_bwd(const BlockdiagParams& p, const BlockdiagGrads& g, cudaStream_t stream);
 
 // ---- Order 2 --------------------------------------------------------------------------------------------------
 
@@ -70,7 +70,7 @@ struct MonarchParams {
   int64_t x_row_stride = 0;
   const void* w1 = nullptr;          // (k, q, p)
   const void* w2 = nullptr;          // (l, s, r)
-  void* y = nullptr;                 // (tokens, l*s); written by monarch_fwd
+  void* y = nullptr;                 // (tokens, l*s); written by run_monarch_fwd
   void* intermediate = nullptr;      // monarch_intermediate_elements(shape); written by fwd, read by bwd
   void* workspace = nullptr;         // monarch_fwd_workspace_elements(shape) elements, 16-byte aligned, or
                                      // nullptr: the forward then stores y directly at stride l (slower, no scratch)
@@ -84,7 +84,7 @@ struct MonarchGrads {
   void* workspace = nullptr;         // monarch_bwd_workspace_elements(shape) elements of the input dtype
 };
 
-Status monarch_fwd(const MonarchParams& p, cudaStream_t stream);
-Status monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t stream);
+Status run_monarch_fwd(const MonarchParams& p, cudaStream_t stream);
+Status run_monarch_bwd(const MonarchParams& p, const MonarchGrads& g, cudaStream_t stream);
 
 }  // namespace subq

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 int64_t padded_tokens(int64_t tokens) { return (tokens + 7) / 8 * 8; }
@@ -227,4 +227,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd(const at::Tensor& dy,
   return {dx, dw1, dw2};
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

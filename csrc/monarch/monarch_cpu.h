@@ -9,7 +9,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w);
 std::tuple<at::Tensor, at::Tensor> blockdiag_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
@@ -19,4 +19,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd(const at::Tensor& dy,
                                                            const at::Tensor& intermediate, const at::Tensor& w1,
                                                            const at::Tensor& w2, std::array<bool, 3> output_mask);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -5,7 +5,7 @@
 #include "monarch_conv/monarch_conv.h"
 #include "monarch_conv/monarch_dft.h"
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 using at::Tensor;
@@ -147,4 +147,4 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const MonarchConvInputs& 
   return out;
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

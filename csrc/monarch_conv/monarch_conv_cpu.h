@@ -24,7 +24,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 // How the real transforms are computed: ATen's FFT (pocketfft on CPU, cuFFT on CUDA), or the Monarch DFT's batched
 // small dense DFT matmuls (no FFT library), which issue 4 asks for on the GPU.
@@ -49,4 +49,4 @@ at::Tensor monarch_conv_fwd(const MonarchConvInputs& in);
 // empty tensor, and with filter_spectrum in place of k there is no filter gradient (dk, dk_rev empty).
 std::vector<at::Tensor> monarch_conv_bwd(const at::Tensor& dy, const MonarchConvInputs& in);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -46,7 +46,7 @@ namespace subq {
 constexpr int kMonarchConvMaxStages = 4;     // order r of the factorisation (monarch_dft.h: 2 to 4)
 constexpr int kMonarchConvMaxFactor = 64;    // the largest small DFT
 
-struct MonarchConvFusedParams {
+struct MonarchConvParams {
   DType dtype = DType::kFloat32;    // u, pregate, postgate, y
   int64_t batch = 0, heads = 0, seqlen = 0;  // B, H, L
   int64_t fft_size = 0;             // M = fft_size(L) (monarch_conv.h): even, M >= 2L
@@ -68,45 +68,45 @@ struct MonarchConvFusedParams {
 // (cudaDevAttrMaxSharedMemoryPerBlockOptin: M up to 32K on sm_80 / sm_90, up to 16K on sm_89). The tensor-core
 // stages' matrices (at most 10 KB for powers of two) come on top where they fit; where they do not, those axes
 // run on CUDA cores.
-bool monarch_conv_fused_fwd_supports(int64_t fft_size);
+bool monarch_conv_fwd_supports(int64_t fft_size);
 
-// kUnsupported where monarch_conv_fused_fwd_supports is false (the caller takes its composite path);
+// kUnsupported where monarch_conv_fwd_supports is false (the caller takes its composite path);
 // kInvalidArgument for inconsistent sizes, factors or missing pointers; B == 0 does nothing.
-Status run_monarch_conv_fused_fwd(const MonarchConvFusedParams& params, cudaStream_t stream);
+Status run_monarch_conv_fwd(const MonarchConvParams& params, cudaStream_t stream);
 
 // The workspace the backward may ask for: B H (M/2 + 1) complex64 (the rows' product spectra, 8 B H (M/2 + 1)
 // bytes) plus B H floats (the rows' shares of dD). 8 GiB holds B = 64, H = 768 at M = 32K (6.4 GB), the largest
 // the kernel takes at the benchmark's shapes; beyond it the backward is kUnsupported (the caller's composite then
 // runs, which needs several buffers of that size itself, so a call there is memory-bound either way) rather than
 // make one surprising allocation.
-constexpr size_t kMonarchConvFusedBwdMaxWorkspace = size_t{8} << 30;
+constexpr size_t kMonarchConvBwdMaxWorkspace = size_t{8} << 30;
 
-struct MonarchConvFusedBwdParams {
-  // The forward call's sizes and inputs, as run_monarch_conv_fused_fwd takes them; forward.y is not read.
-  MonarchConvFusedParams forward;
-  const void* dy = nullptr;         // (B, H, L) in forward.dtype, contiguous
+// The gradients of the forward above given dy; the backward takes the forward's params too (their y is not read).
+struct MonarchConvGrads {
+  const void* dy = nullptr;         // (B, H, L) in the params' dtype, contiguous
   // The filter's length Lk (1 <= Lk <= L) when the forward had k (and k_rev); 0 when it had a precomputed spectrum,
   // which gets no gradient (dk, dk_rev unused).
   int64_t filter_len = 0;
   // Each written, and non-null exactly where the forward's input is (dk: filter_len > 0; dk_rev: bidirectional k).
-  void* du = nullptr;               // (B, H, L) in forward.dtype
-  void* dpregate = nullptr;         // (B, H, L) in forward.dtype
-  void* dpostgate = nullptr;        // (B, H, L) in forward.dtype
+  void* du = nullptr;               // (B, H, L) in the params' dtype
+  void* dpregate = nullptr;         // (B, H, L) in the params' dtype
+  void* dpostgate = nullptr;        // (B, H, L) in the params' dtype
   float* dk = nullptr;              // (H, Lk)
   float* dk_rev = nullptr;          // (H, Lk)
   float* dD = nullptr;              // (H,)
-  void* workspace = nullptr;        // monarch_conv_fused_bwd_workspace_bytes(*this) bytes, 8-byte aligned
+  void* workspace = nullptr;        // monarch_conv_bwd_workspace_bytes(params, grads) bytes, 8-byte aligned
 };
 
-// The workspace run_monarch_conv_fused_bwd needs for these sizes (see kMonarchConvFusedBwdMaxWorkspace).
-size_t monarch_conv_fused_bwd_workspace_bytes(const MonarchConvFusedBwdParams& params);
+// The workspace run_monarch_conv_bwd needs for these sizes (see kMonarchConvBwdMaxWorkspace): it reads the
+// params' sizes and D, and the grads' filter_len only.
+size_t monarch_conv_bwd_workspace_bytes(const MonarchConvParams& params, const MonarchConvGrads& grads);
 
 // Whether the backward takes these sizes on the current device: the forward's FFT sizes (the same one buffer in
-// shared memory) and a workspace within kMonarchConvFusedBwdMaxWorkspace.
-bool monarch_conv_fused_bwd_supports(const MonarchConvFusedBwdParams& params);
+// shared memory) and a workspace within kMonarchConvBwdMaxWorkspace.
+bool monarch_conv_bwd_supports(const MonarchConvParams& params, const MonarchConvGrads& grads);
 
-// kUnsupported where monarch_conv_fused_bwd_supports is false; kInvalidArgument for inconsistent sizes, factors or
+// kUnsupported where monarch_conv_bwd_supports is false; kInvalidArgument for inconsistent sizes, factors or
 // pointers. B == 0 writes zero filter and dD gradients. Deterministic: no atomics.
-Status run_monarch_conv_fused_bwd(const MonarchConvFusedBwdParams& params, cudaStream_t stream);
+Status run_monarch_conv_bwd(const MonarchConvParams& params, const MonarchConvGrads& grads, cudaStream_t stream);
 
 }  // namespace subq

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "monarch_conv/monarch_dft_smem.cuh"
 
 namespace subq {
@@ -31,16 +32,16 @@ struct Workspace {
   float* dD_shares;
 };
 
-int64_t spectra_count(const MonarchConvFusedBwdParams& p) {
-  return p.filter_len > 0 ? p.forward.batch * p.forward.heads * (p.forward.fft_size / 2 + 1) : 0;
+int64_t spectra_count(const MonarchConvParams& p, const MonarchConvGrads& grads) {
+  return grads.filter_len > 0 ? p.batch * p.heads * (p.fft_size / 2 + 1) : 0;
 }
 
-int64_t shares_count(const MonarchConvFusedBwdParams& p) { return p.forward.D ? p.forward.batch * p.forward.heads : 0; }
+int64_t shares_count(const MonarchConvParams& p) { return p.D ? p.batch * p.heads : 0; }
 
-Workspace carve(const MonarchConvFusedBwdParams& p) {
-  auto* spectra = static_cast<float2*>(p.workspace);
-  return {spectra_count(p) > 0 ? spectra : nullptr,
-          shares_count(p) > 0 ? reinterpret_cast<float*>(spectra + spectra_count(p)) : nullptr};
+Workspace carve(const MonarchConvParams& p, const MonarchConvGrads& grads) {
+  auto* spectra = static_cast<float2*>(grads.workspace);
+  return {spectra_count(p, grads) > 0 ? spectra : nullptr,
+          shares_count(p) > 0 ? reinterpret_cast<float*>(spectra + spectra_count(p, grads)) : nullptr};
 }
 
 // The CTA's sum of one float per thread in a fixed order (deterministic from run to run): each warp's by shuffles,
@@ -60,25 +61,25 @@ __device__ float block_sum(float x, float* warp_sums) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kernel(MonarchConvFusedBwdParams p,
+__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kernel(MonarchConvParams p,
+                                                                                  MonarchConvGrads grads,
                                                                                   Plan plan_param, Workspace ws) {
   __shared__ Plan plan;
   __shared__ float warp_sums[kMaxThreads / 32];
   kernel_plan(plan, plan_param);
   const SmemLayout smem = smem_layout(plan_param.N);
   const Row& z = smem.z;
-  const MonarchConvFusedParams& f = p.forward;
   // 32-bit where they fit (rows < 2^31, L <= M/2 <= 16384): registers are at the 128 cap (-Xptxas -v).
-  const int N = plan_param.N, row = blockIdx.x, h = row % static_cast<int>(f.heads), L = static_cast<int>(f.seqlen);
+  const int N = plan_param.N, row = blockIdx.x, h = row % static_cast<int>(p.heads), L = static_cast<int>(p.seqlen);
   const int64_t offset = int64_t{row} * L;  // of the row in (B, H, L)
   const auto in_row = [&](const void* base) { return base ? static_cast<const T*>(base) + offset : nullptr; };
-  const T* u = in_row(f.u);
-  const T* pregate = in_row(f.pregate);
-  const T* postgate = in_row(f.postgate);
-  const T* dy = in_row(p.dy);
-  const float2* K = reinterpret_cast<const float2*>(f.filter_spectrum) + int64_t{h} * (N + 1);
+  const T* u = in_row(p.u);
+  const T* pregate = in_row(p.pregate);
+  const T* postgate = in_row(p.postgate);
+  const T* dy = in_row(grads.dy);
+  const float2* K = reinterpret_cast<const float2*>(p.filter_spectrum) + int64_t{h} * (N + 1);
   float2* spectrum_row = ws.spectra ? ws.spectra + int64_t{row} * (N + 1) : nullptr;  // X_V, then X_G conj(X_V)
-  const float D = f.D ? f.D[h] : 0.f;
+  const float D = p.D ? p.D[h] : 0.f;
   load_dft_constants(smem, plan_param);
 
   // Pass 1, V: only the filter gradient (its X_V) and dpostgate (conv(v)) need it.
@@ -96,10 +97,10 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
     __syncthreads();
     if (postgate) {
       inverse_dft(plan);
-      T* dpostgate = static_cast<T*>(p.dpostgate) + offset;
+      T* dpostgate = static_cast<T*>(grads.dpostgate) + offset;
       for (int t = threadIdx.x; t < L; t += blockDim.x) {
         float pre_gate_out = real_sample(z, t);  // z = conv(v) + D v, the output before the postgate
-        if (f.D) pre_gate_out += D * gated(u, pregate, t, L);
+        if (p.D) pre_gate_out += D * gated(u, pregate, t, L);
         dpostgate[t] = from_float<T>(to_float(dy[t]) * pre_gate_out);
       }
       __syncthreads();  // every read of conv(v) before pass 2's load overwrites it
@@ -121,13 +122,13 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
   __syncthreads();
   inverse_dft(plan);
 
-  T* du = static_cast<T*>(p.du) + offset;
-  T* dpregate = p.dpregate ? static_cast<T*>(p.dpregate) + offset : nullptr;
+  T* du = static_cast<T*>(grads.du) + offset;
+  T* dpregate = grads.dpregate ? static_cast<T*>(grads.dpregate) + offset : nullptr;
   float dD_share = 0.f;
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     const float x = to_float(u[t]), g = gated(dy, postgate, t, L);
     float dv = real_sample(z, t);
-    if (f.D) dv += D * g;
+    if (p.D) dv += D * g;
     du[t] = from_float<T>(pregate ? dv * to_float(pregate[t]) : dv);
     if (dpregate) dpregate[t] = from_float<T>(dv * x);
     dD_share += g * (pregate ? x * to_float(pregate[t]) : x);
@@ -138,22 +139,22 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_rows_kerne
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_kernel(MonarchConvFusedBwdParams p,
+__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_kernel(MonarchConvParams p,
+                                                                                    MonarchConvGrads grads,
                                                                                     Plan plan_param, Workspace ws) {
   __shared__ Plan plan;
   kernel_plan(plan, plan_param);
   const SmemLayout smem = smem_layout(plan_param.N);
-  const MonarchConvFusedParams& f = p.forward;
   const int N = plan_param.N;
-  const int64_t h = blockIdx.x, H = f.heads, B = f.batch;
+  const int64_t h = blockIdx.x, H = p.heads, B = p.batch;
 
   // Sums over b in order, one thread per sum: the same result on every run.
-  if (p.dD && threadIdx.x == 0) {
+  if (grads.dD && threadIdx.x == 0) {
     float sum = 0.f;
     for (int64_t b = 0; b < B; ++b) sum += ws.dD_shares[b * H + h];
-    p.dD[h] = sum;
+    grads.dD[h] = sum;
   }
-  if (p.filter_len == 0) return;  // a precomputed spectrum: no filter gradient
+  if (grads.filter_len == 0) return;  // a precomputed spectrum: no filter gradient
 
   load_dft_constants(smem, plan_param);
   // The pairs (k, N-k) as the rows kernel wrote them, summed over b and split back to the half size, digit-reversed
@@ -171,10 +172,10 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_bwd_filter_ker
   inverse_dft(plan);
 
   // dc in natural order: k at the offsets 0 .. Lk-1, k_rev reversed at the end (monarch_conv_cpu.h's filter c).
-  const int64_t Lk = p.filter_len, M = f.fft_size, rev_taps = Lk < f.seqlen - 1 ? Lk : f.seqlen - 1;
+  const int64_t Lk = grads.filter_len, M = p.fft_size, rev_taps = Lk < p.seqlen - 1 ? Lk : p.seqlen - 1;
   for (int64_t j = threadIdx.x; j < Lk; j += blockDim.x) {
-    p.dk[h * Lk + j] = real_sample(smem.z, j);
-    if (p.dk_rev) p.dk_rev[h * Lk + j] = j < rev_taps ? real_sample(smem.z, M - 1 - j) : 0.f;
+    grads.dk[h * Lk + j] = real_sample(smem.z, j);
+    if (grads.dk_rev) grads.dk_rev[h * Lk + j] = j < rev_taps ? real_sample(smem.z, M - 1 - j) : 0.f;
   }
 }
 
@@ -185,53 +186,48 @@ bool allow_smem(Kernel kernel, size_t bytes) {
 }
 
 template <typename T>
-Status launch(const MonarchConvFusedBwdParams& p, const Plan& plan, cudaStream_t stream) {
+Status launch(const MonarchConvParams& p, const MonarchConvGrads& grads, const Plan& plan, cudaStream_t stream) {
   const size_t smem = smem_bytes(plan);
   const int threads = threads_for(plan.N);
-  const Workspace ws = carve(p);
-  if (p.forward.batch > 0) {
+  const Workspace ws = carve(p, grads);
+  if (p.batch > 0) {
     if (!allow_smem(monarch_conv_fused_bwd_rows_kernel<T>, smem)) return Status::kCudaError;
-    const auto rows = static_cast<unsigned>(p.forward.batch * p.forward.heads);
-    monarch_conv_fused_bwd_rows_kernel<T><<<rows, threads, smem, stream>>>(p, plan, ws);
+    const auto rows = static_cast<unsigned>(p.batch * p.heads);
+    monarch_conv_fused_bwd_rows_kernel<T><<<rows, threads, smem, stream>>>(p, grads, plan, ws);
   }
-  if (p.dk || p.dD) {
+  if (grads.dk || grads.dD) {
     if (!allow_smem(monarch_conv_fused_bwd_filter_kernel, smem)) return Status::kCudaError;
-    const auto channels = static_cast<unsigned>(p.forward.heads);
-    monarch_conv_fused_bwd_filter_kernel<<<channels, threads, smem, stream>>>(p, plan, ws);
+    const auto channels = static_cast<unsigned>(p.heads);
+    monarch_conv_fused_bwd_filter_kernel<<<channels, threads, smem, stream>>>(p, grads, plan, ws);
   }
   return launch_status();
 }
 
 // Every gradient non-null exactly where its forward input is (monarch_conv_fused.h).
-bool valid(const MonarchConvFusedBwdParams& p) {
-  const MonarchConvFusedParams& f = p.forward;
-  if (!valid_sizes(f) || !p.dy || !p.du || p.filter_len < 0 || p.filter_len > f.seqlen) return false;
-  if (!f.pregate != !p.dpregate || !f.postgate != !p.dpostgate || !f.D != !p.dD) return false;
-  if ((p.filter_len > 0) != (p.dk != nullptr) || (p.dk_rev && !p.dk)) return false;
-  return p.workspace || monarch_conv_fused_bwd_workspace_bytes(p) == 0;
+bool valid(const MonarchConvParams& p, const MonarchConvGrads& grads) {
+  if (!valid_sizes(p) || !grads.dy || !grads.du || grads.filter_len < 0 || grads.filter_len > p.seqlen) return false;
+  if (!p.pregate != !grads.dpregate || !p.postgate != !grads.dpostgate || !p.D != !grads.dD) return false;
+  if ((grads.filter_len > 0) != (grads.dk != nullptr) || (grads.dk_rev && !grads.dk)) return false;
+  return grads.workspace || monarch_conv_bwd_workspace_bytes(p, grads) == 0;
 }
 
 }  // namespace
 
-size_t monarch_conv_fused_bwd_workspace_bytes(const MonarchConvFusedBwdParams& p) {
-  return static_cast<size_t>(spectra_count(p)) * sizeof(float2) + static_cast<size_t>(shares_count(p)) * sizeof(float);
+size_t monarch_conv_bwd_workspace_bytes(const MonarchConvParams& p, const MonarchConvGrads& grads) {
+  return static_cast<size_t>(spectra_count(p, grads)) * sizeof(float2) +
+         static_cast<size_t>(shares_count(p)) * sizeof(float);
 }
 
-bool monarch_conv_fused_bwd_supports(const MonarchConvFusedBwdParams& p) {
-  return monarch_conv_fused_fwd_supports(p.forward.fft_size) &&
-         monarch_conv_fused_bwd_workspace_bytes(p) <= kMonarchConvFusedBwdMaxWorkspace;
+bool monarch_conv_bwd_supports(const MonarchConvParams& p, const MonarchConvGrads& grads) {
+  return monarch_conv_fwd_supports(p.fft_size) &&
+         monarch_conv_bwd_workspace_bytes(p, grads) <= kMonarchConvBwdMaxWorkspace;
 }
 
-Status run_monarch_conv_fused_bwd(const MonarchConvFusedBwdParams& p, cudaStream_t stream) {
-  if (!valid(p)) return Status::kInvalidArgument;
-  if (!monarch_conv_fused_bwd_supports(p)) return Status::kUnsupported;
-  const Plan plan = make_plan(p.forward, dynamic_smem_limit());
-  switch (p.forward.dtype) {
-    case DType::kFloat32: return launch<float>(p, plan, stream);
-    case DType::kFloat16: return launch<__half>(p, plan, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(p, plan, stream);
-  }
-  return Status::kUnsupported;
+Status run_monarch_conv_bwd(const MonarchConvParams& p, const MonarchConvGrads& grads, cudaStream_t stream) {
+  if (!valid(p, grads)) return Status::kInvalidArgument;
+  if (!monarch_conv_bwd_supports(p, grads)) return Status::kUnsupported;
+  const Plan plan = make_plan(p, dynamic_smem_limit());
+  return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, grads, plan, stream); });
 }
 
 }  // namespace subq

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "monarch_conv/monarch_dft_smem.cuh"
 
 namespace subq {
@@ -35,7 +36,7 @@ __device__ void spectrum_product(const Row& z, const float2* spectrum, const Pla
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_fwd_kernel(MonarchConvFusedParams p,
+__global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_fwd_kernel(MonarchConvParams p,
                                                                              Plan plan_param) {
   __shared__ Plan plan;
   kernel_plan(plan, plan_param);
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kMaxThreads) monarch_conv_fused_fwd_kernel(Mon
 }
 
 template <typename T>
-Status launch(const MonarchConvFusedParams& p, const Plan& plan, cudaStream_t stream) {
+Status launch(const MonarchConvParams& p, const Plan& plan, cudaStream_t stream) {
   const size_t smem = smem_bytes(plan);
   if (cudaFuncSetAttribute(monarch_conv_fused_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
@@ -75,29 +76,24 @@ Status launch(const MonarchConvFusedParams& p, const Plan& plan, cudaStream_t st
   return launch_status();
 }
 
-bool valid(const MonarchConvFusedParams& p) { return valid_sizes(p) && p.y; }
+bool valid(const MonarchConvParams& p) { return valid_sizes(p) && p.y; }
 
 }  // namespace
 
 // The row and the CUDA-core stages' roots must fit; the tensor-core tables come on top where they fit too
 // (make_plan).
-bool monarch_conv_fused_fwd_supports(int64_t fft_size) {
+bool monarch_conv_fwd_supports(int64_t fft_size) {
   if (fft_size < 2 || fft_size / 2 > kMaxHalf) return false;
   const auto bytes = static_cast<size_t>(smem_floats(static_cast<int>(fft_size / 2), 0)) * sizeof(float);
   return bytes <= dynamic_smem_limit();
 }
 
-Status run_monarch_conv_fused_fwd(const MonarchConvFusedParams& p, cudaStream_t stream) {
+Status run_monarch_conv_fwd(const MonarchConvParams& p, cudaStream_t stream) {
   if (!valid(p)) return Status::kInvalidArgument;
-  if (!monarch_conv_fused_fwd_supports(p.fft_size)) return Status::kUnsupported;
+  if (!monarch_conv_fwd_supports(p.fft_size)) return Status::kUnsupported;
   if (p.batch == 0) return Status::kSuccess;
   const Plan plan = make_plan(p, dynamic_smem_limit());
-  switch (p.dtype) {
-    case DType::kFloat32: return launch<float>(p, plan, stream);
-    case DType::kFloat16: return launch<__half>(p, plan, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(p, plan, stream);
-  }
-  return Status::kUnsupported;
+  return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, plan, stream); });
 }
 
 }  // namespace subq

@@ -105,8 +105,8 @@ inline int threads_for(int half) {
   return std::min(kMaxThreads, std::max(32, (wanted + 31) / 32 * 32));
 }
 
-// Sizes, factors and the pointers every kernel reads (u, the spectrum) consistent; see MonarchConvFusedParams.
-inline bool valid_sizes(const MonarchConvFusedParams& p) {
+// Sizes, factors and the pointers every kernel reads (u, the spectrum) consistent; see MonarchConvParams.
+inline bool valid_sizes(const MonarchConvParams& p) {
   if (p.batch < 0 || p.heads < 1 || p.seqlen < 1 || p.fft_size < 2 * p.seqlen || p.fft_size % 2 != 0) return false;
   if (p.batch * p.heads > INT_MAX || p.num_factors < 0 || p.num_factors > kMonarchConvMaxStages) return false;
   if (!p.u || !p.filter_spectrum) return false;
@@ -132,7 +132,7 @@ inline bool tensor_core_axis(const Plan& plan, int a) {
 // any order is a factorisation of the same DFT (the forward and the inverse stages share the plan, and the bins'
 // digit reversal follows it), and this one puts a factor that is no whole number of tiles (8 in 2048 = 16 16 8)
 // on the outer axes, where it leaves the later axes' strides multiples of 16.
-inline Plan make_plan(const MonarchConvFusedParams& p, size_t smem_limit) {
+inline Plan make_plan(const MonarchConvParams& p, size_t smem_limit) {
   Plan plan{};
   plan.N = static_cast<int>(p.fft_size / 2);
   plan.r = p.num_factors;

@@ -27,8 +27,10 @@ struct SsdShape {
   int64_t chunk_size = 256;                                                         // Q: 64, 128 or 256
 };
 
-struct SsdForwardParams {
-  DType dtype = DType::kBFloat16;   // x, B, C, z, y: kFloat16 or kBFloat16
+// The forward's dtype, shape, options, inputs, outputs and workspace. The backward takes the same struct (its
+// outputs and workspace are not read) with an SsdChunkScanGrads.
+struct SsdChunkScanParams {
+  DType dtype = DType::kBFloat16;   // x, B, C, z, y (and dy, dx, dB, dC, dz): kFloat16 or kBFloat16
   SsdShape shape;
   bool dt_softplus = false;
   float dt_lo = 0.f, dt_hi = 0.f;   // clamp of the processed dt, applied when has_dt_limit
@@ -49,39 +51,21 @@ struct SsdForwardParams {
   void* y = nullptr;                // (b, L, H, P), written
   float* y_float32 = nullptr;       // instead of y: the output in float32 (the backward's recompute keeps it so)
   float* final_states = nullptr;    // (b, H, P, N), written
-  void* workspace = nullptr;        // ssd_forward_workspace_bytes(shape) bytes, 256-byte aligned
+  void* workspace = nullptr;        // ssd_chunk_scan_fwd_workspace_bytes(shape) bytes, 256-byte aligned
 };
 
-size_t ssd_forward_workspace_bytes(const SsdShape& shape);
+size_t ssd_chunk_scan_fwd_workspace_bytes(const SsdShape& shape);
 
 // kInvalidArgument for shapes outside the kernels' range (chunk_size not 64/128/256, P > 128, N > 256, empty
 // dimensions are fine and do nothing); kUnsupported for float32 inputs (the caller takes its composite path).
-Status run_ssd_forward(const SsdForwardParams& params, cudaStream_t stream);
+Status run_ssd_chunk_scan_fwd(const SsdChunkScanParams& params, cudaStream_t stream);
 
-// The gradients of the forward above given dy (and optionally dfinal_states). The inputs are the forward's; every
-// gradient of a present input is written in full, those of absent inputs (D, z, dt_bias, initial_states) are not.
-// dx, dB, dC, dz are 16-bit like their inputs; the others float32. dA, dD and ddt_bias are sums over the batch and
-// the sequence, accumulated with float32 atomics (their order, so their last bits, may vary run to run); every
-// other gradient is reduced in a fixed order.
-struct SsdBackwardParams {
-  DType dtype = DType::kBFloat16;   // x, B, C, z, dy, dx, dB, dC, dz: kFloat16 or kBFloat16
-  SsdShape shape;
-  bool dt_softplus = false;
-  float dt_lo = 0.f, dt_hi = 0.f;
-  bool has_dt_limit = false;
-
-  const void* x = nullptr;          // the forward's inputs, as in SsdForwardParams
-  const float* dt = nullptr;
-  const float* A = nullptr;
-  const void* B = nullptr;
-  const void* C = nullptr;
-  const float* D = nullptr;
-  bool D_per_channel = false;
-  const void* z = nullptr;
-  const float* dt_bias = nullptr;
-  const float* initial_states = nullptr;
-  const int32_t* seq_idx = nullptr;
-
+// The gradients of the forward above given dy (and optionally dfinal_states). Every gradient of a present input is
+// written in full, those of absent inputs (D, z, dt_bias, initial_states) are not. dx, dB, dC, dz are 16-bit like
+// their inputs; the others float32. dA, dD and ddt_bias are sums over the batch and the sequence, accumulated with
+// float32 atomics (their order, so their last bits, may vary run to run); every other gradient is reduced in a
+// fixed order.
+struct SsdChunkScanGrads {
   const void* dy = nullptr;                // (b, L, H, P)
   const float* dfinal_states = nullptr;    // (b, H, P, N); nullptr: no gradient reaches the final states
 
@@ -94,13 +78,13 @@ struct SsdBackwardParams {
   void* dz = nullptr;               // (b, L, H, P); written when z is given
   float* ddt_bias = nullptr;        // (H,); written when dt_bias is given
   float* dinitial_states = nullptr; // (b, H, P, N); written when initial_states is given
-  void* workspace = nullptr;        // ssd_backward_workspace_bytes(shape) bytes, 256-byte aligned
+  void* workspace = nullptr;        // ssd_chunk_scan_bwd_workspace_bytes(shape) bytes, 256-byte aligned
 };
 
-size_t ssd_backward_workspace_bytes(const SsdShape& shape);
+size_t ssd_chunk_scan_bwd_workspace_bytes(const SsdShape& shape);
 
-// The same shape and dtype rules as run_ssd_forward; kInvalidArgument also when a gradient output of a present
-// input is missing.
-Status run_ssd_backward(const SsdBackwardParams& params, cudaStream_t stream);
+// The same shape and dtype rules as run_ssd_chunk_scan_fwd; kInvalidArgument also when a gradient output of a
+// present input is missing.
+Status run_ssd_chunk_scan_bwd(const SsdChunkScanParams& params, const SsdChunkScanGrads& grads, cudaStream_t stream);
 
 }  // namespace subq

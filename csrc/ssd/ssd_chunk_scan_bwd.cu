@@ -20,6 +20,7 @@
 // Products are WMMA tiles as in the forward: 16-bit operands staged through shared memory, float32 accumulators.
 #include "ssd/ssd_chunk_scan.h"
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "ssd/ssd_chunk_scan_tiles.cuh"
 
 #include "common/convert.cuh"
@@ -136,14 +137,15 @@ BackwardWorkspace carve_backward(void* base, const Dims& d, size_t forward_bytes
 // ---- 1. gate_skip_backward: g = dy silu(z), dz = dy y sigmoid(z) (1 + z (1 - sigmoid(z))), dD = sum g x --------
 // grid (ceil(b * L / kGateRows), H). y = y_ssm + D x is the output before the gate.
 template <typename T>
-__global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const float* y_ssm, T* g, float* g32) {
+__global__ void gate_skip_backward_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const float* y_ssm,
+                                          T* g, float* g32) {
   __shared__ float dD_sum[kMaxP];
   __shared__ float scratch[32];
   const int64_t h = blockIdx.y, row0 = static_cast<int64_t>(blockIdx.x) * kGateRows;
   const T* x = static_cast<const T*>(p.x);
-  const T* dy = static_cast<const T*>(p.dy);
+  const T* dy = static_cast<const T*>(grads.dy);
   const T* z = static_cast<const T*>(p.z);
-  T* dz = static_cast<T*>(p.dz);
+  T* dz = static_cast<T*>(grads.dz);
   for (int i = threadIdx.x; i < kMaxP; i += kThreads) dD_sum[i] = 0.f;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < kGateRows * d.P; i += kThreads) {
@@ -166,17 +168,17 @@ __global__ void gate_skip_backward_kernel(SsdBackwardParams p, Dims d, const flo
   if (!p.D) return;  // uniform over the block
   __syncthreads();
   if (p.D_per_channel) {
-    for (int i = threadIdx.x; i < d.P; i += kThreads) atomicAdd(&p.dD[h * d.P + i], dD_sum[i]);
+    for (int i = threadIdx.x; i < d.P; i += kThreads) atomicAdd(&grads.dD[h * d.P + i], dD_sum[i]);
   } else {
     const float total = block_sum(threadIdx.x < d.P ? dD_sum[threadIdx.x] : 0.f, scratch);
-    if (threadIdx.x == 0) atomicAdd(&p.dD[h], total);
+    if (threadIdx.x == 0) atomicAdd(&grads.dD[h], total);
   }
 }
 
 // ---- 2. entering_state_grad: dE[p, n] = sum_t g[t, p] from_start_t C[t, n] ---------------------------------------
 // grid (b * nc, H, p_tiles * n_tiles). from_start_t = exp(cum_t) where t is still in the entering sequence, else 0.
 template <typename T>
-__global__ void entering_state_grad_kernel(SsdBackwardParams p, Dims d, const T* g, const float* cum,
+__global__ void entering_state_grad_kernel(SsdChunkScanParams p, Dims d, const T* g, const float* cum,
                                            float* dstates) {
   const int64_t p_tiles = p_tiles_of(d);
   const int64_t pi = blockIdx.z % p_tiles, ni = blockIdx.z / p_tiles;
@@ -214,13 +216,13 @@ __global__ void entering_state_grad_kernel(SsdBackwardParams p, Dims d, const T*
 // The forward's h_c = carry_c h_{c-1} + state_c, with h_{c-1} the state entering c, gives
 // d(entering_c) += carry_c dS_c and d(carry_c) = <dS_c, E_c>. dstates holds dE_c on entry and dS_c on exit.
 // grid (pn_blocks, H, b), block kPassThreads; one thread per state element, block partial sums of <dS_c, E_c>.
-__global__ void state_passing_backward_kernel(SsdBackwardParams p, Dims d, const float* cum, const float* entering,
-                                              float* dstates, float* dcarry) {
+__global__ void state_passing_backward_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const float* cum,
+                                              const float* entering, float* dstates, float* dcarry) {
   __shared__ float scratch[32];
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t h = blockIdx.y, b = blockIdx.z, PN = d.P * d.N;
   const bool valid = e < PN;
-  float d_state = valid && p.dfinal_states ? p.dfinal_states[(b * d.H + h) * PN + e] : 0.f;
+  float d_state = valid && grads.dfinal_states ? grads.dfinal_states[(b * d.H + h) * PN + e] : 0.f;
   for (int64_t c = d.nc - 1; c >= 0; --c) {
     const int64_t slot = ((b * d.nc + c) * d.H + h) * PN + e;
     const float d_entering = valid ? dstates[slot] : 0.f;
@@ -231,7 +233,7 @@ __global__ void state_passing_backward_kernel(SsdBackwardParams p, Dims d, const
     const float carry = continues ? expf(cum[(b * d.H + h) * d.Lp + c * d.Q + d.Q - 1]) : 0.f;
     d_state = d_entering + carry * d_state;
   }
-  if (valid && p.dinitial_states) p.dinitial_states[(b * d.H + h) * PN + e] = d_state;
+  if (valid && grads.dinitial_states) grads.dinitial_states[(b * d.H + h) * PN + e] = d_state;
 }
 
 // ---- 4. chunk_dcb: dCB[t, s] = sum_{h in group} (g_t . x_s) exp(cum_t - cum_s) dt_s, s <= t in one sequence ------
@@ -239,7 +241,7 @@ __global__ void state_passing_backward_kernel(SsdBackwardParams p, Dims d, const
 // The heads of a group are summed inside the block, in order (no atomics), into a shared tile that each thread
 // reads and writes only at its own elements (registers would cost occupancy).
 template <typename T>
-__global__ void chunk_dcb_kernel(SsdBackwardParams p, Dims d, const T* g, const float* dtp, const float* cum,
+__global__ void chunk_dcb_kernel(SsdChunkScanParams p, Dims d, const T* g, const float* dtp, const float* cum,
                                  float* dcb) {
   const int tiles = static_cast<int>(d.Q / kTile);
   const int ti = blockIdx.z / tiles, si = blockIdx.z % tiles;
@@ -315,8 +317,8 @@ __device__ __forceinline__ void row_dot_x(float* tile, const T* x, const Dims& d
 // Also the dt gradient's state-side row sums (before the dt_s factor): r_state_s = x_s . to_end_s (dS_c B_s),
 // partial over this block's P tile.
 template <typename T>
-__global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const float* dtp, const float* cum,
-                                const float* cb, const float* dstates, float* r_state) {
+__global__ void chunk_dx_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const T* g, const float* dtp,
+                                const float* cum, const float* cb, const float* dstates, float* r_state) {
   const int tiles = static_cast<int>(d.Q / kTile);
   const int si = blockIdx.z % tiles;
   const int64_t pi = blockIdx.z / tiles;
@@ -376,7 +378,7 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
         },
         stage);
   }
-  T* dx = static_cast<T*>(p.dx);
+  T* dx = static_cast<T*>(grads.dx);
   store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float out) {
     const int64_t pos = c * d.Q + s0 + r, pp = pi * kTile + col;
     if (pos >= d.L || pp >= d.P) return;
@@ -390,8 +392,8 @@ __global__ void chunk_dx_kernel(SsdBackwardParams p, Dims d, const T* g, const f
 // ---- 6. chunk_dc: dC_t = sum_{h in group} from_start_t g_t . E_c[:, n] + sum_{s <= t} dCB[t, s] B_s ----------------
 // grid (b * nc, G, tiles * n_tiles).
 template <typename T>
-__global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const float* cum, const float* entering,
-                                const float* dcb) {
+__global__ void chunk_dc_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const T* g, const float* cum,
+                                const float* entering, const float* dcb) {
   const int tiles = static_cast<int>(d.Q / kTile);
   const int ti = blockIdx.z % tiles;
   const int64_t ni = blockIdx.z / tiles;
@@ -434,7 +436,7 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
         return to_float(bc_element(B, d, b, pos, grp, nn));
       },
       stage);
-  T* dC = static_cast<T*>(p.dC);
+  T* dC = static_cast<T*>(grads.dC);
   store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
     const int64_t pos = c * d.Q + t0 + r, nn = ni * kTile + col;
     if (pos < d.L && nn < d.N) dC[bc_offset(d, b, pos, grp, nn)] = from_float<T>(v);
@@ -444,8 +446,8 @@ __global__ void chunk_dc_kernel(SsdBackwardParams p, Dims d, const T* g, const f
 // ---- 7. chunk_db: dB_s = sum_{h in group} to_end_s dt_s x_s . dS_c[:, n] + sum_{t >= s} dCB[t, s] C_t --------------
 // grid (b * nc, G, tiles * n_tiles).
 template <typename T>
-__global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, const float* cum,
-                                const float* dstates, const float* dcb) {
+__global__ void chunk_db_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const float* dtp,
+                                const float* cum, const float* dstates, const float* dcb) {
   const int tiles = static_cast<int>(d.Q / kTile);
   const int si = blockIdx.z % tiles;
   const int64_t ni = blockIdx.z / tiles;
@@ -490,7 +492,7 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
         return to_float(bc_element(C, d, b, pos, grp, nn));
       },
       stage);
-  T* dB = static_cast<T*>(p.dB);
+  T* dB = static_cast<T*>(grads.dB);
   store_tile<kTile, kTile>(acc, tile, [&](int r, int col, float v) {
     const int64_t pos = c * d.Q + s0 + r, nn = ni * kTile + col;
     if (pos < d.L && nn < d.N) dB[bc_offset(d, b, pos, grp, nn)] = from_float<T>(v);
@@ -511,28 +513,29 @@ __global__ void chunk_db_kernel(SsdBackwardParams p, Dims d, const float* dtp, c
 // sum_{t' >= t} W[t', t] + da_t A. dA and ddt_bias take one float32 atomic per block.
 // g unrounded: gate_skip_backward's float32 copy with z, else dy.
 template <typename T>
-__device__ __forceinline__ float gate_gradient(const SsdBackwardParams& p, const float* g32, int64_t offset) {
-  return p.z ? g32[offset] : to_float(static_cast<const T*>(p.dy)[offset]);
+__device__ __forceinline__ float gate_gradient(const SsdChunkScanParams& p, const SsdChunkScanGrads& grads,
+                                               const float* g32, int64_t offset) {
+  return p.z ? g32[offset] : to_float(static_cast<const T*>(grads.dy)[offset]);
 }
 
 // W[t, s] = cb[t, s] exp(cum_t - cum_s) (g_t . x_s) for s <= t in one sequence (and inside L), else 0: the same
 // float operations wherever it is evaluated, so every use sees the same value.
 template <typename T>
-__device__ __forceinline__ float intra_term(const SsdBackwardParams& p, const Dims& d, int64_t b, int64_t c,
-                                            int64_t h, const float* g32, const float* cb_chunk, const float* cum_row,
-                                            int t, int s) {
+__device__ __forceinline__ float intra_term(const SsdChunkScanParams& p, const SsdChunkScanGrads& grads, const Dims& d,
+                                            int64_t b, int64_t c, int64_t h, const float* g32, const float* cb_chunk,
+                                            const float* cum_row, int t, int s) {
   const int64_t t_pos = c * d.Q + t, s_pos = c * d.Q + s;
   if (s > t || t_pos >= d.L || seq_at(p.seq_idx, d, b, t_pos) != seq_at(p.seq_idx, d, b, s_pos)) return 0.f;
   const T* x = static_cast<const T*>(p.x);
   const int64_t t_base = ((b * d.L + t_pos) * d.H + h) * d.P, s_base = ((b * d.L + s_pos) * d.H + h) * d.P;
   float gx = 0.f;
-  for (int64_t pp = 0; pp < d.P; ++pp) gx += gate_gradient<T>(p, g32, t_base + pp) * to_float(x[s_base + pp]);
+  for (int64_t pp = 0; pp < d.P; ++pp) gx += gate_gradient<T>(p, grads, g32, t_base + pp) * to_float(x[s_base + pp]);
   return cb_chunk[t * d.Q + s] * expf(cum_row[t] - cum_row[s]) * gx;
 }
 
 template <typename T>
-__global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const float* g32, const float* dtp,
-                                         const float* cum, const float* cb, const float* entering,
+__global__ void chunk_dt_backward_kernel(SsdChunkScanParams p, SsdChunkScanGrads grads, Dims d, const float* g32,
+                                         const float* dtp, const float* cum, const float* cb, const float* entering,
                                          const float* r_state, const float* dcarry, int64_t pn_blocks) {
   __shared__ float scratch[32];
   __shared__ float reversed[kMaxQ];
@@ -551,14 +554,16 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const floa
     for (int64_t pp = 0; pp < d.P; ++pp) {
       float ec = 0.f;
       for (int64_t n = 0; n < d.N; ++n) ec += E[pp * d.N + n] * to_float(C[n]);
-      gy_state += gate_gradient<T>(p, g32, base + pp) * ec;
+      gy_state += gate_gradient<T>(p, grads, g32, base + pp) * ec;
     }
     gy_state *= expf(cum[row + t]);
   }
   const float* cb_chunk = cb + ((b * d.nc + c) * d.G + grp) * d.Q * d.Q;
   float t_side = 0.f, s_side = 0.f;  // sum_{s <= t} dt_s W[t, s] and sum_{t' >= t} W[t', t]
-  for (int s = 0; s <= t; ++s) t_side += dtp[row + s] * intra_term<T>(p, d, b, c, h, g32, cb_chunk, cum + row, t, s);
-  for (int u = t; u < d.Q; ++u) s_side += intra_term<T>(p, d, b, c, h, g32, cb_chunk, cum + row, u, t);
+  for (int s = 0; s <= t; ++s) {
+    t_side += dtp[row + s] * intra_term<T>(p, grads, d, b, c, h, g32, cb_chunk, cum + row, t, s);
+  }
+  for (int u = t; u < d.Q; ++u) s_side += intra_term<T>(p, grads, d, b, c, h, g32, cb_chunk, cum + row, u, t);
   const float ra = rs + s_side;
   float d_carry = 0.f;
   for (int64_t k = 0; k < pn_blocks; ++k) d_carry += dcarry[((b * d.H + h) * d.nc + c) * pn_blocks + k];
@@ -576,7 +581,7 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const floa
   const float da = reversed[d.Q - 1 - t];
 
   const float dA_part = block_sum(da * dt_t, scratch);
-  if (t == 0) atomicAdd(&p.dA[h], dA_part);
+  if (t == 0) atomicAdd(&grads.dA[h], dA_part);
 
   float grad = 0.f;  // of the raw dt, through clamp(softplus(dt + dt_bias))
   if (pos < d.L) {
@@ -586,54 +591,41 @@ __global__ void chunk_dt_backward_kernel(SsdBackwardParams p, Dims d, const floa
     const float soft = p.dt_softplus && v <= 20.f ? log1pf(expf(v)) : v;  // the forward's value, before the clamp
     if (p.has_dt_limit && !(soft >= p.dt_lo && soft <= p.dt_hi)) grad = 0.f;
     if (p.dt_softplus && v <= 20.f) grad *= sigmoid(v);  // softplus' = sigmoid below torch's threshold, else 1
-    p.ddt[(b * d.L + pos) * d.H + h] = grad;
+    grads.ddt[(b * d.L + pos) * d.H + h] = grad;
   }
-  if (p.ddt_bias) {
+  if (grads.ddt_bias) {
     const float bias_part = block_sum(grad, scratch);
-    if (t == 0) atomicAdd(&p.ddt_bias[h], bias_part);
+    if (t == 0) atomicAdd(&grads.ddt_bias[h], bias_part);
   }
 }
 
-SsdForwardParams recompute_params(const SsdBackwardParams& p, float* y_ssm, float* final_states) {
-  SsdForwardParams f;
-  f.dtype = p.dtype;
-  f.shape = p.shape;
-  f.dt_softplus = p.dt_softplus;
-  f.dt_lo = p.dt_lo;
-  f.dt_hi = p.dt_hi;
-  f.has_dt_limit = p.has_dt_limit;
-  f.x = p.x;
-  f.dt = p.dt;
-  f.A = p.A;
-  f.B = p.B;
-  f.C = p.C;
-  f.D = nullptr;  // the SSM output alone: the skip and the gate are differentiated by gate_skip_backward
+// The forward on the same inputs for the SSM output alone, in float32: the skip and the gate are differentiated by
+// gate_skip_backward.
+SsdChunkScanParams recompute_params(const SsdChunkScanParams& p, const SsdChunkScanGrads& grads, float* y_ssm,
+                                    float* final_states) {
+  SsdChunkScanParams f = p;
+  f.D = nullptr;
   f.z = nullptr;
-  f.dt_bias = p.dt_bias;
-  f.initial_states = p.initial_states;
-  f.seq_idx = p.seq_idx;
+  f.y = nullptr;
   f.y_float32 = y_ssm;
   f.final_states = final_states;
-  f.workspace = p.workspace;
+  f.workspace = grads.workspace;
   return f;
 }
 
 template <typename T>
-Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
-  const BackwardWorkspace w = carve_backward(p.workspace, d, ssd_forward_workspace_bytes(p.shape));
-  const Status recomputed = run_ssd_forward(recompute_params(p, w.y_ssm, w.final_states), stream);
-  if (recomputed != Status::kSuccess) return recomputed;
+Status launch(const SsdChunkScanParams& p, const SsdChunkScanGrads& grads, const Dims& d, cudaStream_t stream) {
+  const BackwardWorkspace w = carve_backward(grads.workspace, d, ssd_chunk_scan_fwd_workspace_bytes(p.shape));
+  SUBQ_RETURN_IF_ERROR(run_ssd_chunk_scan_fwd(recompute_params(p, grads, w.y_ssm, w.final_states), stream));
 
   // dA, dD and ddt_bias are accumulated with atomics.
   const int64_t D_size = p.D_per_channel ? d.H * d.P : d.H;
-  if (cudaMemsetAsync(p.dA, 0, sizeof(float) * d.H, stream) != cudaSuccess ||
-      (p.D && cudaMemsetAsync(p.dD, 0, sizeof(float) * D_size, stream) != cudaSuccess) ||
-      (p.dt_bias && cudaMemsetAsync(p.ddt_bias, 0, sizeof(float) * d.H, stream) != cudaSuccess)) {
-    return Status::kCudaError;
-  }
+  SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(grads.dA, 0, sizeof(float) * d.H, stream)));
+  if (p.D) SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(grads.dD, 0, sizeof(float) * D_size, stream)));
+  if (p.dt_bias) SUBQ_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(grads.ddt_bias, 0, sizeof(float) * d.H, stream)));
 
   const float* y_ssm = w.y_ssm;
-  const T* g = p.z ? static_cast<const T*>(w.g) : static_cast<const T*>(p.dy);
+  const T* g = p.z ? static_cast<const T*>(w.g) : static_cast<const T*>(grads.dy);
   const unsigned bc = static_cast<unsigned>(d.b * d.nc), heads = static_cast<unsigned>(d.H);
   const unsigned groups = static_cast<unsigned>(d.G), tiles = static_cast<unsigned>(d.Q / kTile);
   const unsigned p_tiles = static_cast<unsigned>(p_tiles_of(d));
@@ -641,36 +633,37 @@ Status launch(const SsdBackwardParams& p, const Dims& d, cudaStream_t stream) {
   const int64_t pn_blocks = pn_blocks_of(d);
   if (p.z || p.D) {
     const unsigned row_blocks = static_cast<unsigned>((d.b * d.L + kGateRows - 1) / kGateRows);
-    gate_skip_backward_kernel<T><<<dim3(row_blocks, heads), kThreads, 0, stream>>>(p, d, y_ssm,
+    gate_skip_backward_kernel<T><<<dim3(row_blocks, heads), kThreads, 0, stream>>>(p, grads, d, y_ssm,
                                                                                    static_cast<T*>(w.g), w.g32);
   }
   entering_state_grad_kernel<T><<<dim3(bc, heads, p_tiles * n_tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.cum,
                                                                                              w.dstates);
   state_passing_backward_kernel<<<dim3(static_cast<unsigned>(pn_blocks), heads, static_cast<unsigned>(d.b)),
-                                  kPassThreads, 0, stream>>>(p, d, w.fwd.cum, w.fwd.states, w.dstates, w.dcarry);
+                                  kPassThreads, 0, stream>>>(p, grads, d, w.fwd.cum, w.fwd.states, w.dstates,
+                                                             w.dcarry);
   chunk_dcb_kernel<T><<<dim3(bc, groups, tiles * tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.dtp, w.fwd.cum,
                                                                                 w.dcb);
   chunk_dx_kernel<T><<<dim3(bc, heads, tiles * p_tiles), kThreads, 0, stream>>>(
-      p, d, g, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.dstates, w.r_state);
-  chunk_dc_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, d, g, w.fwd.cum, w.fwd.states,
-                                                                                 w.dcb);
-  chunk_db_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, d, w.fwd.dtp, w.fwd.cum,
+      p, grads, d, g, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.dstates, w.r_state);
+  chunk_dc_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, grads, d, g, w.fwd.cum,
+                                                                                 w.fwd.states, w.dcb);
+  chunk_db_kernel<T><<<dim3(bc, groups, tiles * n_tiles), kThreads, 0, stream>>>(p, grads, d, w.fwd.dtp, w.fwd.cum,
                                                                                  w.dstates, w.dcb);
   chunk_dt_backward_kernel<T><<<dim3(bc, heads), static_cast<unsigned>(d.Q), 0, stream>>>(
-      p, d, w.g32, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.fwd.states, w.r_state, w.dcarry, pn_blocks);
+      p, grads, d, w.g32, w.fwd.dtp, w.fwd.cum, w.fwd.cb, w.fwd.states, w.r_state, w.dcarry, pn_blocks);
   return launch_status();
 }
 
 }  // namespace
 
-size_t ssd_backward_workspace_bytes(const SsdShape& shape) {
+size_t ssd_chunk_scan_bwd_workspace_bytes(const SsdShape& shape) {
   const Dims d = make_dims(shape);
   const BackwardSizes s = backward_sizes(d);
-  return ssd_forward_workspace_bytes(shape) + s.final_states + s.y_ssm + s.g + s.g32 + s.dstates + s.dcb + s.r_state +
-         s.dcarry;
+  return ssd_chunk_scan_fwd_workspace_bytes(shape) + s.final_states + s.y_ssm + s.g + s.g32 + s.dstates + s.dcb +
+         s.r_state + s.dcarry;
 }
 
-Status run_ssd_backward(const SsdBackwardParams& p, cudaStream_t stream) {
+Status run_ssd_chunk_scan_bwd(const SsdChunkScanParams& p, const SsdChunkScanGrads& grads, cudaStream_t stream) {
   const SsdShape& s = p.shape;
   if (p.dtype == DType::kFloat32) return Status::kUnsupported;
   if (s.batch <= 0 || s.seqlen <= 0 || s.heads <= 0 || s.head_dim <= 0 || s.groups <= 0 || s.state_dim <= 0 ||
@@ -678,16 +671,16 @@ Status run_ssd_backward(const SsdBackwardParams& p, cudaStream_t stream) {
       (s.chunk_size != 64 && s.chunk_size != 128 && s.chunk_size != 256) || s.heads > 65535 || s.batch > 65535) {
     return Status::kInvalidArgument;
   }
-  if (!p.x || !p.dt || !p.A || !p.B || !p.C || !p.dy || !p.dx || !p.ddt || !p.dA || !p.dB || !p.dC ||
-      !p.workspace || (p.D && !p.dD) || (p.z && !p.dz) || (p.dt_bias && !p.ddt_bias) ||
-      (p.initial_states && !p.dinitial_states)) {
+  if (!p.x || !p.dt || !p.A || !p.B || !p.C || !grads.dy || !grads.dx || !grads.ddt || !grads.dA || !grads.dB ||
+      !grads.dC || !grads.workspace || (p.D && !grads.dD) || (p.z && !grads.dz) || (p.dt_bias && !grads.ddt_bias) ||
+      (p.initial_states && !grads.dinitial_states)) {
     return Status::kInvalidArgument;
   }
   const Dims d = make_dims(s);
   if (d.b * d.nc > 0x7fffffff || (d.b * d.L + kGateRows - 1) / kGateRows > 0x7fffffff) {
     return Status::kInvalidArgument;
   }
-  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, d, stream) : launch<__half>(p, d, stream);
+  return SUBQ_HALF_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, grads, d, stream); });
 }
 
 }  // namespace subq

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <limits>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 using at::Tensor;
@@ -316,4 +316,4 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const std::optional<Ten
           opt_grad(in.initial_states, d_state.reshape({b, H, P, k.dstate}))};
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -10,7 +10,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 struct SsdOptions {
   int64_t chunk_size = 256;
@@ -37,4 +37,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_chunk_scan_fwd(const SsdInput
 std::vector<at::Tensor> ssd_chunk_scan_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dfinal_states,
                                            const SsdInputs& in, const SsdOptions& opt);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

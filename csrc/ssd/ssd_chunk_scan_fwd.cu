@@ -3,6 +3,7 @@
 // every global load is bounds-checked and zero-filled, so the last chunk, P and N need not be tile multiples.
 #include "ssd/ssd_chunk_scan.h"
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 #include "ssd/ssd_chunk_scan_tiles.cuh"
 
 #include "common/convert.cuh"
@@ -15,7 +16,7 @@ namespace {
 
 // ---- 1. chunk_cumsum: processed dt and the inclusive cumulative sum of dt * A within each chunk -----------------
 // grid (b * nc, H), block Q threads (64..256, whole warps).
-__global__ void chunk_cumsum_kernel(SsdForwardParams p, Dims d, float* dtp, float* cum) {
+__global__ void chunk_cumsum_kernel(SsdChunkScanParams p, Dims d, float* dtp, float* cum) {
   const int t = threadIdx.x;
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y;
   const int64_t pos = c * d.Q + t;
@@ -66,7 +67,7 @@ __global__ void chunk_cb_kernel(const T* __restrict__ B, const T* __restrict__ C
 // ---- 3. chunk_state: state[p, n] = sum_s x[s, p] w_s B[s, n], w_s = exp(cum_last - cum_s) dt_s ------------------
 // grid (b * nc, H, p_tiles * n_tiles). w_s is zero where s is not in the chunk's last sequence.
 template <typename T>
-__global__ void chunk_state_kernel(SsdForwardParams p, Dims d, const float* dtp, const float* cum, float* states) {
+__global__ void chunk_state_kernel(SsdChunkScanParams p, Dims d, const float* dtp, const float* cum, float* states) {
   const int64_t p_tiles = (d.P + kTile - 1) / kTile;
   const int64_t pi = blockIdx.z % p_tiles, ni = blockIdx.z / p_tiles;
   const int64_t b = blockIdx.x / d.nc, c = blockIdx.x % d.nc, h = blockIdx.y, g = h / d.heads_per_group;
@@ -101,7 +102,7 @@ __global__ void chunk_state_kernel(SsdForwardParams p, Dims d, const float* dtp,
 
 // ---- 4. state_passing: h_c = carry_c h_{c-1} + state_c, leaving the state entering each chunk in its slot -------
 // grid (ceil(P*N / 256), H, b), block 256; one thread per state element.
-__global__ void state_passing_kernel(SsdForwardParams p, Dims d, const float* cum, float* states) {
+__global__ void state_passing_kernel(SsdChunkScanParams p, Dims d, const float* cum, float* states) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t h = blockIdx.y, b = blockIdx.z, PN = d.P * d.N;
   if (e >= PN) return;
@@ -122,7 +123,7 @@ __global__ void state_passing_kernel(SsdForwardParams p, Dims d, const float* cu
 // ---- 5. chunk_scan: y = intra-chunk quadratic form + state to output + D x, gated --------------------------------
 // grid (b * nc, H, t_tiles * p_tiles).
 template <typename T>
-__global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, const float* cum, const float* cb,
+__global__ void chunk_scan_kernel(SsdChunkScanParams p, Dims d, const float* dtp, const float* cum, const float* cb,
                                   const float* states) {
   const int64_t t_tiles = d.Q / kTile;
   const int64_t ti = blockIdx.z % t_tiles, pi = blockIdx.z / t_tiles;
@@ -201,7 +202,7 @@ __global__ void chunk_scan_kernel(SsdForwardParams p, Dims d, const float* dtp, 
 }
 
 template <typename T>
-Status launch(const SsdForwardParams& p, const Dims& d, cudaStream_t stream) {
+Status launch(const SsdChunkScanParams& p, const Dims& d, cudaStream_t stream) {
   const Workspace w = carve(p.workspace, d);
   const unsigned bc = static_cast<unsigned>(d.b * d.nc), heads = static_cast<unsigned>(d.H);
   const unsigned tiles = static_cast<unsigned>(d.Q / kTile);
@@ -221,13 +222,13 @@ Status launch(const SsdForwardParams& p, const Dims& d, cudaStream_t stream) {
 
 }  // namespace
 
-size_t ssd_forward_workspace_bytes(const SsdShape& shape) {
+size_t ssd_chunk_scan_fwd_workspace_bytes(const SsdShape& shape) {
   const Dims d = make_dims(shape);
   return 2 * aligned(sizeof(float) * d.b * d.H * d.Lp) + aligned(sizeof(float) * d.b * d.nc * d.G * d.Q * d.Q) +
          aligned(sizeof(float) * d.b * d.nc * d.H * d.P * d.N);
 }
 
-Status run_ssd_forward(const SsdForwardParams& p, cudaStream_t stream) {
+Status run_ssd_chunk_scan_fwd(const SsdChunkScanParams& p, cudaStream_t stream) {
   const SsdShape& s = p.shape;
   if (p.dtype == DType::kFloat32) return Status::kUnsupported;
   if (s.batch <= 0 || s.seqlen <= 0 || s.heads <= 0 || s.head_dim <= 0 || s.groups <= 0 || s.state_dim <= 0 ||
@@ -240,7 +241,7 @@ Status run_ssd_forward(const SsdForwardParams& p, cudaStream_t stream) {
   }
   const Dims d = make_dims(s);
   if (d.b * d.nc > 0x7fffffff) return Status::kInvalidArgument;
-  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, d, stream) : launch<__half>(p, d, stream);
+  return SUBQ_HALF_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, d, stream); });
 }
 
 }  // namespace subq

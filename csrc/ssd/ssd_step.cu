@@ -9,6 +9,7 @@
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 
 #include <type_traits>
 
@@ -108,14 +109,7 @@ Status launch_for_layout(const SsdStepParams& p, cudaStream_t stream) {
   const bool vec = p.state_n_stride == 1 && p.state_dim % kVec == 0 && aligned(p.state, 16) &&
                    p.state_batch_stride % kVec == 0 && p.state_head_stride % kVec == 0 &&
                    p.state_p_stride % kVec == 0;
-  return vec ? launch<T, S, kVec>(p, stream) : launch<T, S, 1>(p, stream);
-}
-
-template <typename T>
-Status launch_for_state(const SsdStepParams& p, cudaStream_t stream) {
-  if (p.state_dtype == DType::kFloat32) return launch_for_layout<T, float>(p, stream);
-  if (p.state_dtype != p.dtype) return Status::kUnsupported;
-  return launch_for_layout<T, T>(p, stream);
+  return SUBQ_BOOL_SWITCH(vec, kVectorized, [&] { return launch<T, S, kVectorized ? kVec : 1>(p, stream); });
 }
 
 }  // namespace
@@ -131,12 +125,10 @@ Status run_ssd_step(const SsdStepParams& p, cudaStream_t stream) {
   if (p.batch * p.heads > 0x7fffffff || !has_state || !p.x || !p.dt || !p.A || !p.y) {
     return Status::kInvalidArgument;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_for_state<float>(p, stream);
-    case DType::kFloat16: return launch_for_state<__half>(p, stream);
-    case DType::kBFloat16: return launch_for_state<__nv_bfloat16>(p, stream);
-  }
-  return Status::kUnsupported;
+  return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] {
+    return SUBQ_FLOAT32_OR_SAME_SWITCH(p.state_dtype, p.dtype, T, S,
+                                       [&] { return launch_for_layout<T, S>(p, stream); });
+  });
 }
 
 }  // namespace subq

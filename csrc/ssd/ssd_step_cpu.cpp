@@ -1,6 +1,6 @@
 #include "ssd/ssd_step_cpu.h"
 
-namespace subq::cpu {
+namespace subq::composite {
 
 at::Tensor ssd_step(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
@@ -25,4 +25,4 @@ at::Tensor ssd_step(const at::Tensor& state, const at::Tensor& x, const at::Tens
   return y.to(x.scalar_type()).contiguous();
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -7,11 +7,11 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 at::Tensor ssd_step(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                     const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
                     double dt_lo, double dt_hi);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

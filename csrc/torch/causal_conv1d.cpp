@@ -3,14 +3,14 @@
 // and (dim,), so the conversion is free next to x); their gradients come back in their own dtype.
 #include <torch/library.h>
 
-#include "conv1d/causal_conv1d_cpu.h"
+#include "causal_conv1d/causal_conv1d_cpu.h"
 #include "torch/checks.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "conv1d/causal_conv1d.h"
+#include "causal_conv1d/causal_conv1d.h"
 #include "torch/cuda_status_check.h"
 #include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_composite(const at::Tensor& x, const at::
                                                  const OptTensor& seq_idx, const OptTensor& initial_states,
                                                  bool return_final_states, bool silu) {
   check_conv(x, weight, bias, seq_idx, initial_states);
-  return cpu::causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, return_final_states, silu);
+  return composite::causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, return_final_states, silu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_composite(
@@ -114,14 +114,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_composite(
     std::array<bool, 4> mask) {
   check_conv(x, weight, bias, seq_idx, initial_states);
   check_dy(dy, x);
-  return cpu::causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dy,
+  return composite::causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dy,
                                 final_grad(dfinal_states, x, weight.size(1)), silu, mask);
 }
 
 at::Tensor update_composite(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                             const OptTensor& bias, bool silu) {
   check_update(x, conv_state, weight, bias);
-  return cpu::causal_conv1d_update(x, conv_state, weight, bias, silu);
+  return composite::causal_conv1d_update(x, conv_state, weight, bias, silu);
 }
 
 // ---- CUDA -------------------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
                                             bool return_final_states, bool silu) {
   check_conv(x, weight, bias, seq_idx, initial_states);
   if (!has_kernels(x.scalar_type())) {
-    return cpu::causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, return_final_states, silu);
+    return composite::causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, return_final_states, silu);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor weight32 = as_float(weight);
@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   check_dy(dy, x);
   const OptTensor dfinal = final_grad(dfinal_in, x, weight.size(1));
   if (!has_kernels(x.scalar_type())) {
-    return cpu::causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dy, dfinal, silu, mask);
+    return composite::causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dy, dfinal, silu, mask);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor weight32 = as_float(weight);
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 at::Tensor update_cuda(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                        const OptTensor& bias, bool silu) {
   check_update(x, conv_state, weight, bias);
-  if (!has_kernels(x.scalar_type())) return cpu::causal_conv1d_update(x, conv_state, weight, bias, silu);
+  if (!has_kernels(x.scalar_type())) return composite::causal_conv1d_update(x, conv_state, weight, bias, silu);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor weight32 = as_float(weight);
   const OptTensor bias32 = bias_as_float(bias);

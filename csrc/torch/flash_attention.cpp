@@ -55,7 +55,7 @@ void check_rel_bias(const OptTensor& rel_bias, const Tensor& v, int64_t length, 
               what, "), got ", rel_bias->sizes());
 }
 
-cpu::FlashChunkInputs check_chunk_inputs(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
+composite::FlashChunkInputs check_chunk_inputs(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_lin,
                                          const Tensor& k_lin, const Tensor& v, const OptTensor& u,
                                          const OptTensor& rel_bias, int64_t chunk_size) {
   // Which sizes the op takes is subq.ops.flash's rule (CHUNK_SIZES, an int argument); the glue only keeps the
@@ -71,11 +71,11 @@ cpu::FlashChunkInputs check_chunk_inputs(const Tensor& q_quad, const Tensor& k_q
   return {q_quad, k_quad, q_lin, k_lin, v, u, rel_bias};
 }
 
-cpu::FlashChunkOptions chunk_options(int64_t chunk_size, bool causal, double quad_scale, double lin_scale) {
+composite::FlashChunkOptions chunk_options(int64_t chunk_size, bool causal, double quad_scale, double lin_scale) {
   return {chunk_size, causal, quad_scale, lin_scale};
 }
 
-cpu::GauInputs check_gau_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& u,
+composite::GauInputs check_gau_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& u,
                                 const OptTensor& rel_bias) {
   check_dim(q, 3, "q");
   check_values(v, q, u);
@@ -92,7 +92,7 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(v.device());
 #endif
-  return cpu::flash_chunk_attention_fwd(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+  return composite::flash_chunk_attention_fwd(in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -101,7 +101,7 @@ Tensor flash_chunk_attention_fwd(const Tensor& q_quad, const Tensor& k_quad, con
 bool fused_kernels_enabled() { return experimental_enabled(Experimental::kFlashKernels); }
 
 // The shapes and dtypes the kernels take (csrc/flash/flash_chunk_attention.h); the composite serves the rest.
-bool fused_kernels_take(const cpu::FlashChunkInputs& in) {
+bool fused_kernels_take(const composite::FlashChunkInputs& in) {
   const auto dtype = in.v.scalar_type();
   const int64_t S = in.q_quad.size(2), E = in.v.size(2);
   return (dtype == at::kHalf || dtype == at::kBFloat16) && in.v.numel() > 0 && S >= 1 && S <= 256 && E <= 4096 &&
@@ -113,14 +113,15 @@ struct DenseInputs {
   Tensor q_quad, k_quad, q_lin, k_lin, v, u, rel_bias;  // u, rel_bias undefined when absent
 };
 
-DenseInputs dense_inputs(const cpu::FlashChunkInputs& in) {
+DenseInputs dense_inputs(const composite::FlashChunkInputs& in) {
   return {in.q_quad.contiguous(), in.k_quad.contiguous(), in.q_lin.contiguous(), in.k_lin.contiguous(),
           in.v.contiguous(), in.u ? in.u->contiguous() : Tensor(),
           in.rel_bias ? in.rel_bias->to(at::kFloat).contiguous() : Tensor()};
 }
 
-// The part of FlashChunkParams and FlashChunkBackwardParams that they share.
-void fill_problem(FlashChunkProblem& p, const DenseInputs& in, const cpu::FlashChunkOptions& opt) {
+// The forward's params (the backward's too, with a FlashChunkGrads); out and workspace are left to the forward.
+FlashChunkParams params_of(const DenseInputs& in, const composite::FlashChunkOptions& opt) {
+  FlashChunkParams p;
   p.dtype = kernel_dtype(in.v.scalar_type());
   p.shape = {in.v.size(0), in.v.size(1), in.q_quad.size(2), in.v.size(2), opt.chunk_size};
   p.causal = opt.causal;
@@ -133,19 +134,19 @@ void fill_problem(FlashChunkProblem& p, const DenseInputs& in, const cpu::FlashC
   p.v = in.v.data_ptr();
   p.u = in.u.defined() ? in.u.data_ptr() : nullptr;
   p.rel_bias = in.rel_bias.defined() ? in.rel_bias.data_ptr<float>() : nullptr;
+  return p;
 }
 
 Tensor workspace(size_t bytes, const Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-Tensor fused_forward(const cpu::FlashChunkInputs& inputs, const cpu::FlashChunkOptions& opt) {
+Tensor fused_forward(const composite::FlashChunkInputs& inputs, const composite::FlashChunkOptions& opt) {
   const c10::cuda::CUDAGuard guard(inputs.v.device());
   const DenseInputs in = dense_inputs(inputs);
-  FlashChunkParams p;
-  fill_problem(p, in, opt);
+  FlashChunkParams p = params_of(in, opt);
   Tensor out = at::empty(in.v.sizes(), in.v.options());
-  Tensor ws = workspace(flash_chunk_workspace_bytes(p.shape), in.v);
+  Tensor ws = workspace(flash_chunk_attention_fwd_workspace_bytes(p.shape), in.v);
   p.out = out.data_ptr();
   p.workspace = ws.data_ptr();
   const Status status = run_flash_chunk_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
@@ -154,29 +155,29 @@ Tensor fused_forward(const cpu::FlashChunkInputs& inputs, const cpu::FlashChunkO
 }
 
 // The composite's gradients (same order, dtypes and empty tensors for absent inputs) from the fused backward.
-std::vector<Tensor> fused_backward(const Tensor& dout, const cpu::FlashChunkInputs& inputs,
-                                   const cpu::FlashChunkOptions& opt) {
+std::vector<Tensor> fused_backward(const Tensor& dout, const composite::FlashChunkInputs& inputs,
+                                   const composite::FlashChunkOptions& opt) {
   const c10::cuda::CUDAGuard guard(inputs.v.device());
   TORCH_CHECK(dout.device() == inputs.v.device(), "dout is on ", dout.device(), " but v is on ", inputs.v.device());
   const DenseInputs in = dense_inputs(inputs);
   const Tensor d_out = dout.to(in.v.scalar_type()).contiguous();
-  FlashChunkBackwardParams p;
-  fill_problem(p, in, opt);
-  p.dout = d_out.data_ptr();
+  const FlashChunkParams p = params_of(in, opt);
   Tensor dq_quad = at::empty_like(in.q_quad), dk_quad = at::empty_like(in.k_quad);
   Tensor dq_lin = at::empty_like(in.q_lin), dk_lin = at::empty_like(in.k_lin), dv = at::empty_like(in.v);
   Tensor du = in.u.defined() ? at::empty_like(in.u) : in.v.new_empty({0});
   Tensor drel_bias = in.rel_bias.defined() ? at::empty_like(in.rel_bias) : in.v.new_empty({0});
-  Tensor ws = workspace(flash_chunk_backward_workspace_bytes(p.shape), in.v);
-  p.dq_quad = dq_quad.data_ptr();
-  p.dk_quad = dk_quad.data_ptr();
-  p.dq_lin = dq_lin.data_ptr();
-  p.dk_lin = dk_lin.data_ptr();
-  p.dv = dv.data_ptr();
-  p.du = in.u.defined() ? du.data_ptr() : nullptr;
-  p.drel_bias = in.rel_bias.defined() ? drel_bias.data_ptr<float>() : nullptr;
-  p.workspace = ws.data_ptr();
-  const Status status = run_flash_chunk_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  Tensor ws = workspace(flash_chunk_attention_bwd_workspace_bytes(p.shape), in.v);
+  FlashChunkGrads g;
+  g.dout = d_out.data_ptr();
+  g.dq_quad = dq_quad.data_ptr();
+  g.dk_quad = dk_quad.data_ptr();
+  g.dq_lin = dq_lin.data_ptr();
+  g.dk_lin = dk_lin.data_ptr();
+  g.dv = dv.data_ptr();
+  g.du = in.u.defined() ? du.data_ptr() : nullptr;
+  g.drel_bias = in.rel_bias.defined() ? drel_bias.data_ptr<float>() : nullptr;
+  g.workspace = ws.data_ptr();
+  const Status status = run_flash_chunk_attention_bwd(p, g, c10::cuda::getCurrentCUDAStream().stream());
   check_cuda_status(status, "subq flash_chunk_attention CUDA backward");
   if (inputs.rel_bias) drel_bias = drel_bias.to(inputs.rel_bias->scalar_type());
   return {dq_quad, dk_quad, dq_lin, dk_lin, dv, du, drel_bias};
@@ -204,7 +205,7 @@ std::vector<Tensor> flash_chunk_attention_bwd(const Tensor& dout, const Tensor& 
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(v.device());
 #endif
-  return cpu::flash_chunk_attention_bwd(dout, in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
+  return composite::flash_chunk_attention_bwd(dout, in, chunk_options(chunk_size, causal, quad_scale, lin_scale));
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -230,7 +231,7 @@ Tensor gau_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, cons
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(v.device());
 #endif
-  return cpu::gau_attention_fwd(in, {causal, scale});
+  return composite::gau_attention_fwd(in, {causal, scale});
 }
 
 std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -240,7 +241,7 @@ std::vector<Tensor> gau_attention_bwd(const Tensor& dout, const Tensor& q, const
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(v.device());
 #endif
-  return cpu::gau_attention_bwd(dout, in, {causal, scale});
+  return composite::gau_attention_bwd(dout, in, {causal, scale});
 }
 
 void check_state(const Tensor& t, const Tensor& v, const char* name, at::IntArrayRef shape) {
@@ -292,8 +293,8 @@ Tensor flash_step(const Tensor& q_quad, const Tensor& k_quad, const Tensor& q_li
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(v.device());
 #endif
-  cpu::FlashDecodeState state{lin_state, chunk_kv, k_quad_cache, v_cache, position};
-  return cpu::flash_step(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, state, quad_scale, lin_scale);
+  composite::FlashDecodeState state{lin_state, chunk_kv, k_quad_cache, v_cache, position};
+  return composite::flash_step(q_quad, k_quad, q_lin, k_lin, v, u, rel_bias, state, quad_scale, lin_scale);
 }
 
 }  // namespace

@@ -8,14 +8,14 @@
 
 #include <torch/library.h>
 
-#include "grouped_gemm/grouped_gemm_cpu.h"
+#include "grouped_matmul/grouped_matmul_cpu.h"
 #include "torch/checks.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "grouped_gemm/grouped_gemm.h"
+#include "grouped_matmul/grouped_matmul.h"
 #include "torch/cuda_status_check.h"
 #include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
@@ -65,20 +65,20 @@ void check_dy(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor fwd_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes, const OptTensor& bias) {
   check_grouped(x, w, group_sizes, present(bias));
-  return cpu::grouped_matmul_fwd(x, w, group_sizes, present(bias));
+  return composite::grouped_matmul_fwd(x, w, group_sizes, present(bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                                        const at::Tensor& group_sizes, std::array<bool, 3> mask) {
   check_grouped(x, w, group_sizes, std::nullopt);
   check_dy(dy, x, w);
-  return cpu::grouped_matmul_bwd(dy, x, w, group_sizes, mask);
+  return composite::grouped_matmul_bwd(dy, x, w, group_sizes, mask);
 }
 
 at::Tensor fwd_expanded(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
                         const OptTensor& bias) {
   check_grouped(x, w, group_sizes, present(bias));
-  return cpu::grouped_matmul_fwd_expanded(x, w, group_sizes, present(bias));
+  return composite::grouped_matmul_fwd_expanded(x, w, group_sizes, present(bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_expanded(const at::Tensor& dy, const at::Tensor& x,
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_expanded(const at::Tensor& dy
                                                             std::array<bool, 3> mask) {
   check_grouped(x, w, group_sizes, std::nullopt);
   check_dy(dy, x, w);
-  return cpu::grouped_matmul_bwd_expanded(dy, x, w, group_sizes, mask);
+  return composite::grouped_matmul_bwd_expanded(dy, x, w, group_sizes, mask);
 }
 
 // ---- CUDA -------------------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullp
 // Runs one product into `out` (dense, out_shape). The operands are dense, so their row strides are k and n.
 Status try_product(GroupedProduct product, const Shape& s, const Operands& in, const at::Tensor& sizes,
                    const at::Tensor& out) {
-  GroupedGemmParams p;
+  GroupedMatmulParams p;
   p.product = product;
   p.dtype = kernel_dtype(out.scalar_type());
   p.math = kernel_math_mode(out.scalar_type());
@@ -138,9 +138,9 @@ Status try_product(GroupedProduct product, const Shape& s, const Operands& in, c
   p.dy = ptr(in.dy);
   p.dy_row_stride = s.n;
   p.out = out.data_ptr();
-  const at::Tensor workspace = at::empty({grouped_gemm_workspace_bytes(p)}, out.options().dtype(at::kByte));
+  const at::Tensor workspace = at::empty({grouped_matmul_workspace_bytes(p)}, out.options().dtype(at::kByte));
   p.workspace = workspace.data_ptr();
-  return run_grouped_gemm(p, c10::cuda::getCurrentCUDAStream());
+  return run_grouped_matmul(p, c10::cuda::getCurrentCUDAStream());
 }
 
 void check_status(Status status) {
@@ -172,7 +172,7 @@ at::Tensor run_product(GroupedProduct product, const Shape& s, const Operands& i
     check_status(status);
     return out;
   }
-  const int64_t vector = grouped_gemm_alignment(kernel_dtype(out.scalar_type()), kernel_math_mode(out.scalar_type()));
+  const int64_t vector = grouped_matmul_alignment(kernel_dtype(out.scalar_type()), kernel_math_mode(out.scalar_type()));
   Shape padded = s;
   padded.k = round_up(s.k, vector);
   padded.n = round_up(s.n, vector);

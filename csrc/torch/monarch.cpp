@@ -54,20 +54,20 @@ at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 
 at::Tensor blockdiag_fwd_composite(const at::Tensor& x, const at::Tensor& w) {
   check_blockdiag(x, w);
-  return cpu::blockdiag_fwd(x, w);
+  return composite::blockdiag_fwd(x, w);
 }
 
 std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_composite(const at::Tensor& dy, const at::Tensor& x,
                                                            const at::Tensor& w, std::array<bool, 2> mask) {
   check_blockdiag(x, w);
   check_grad(dy, x, w.size(0) * w.size(1));
-  return cpu::blockdiag_bwd(dy, x, w, mask);
+  return composite::blockdiag_bwd(dy, x, w, mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> monarch_fwd_composite(const at::Tensor& x, const at::Tensor& w1,
                                                          const at::Tensor& w2) {
   check_monarch(x, w1, w2);
-  return cpu::monarch_fwd(x, w1, w2);
+  return composite::monarch_fwd(x, w1, w2);
 }
 
 void check_intermediate(const at::Tensor& intermediate, const at::Tensor& x, const at::Tensor& w1) {
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_composite(const at::T
   check_monarch(x, w1, w2);
   check_grad(dy, x, w2.size(0) * w2.size(1));
   check_intermediate(intermediate, x, w1);
-  return cpu::monarch_bwd(dy, x, intermediate, w1, w2, mask);
+  return composite::monarch_bwd(dy, x, intermediate, w1, w2, mask);
 }
 
 // ---- CUDA -------------------------------------------------------------------------------------------------------
@@ -130,13 +130,15 @@ BlockdiagParams blockdiag_params(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor blockdiag_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in) {
   check_blockdiag(x_in, w_in);
-  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::blockdiag_fwd(x_in, w_in);
+  if (!has_kernel_dtype(x_in.scalar_type())) return composite::blockdiag_fwd(x_in, w_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w = w_in.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0) * w.size(1)}, x.options());
   BlockdiagParams p = blockdiag_params(x, w);
   p.y = y.data_ptr();
-  if (!ran(blockdiag_fwd(p, c10::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) return cpu::blockdiag_fwd(x, w);
+  if (!ran(run_blockdiag_fwd(p, c10::cuda::getCurrentCUDAStream()), "blockdiag_fwd")) {
+    return composite::blockdiag_fwd(x, w);
+  }
   return y;
 }
 
@@ -144,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
                                                       const at::Tensor& w_in, std::array<bool, 2> mask) {
   check_blockdiag(x_in, w_in);
   check_grad(dy_in, x_in, w_in.size(0) * w_in.size(1));
-  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::blockdiag_bwd(dy_in, x_in, w_in, mask);
+  if (!has_kernel_dtype(x_in.scalar_type())) return composite::blockdiag_bwd(dy_in, x_in, w_in, mask);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w = w_in.contiguous(), dy = dy_in.contiguous();
   at::Tensor dx = mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : empty_grad(x);
@@ -153,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> blockdiag_bwd_cuda(const at::Tensor& dy_in, c
   g.dy = dy.data_ptr();
   g.dx = mask[0] ? dx.data_ptr() : nullptr;
   g.dw = mask[1] ? dw.data_ptr() : nullptr;
-  if (!ran(blockdiag_bwd(blockdiag_params(x, w), g, c10::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
-    return cpu::blockdiag_bwd(dy, x, w, mask);
+  if (!ran(run_blockdiag_bwd(blockdiag_params(x, w), g, c10::cuda::getCurrentCUDAStream()), "blockdiag_bwd")) {
+    return composite::blockdiag_bwd(dy, x, w, mask);
   }
   return {dx, dw};
 }
@@ -181,7 +183,7 @@ MonarchParams monarch_params(const at::Tensor& x, const at::Tensor& w1, const at
 std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w1_in,
                                                     const at::Tensor& w2_in) {
   check_monarch(x_in, w1_in, w2_in);
-  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::monarch_fwd(x_in, w1_in, w2_in);
+  if (!has_kernel_dtype(x_in.scalar_type())) return composite::monarch_fwd(x_in, w1_in, w2_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   MonarchParams p = monarch_params(x, w1, w2);
@@ -191,7 +193,9 @@ std::tuple<at::Tensor, at::Tensor> monarch_fwd_cuda(const at::Tensor& x_in, cons
   p.y = y.data_ptr();
   p.intermediate = intermediate.data_ptr();
   p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
-  if (!ran(monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) return cpu::monarch_fwd(x, w1, w2);
+  if (!ran(run_monarch_fwd(p, c10::cuda::getCurrentCUDAStream()), "monarch_fwd")) {
+    return composite::monarch_fwd(x, w1, w2);
+  }
   return {y, intermediate};
 }
 
@@ -201,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   check_monarch(x_in, w1_in, w2_in);
   check_grad(dy_in, x_in, w2_in.size(0) * w2_in.size(1));
   check_intermediate(inter_in, x_in, w1_in);
-  if (!has_kernel_dtype(x_in.scalar_type())) return cpu::monarch_bwd(dy_in, x_in, inter_in, w1_in, w2_in, mask);
+  if (!has_kernel_dtype(x_in.scalar_type())) return composite::monarch_bwd(dy_in, x_in, inter_in, w1_in, w2_in, mask);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor dy = dy_in.contiguous(), intermediate = inter_in.contiguous();
@@ -217,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   g.dw1 = mask[1] ? dw1.data_ptr() : nullptr;
   g.dw2 = mask[2] ? dw2.data_ptr() : nullptr;
   g.workspace = workspace.data_ptr();
-  if (!ran(monarch_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
-    return cpu::monarch_bwd(dy, x, intermediate, w1, w2, mask);
+  if (!ran(run_monarch_bwd(p, g, c10::cuda::getCurrentCUDAStream()), "monarch_bwd")) {
+    return composite::monarch_bwd(dy, x, intermediate, w1, w2, mask);
   }
   return {dx, dw1, dw2};
 }

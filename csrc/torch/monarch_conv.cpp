@@ -28,7 +28,7 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using cpu::DftAlgorithm;
+using composite::DftAlgorithm;
 
 // "auto" is ATen's FFT on CPU (pocketfft is the right tool there) and the Monarch DFT on CUDA (issue 4: no cuFFT).
 DftAlgorithm parse_algorithm(c10::string_view algorithm, const at::Device& device) {
@@ -57,7 +57,7 @@ void check_filter(const Tensor& k, const OptTensor& k_rev) {
   }
 }
 
-cpu::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
+composite::MonarchConvInputs check_inputs(const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
                                     const OptTensor& filter_spectrum, const OptTensor& pregate,
                                     const OptTensor& postgate, const OptTensor& D, c10::string_view algorithm) {
   check_dim(u, 3, "u");
@@ -101,30 +101,30 @@ bool fused_kernels_enabled() { return experimental_enabled(Experimental::kConvKe
 // What both fused kernels read: contiguous inputs (held here while a kernel runs) and the params pointing at them.
 struct FusedInputs {
   Tensor u, pregate, postgate, D, spectrum;
-  MonarchConvFusedParams params;
+  MonarchConvParams params;
 };
 
 // The fused kernels' inputs for 16- and 32-bit u on CUDA, or nullopt where they do not apply (float64,
 // algorithm="fft", no rows (B = 0 or H = 0), an FFT size beyond the kernels' shared memory): the caller then runs
 // the composite. The filter's spectrum is the precomputed one, or made here by the composite's Monarch DFT (H rows:
 // small next to the B H rows of the op).
-std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
+std::optional<FusedInputs> fused_inputs(const composite::MonarchConvInputs& in) {
   const Tensor& u_in = in.u;
   if (u_in.scalar_type() == at::kDouble || in.algorithm != DftAlgorithm::kMonarch || u_in.numel() == 0) {
     return std::nullopt;
   }
   const int64_t L = u_in.size(2), M = monarch_conv::fft_size(L);
-  if (!monarch_conv_fused_fwd_supports(M)) return std::nullopt;
+  if (!monarch_conv_fwd_supports(M)) return std::nullopt;
   FusedInputs f;
   f.spectrum = (in.filter_spectrum ? *in.filter_spectrum
-                                   : cpu::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
+                                   : composite::monarch_conv_filter(*in.k, in.k_rev, L, DftAlgorithm::kMonarch))
                    .contiguous();
   f.u = u_in.contiguous();
   f.pregate = in.pregate ? in.pregate->contiguous() : Tensor();
   f.postgate = in.postgate ? in.postgate->contiguous() : Tensor();
   f.D = in.D ? in.D->to(at::kFloat).contiguous() : Tensor();
 
-  MonarchConvFusedParams& p = f.params;
+  MonarchConvParams& p = f.params;
   p.dtype = kernel_dtype(u_in.scalar_type());
   p.batch = u_in.size(0);
   p.heads = u_in.size(1);
@@ -143,12 +143,12 @@ std::optional<FusedInputs> fused_inputs(const cpu::MonarchConvInputs& in) {
   return f;
 }
 
-std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
+std::optional<Tensor> fused_forward(const composite::MonarchConvInputs& in) {
   auto f = fused_inputs(in);
   if (!f) return std::nullopt;
   Tensor y = at::empty_like(f->u);
   f->params.y = y.data_ptr();
-  const Status status = run_monarch_conv_fused_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
+  const Status status = run_monarch_conv_fwd(f->params, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
   check_cuda_status(status, "subq monarch_conv fused CUDA forward");
   return y;
@@ -156,35 +156,35 @@ std::optional<Tensor> fused_forward(const cpu::MonarchConvInputs& in) {
 
 // The fused backward, or nullopt where it does not apply (fused_inputs; a dy of another dtype than u, which the
 // kernel would read rounded; a workspace beyond its cap): the composite's gradients, in the same dtypes.
-std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const cpu::MonarchConvInputs& in) {
+std::optional<std::vector<Tensor>> fused_backward(const Tensor& dy_in, const composite::MonarchConvInputs& in) {
   if (dy_in.scalar_type() != in.u.scalar_type()) return std::nullopt;
   auto f = fused_inputs(in);
   if (!f) return std::nullopt;
-  MonarchConvFusedBwdParams p;
-  p.forward = f->params;
-  p.filter_len = in.k ? in.k->size(1) : 0;
-  if (!monarch_conv_fused_bwd_supports(p)) return std::nullopt;  // the workspace's size: from filter_len and D
+  const MonarchConvParams& p = f->params;
+  MonarchConvGrads g;
+  g.filter_len = in.k ? in.k->size(1) : 0;
+  if (!monarch_conv_bwd_supports(p, g)) return std::nullopt;  // the workspace's size: from filter_len and D
   const Tensor dy = dy_in.contiguous();
   const int64_t H = f->u.size(1);
   const auto fp32 = f->u.options().dtype(at::kFloat);
   Tensor du = at::empty_like(f->u);
   Tensor dpregate = f->pregate.defined() ? at::empty_like(f->pregate) : Tensor();
   Tensor dpostgate = f->postgate.defined() ? at::empty_like(f->postgate) : Tensor();
-  Tensor dk = in.k ? at::empty({H, p.filter_len}, fp32) : Tensor();
-  Tensor dk_rev = in.k_rev ? at::empty({H, p.filter_len}, fp32) : Tensor();
+  Tensor dk = in.k ? at::empty({H, g.filter_len}, fp32) : Tensor();
+  Tensor dk_rev = in.k_rev ? at::empty({H, g.filter_len}, fp32) : Tensor();
   Tensor dD = in.D ? at::empty({H}, fp32) : Tensor();
-  const auto workspace_bytes = static_cast<int64_t>(monarch_conv_fused_bwd_workspace_bytes(p));
+  const auto workspace_bytes = static_cast<int64_t>(monarch_conv_bwd_workspace_bytes(p, g));
   Tensor workspace = at::empty({workspace_bytes}, f->u.options().dtype(at::kByte));
   auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; };
-  p.dy = dy.data_ptr();
-  p.du = du.data_ptr();
-  p.dpregate = ptr(dpregate);
-  p.dpostgate = ptr(dpostgate);
-  p.dk = static_cast<float*>(ptr(dk));
-  p.dk_rev = static_cast<float*>(ptr(dk_rev));
-  p.dD = static_cast<float*>(ptr(dD));
-  p.workspace = ptr(workspace);
-  const Status status = run_monarch_conv_fused_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  g.dy = dy.data_ptr();
+  g.du = du.data_ptr();
+  g.dpregate = ptr(dpregate);
+  g.dpostgate = ptr(dpostgate);
+  g.dk = static_cast<float*>(ptr(dk));
+  g.dk_rev = static_cast<float*>(ptr(dk_rev));
+  g.dD = static_cast<float*>(ptr(dD));
+  g.workspace = ptr(workspace);
+  const Status status = run_monarch_conv_bwd(p, g, c10::cuda::getCurrentCUDAStream().stream());
   if (status == Status::kUnsupported) return std::nullopt;
   check_cuda_status(status, "subq monarch_conv fused CUDA backward");
   // Parameter gradients in their parameter's dtype, as the composite returns them; absent ones empty.
@@ -207,7 +207,7 @@ Tensor monarch_conv_fwd(const Tensor& u, const OptTensor& k, const OptTensor& k_
     if (auto y = fused_forward(in)) return *y;
   }
 #endif
-  return cpu::monarch_conv_fwd(in);
+  return composite::monarch_conv_fwd(in);
 }
 
 std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const OptTensor& k, const OptTensor& k_rev,
@@ -222,7 +222,7 @@ std::vector<Tensor> monarch_conv_bwd(const Tensor& dy, const Tensor& u, const Op
     if (auto grads = fused_backward(dy, in)) return *grads;
   }
 #endif
-  return cpu::monarch_conv_bwd(dy, in);
+  return composite::monarch_conv_bwd(dy, in);
 }
 
 Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seqlen) {
@@ -232,7 +232,7 @@ Tensor monarch_conv_filter(const Tensor& k, const OptTensor& k_rev, int64_t seql
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(k.device());
 #endif
-  return cpu::monarch_conv_filter(k, k_rev, seqlen, parse_algorithm("auto", k.device()));
+  return composite::monarch_conv_filter(k, k_rev, seqlen, parse_algorithm("auto", k.device()));
 }
 
 void check_dft_size(int64_t n) {

@@ -4,14 +4,14 @@
 
 #include <torch/library.h>
 
-#include "norm/rmsnorm_gated_cpu.h"
+#include "rmsnorm_gated/rmsnorm_gated_cpu.h"
 #include "torch/checks.h"
 
 #ifdef SUBQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "norm/rmsnorm_gated.h"
+#include "rmsnorm_gated/rmsnorm_gated.h"
 #include "torch/cuda_status_check.h"
 #include "torch/kernel_types.h"
 #include "torch/experimental_flags.h"
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_composite(const at::Tensor& x, const at::
                                                  double eps, int64_t group_size, bool norm_before_gate) {
   check_rmsnorm(x, weight, z, group_size);
   check_eps(eps);
-  return cpu::rmsnorm_gated_fwd(x, weight, z, eps, group_size, norm_before_gate);
+  return composite::rmsnorm_gated_fwd(x, weight, z, eps, group_size, norm_before_gate);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_composite(const at::Tensor& dy, const at::Tensor& x,
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_composite(const at::Tensor& d
                                                              bool norm_before_gate, std::array<bool, 3> mask) {
   check_rmsnorm(x, weight, z, group_size);
   check_grad(dy, x, rstd, group_size);
-  return cpu::rmsnorm_gated_bwd(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
+  return composite::rmsnorm_gated_bwd(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
 }
 
 // The CPU runs the fused loops; the composite above stays the CUDA fallback (it runs as ATen CUDA kernels).
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
                                            double eps, int64_t group_size, bool norm_before_gate) {
   check_rmsnorm(x, weight, z, group_size);
   check_eps(eps);
-  return cpu::rmsnorm_gated_fwd_fused(x, weight, z, eps, group_size, norm_before_gate);
+  return composite::rmsnorm_gated_fwd_fused(x, weight, z, eps, group_size, norm_before_gate);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, con
                                                        bool norm_before_gate, std::array<bool, 3> mask) {
   check_rmsnorm(x, weight, z, group_size);
   check_grad(dy, x, rstd, group_size);
-  return cpu::rmsnorm_gated_bwd_fused(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
+  return composite::rmsnorm_gated_bwd_fused(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x_in, const at::Te
   check_rmsnorm(x_in, weight_in, z_in, group_size);
   check_eps(eps);
   if (!has_kernels(x_in.scalar_type())) {
-    return cpu::rmsnorm_gated_fwd(x_in, weight_in, z_in, eps, group_size, norm_before_gate);
+    return composite::rmsnorm_gated_fwd(x_in, weight_in, z_in, eps, group_size, norm_before_gate);
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), weight = weight_in.contiguous();
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dy_in,
   check_rmsnorm(x_in, weight_in, z_in, group_size);
   check_grad(dy_in, x_in, rstd_in, group_size);
   if (!has_kernels(x_in.scalar_type())) {
-    return cpu::rmsnorm_gated_bwd(dy_in, x_in, weight_in, z_in, rstd_in, group_size, norm_before_gate, mask);
+    return composite::rmsnorm_gated_bwd(dy_in, x_in, weight_in, z_in, rstd_in, group_size, norm_before_gate, mask);
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_unit_stride(x_in), weight = weight_in.contiguous(), dy = rows_unit_stride(dy_in);

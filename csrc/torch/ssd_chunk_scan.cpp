@@ -26,13 +26,13 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-cpu::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
+composite::SsdOptions make_options(int64_t chunk_size, bool dt_softplus, double dt_min, double dt_max) {
   // Which sizes the op takes is subq.ops.ssd's rule (CHUNK_SIZES, an int argument); the glue only keeps the
   // composite's chunk arithmetic defined, and the fused kernels refuse sizes they were not built for.
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   TORCH_CHECK(dt_min >= 0 && dt_min <= dt_max, "dt_limit must be (lo, hi) with 0 <= lo <= hi, got (", dt_min,
               ", ", dt_max, ")");
-  cpu::SsdOptions opt;
+  composite::SsdOptions opt;
   opt.chunk_size = chunk_size;
   opt.dt_softplus = dt_softplus;
   opt.dt_min = dt_min;
@@ -52,7 +52,7 @@ void check_optional(const OptTensor& t, const Tensor& x, const char* name, at::I
   TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
 }
 
-cpu::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+composite::SsdInputs check_inputs(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
                             const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                             const OptTensor& initial_states, const OptTensor& seq_idx) {
   check_dim(x, 4, "x");
@@ -114,7 +114,7 @@ std::tuple<Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(const Tensor& x, const Ten
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(x.device());
 #endif
-  return cpu::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
+  return composite::ssd_chunk_scan_fwd(in, cu_seqlens, opt);
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -125,7 +125,7 @@ struct DenseInputs {
   Tensor x, dt, A, B, C, D, z, dt_bias, init, seq;
 };
 
-DenseInputs dense_inputs(const cpu::SsdInputs& in) {
+DenseInputs dense_inputs(const composite::SsdInputs& in) {
   auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
   DenseInputs t;
   t.x = in.x.contiguous(), t.B = in.B.contiguous(), t.C = in.C.contiguous();
@@ -137,9 +137,10 @@ DenseInputs dense_inputs(const cpu::SsdInputs& in) {
   return t;
 }
 
-// The fields SsdForwardParams and SsdBackwardParams share: dtype, shape, dt options and the forward's inputs.
-template <typename Params>
-void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
+// The forward's params (the backward's too, with an SsdChunkScanGrads); outputs and workspace are left to the
+// forward.
+SsdChunkScanParams params_of(const DenseInputs& t, const composite::SsdOptions& opt) {
+  SsdChunkScanParams p;
   p.dtype = kernel_dtype(t.x.scalar_type());
   p.shape = {t.x.size(0), t.x.size(1), t.x.size(2), t.x.size(3), t.B.size(2), t.B.size(3), opt.chunk_size};
   p.dt_softplus = opt.dt_softplus;
@@ -157,23 +158,23 @@ void fill_inputs(Params& p, const DenseInputs& t, const cpu::SsdOptions& opt) {
   p.dt_bias = t.dt_bias.defined() ? t.dt_bias.data_ptr<float>() : nullptr;
   p.initial_states = t.init.defined() ? t.init.data_ptr<float>() : nullptr;
   p.seq_idx = t.seq.defined() ? t.seq.data_ptr<int32_t>() : nullptr;
+  return p;
 }
 
 // The tensor-core forward.
-std::tuple<Tensor, Tensor, Tensor> fused_forward(const cpu::SsdInputs& in, const cpu::SsdOptions& opt) {
+std::tuple<Tensor, Tensor, Tensor> fused_forward(const composite::SsdInputs& in, const composite::SsdOptions& opt) {
   const c10::cuda::CUDAGuard guard(in.x.device());
   const DenseInputs t = dense_inputs(in);
   const Tensor &x = t.x, &B = t.B;
-  SsdForwardParams p;
-  fill_inputs(p, t, opt);
+  SsdChunkScanParams p = params_of(t, opt);
   Tensor y = at::empty_like(x);
   Tensor final_states = at::empty({x.size(0), x.size(2), x.size(3), B.size(3)}, x.options().dtype(at::kFloat));
-  Tensor workspace = at::empty({static_cast<int64_t>(ssd_forward_workspace_bytes(p.shape))},
+  Tensor workspace = at::empty({static_cast<int64_t>(ssd_chunk_scan_fwd_workspace_bytes(p.shape))},
                                x.options().dtype(at::kByte));
   p.y = y.data_ptr();
   p.final_states = final_states.data_ptr<float>();
   p.workspace = workspace.data_ptr();
-  const Status status = run_ssd_forward(p, c10::cuda::getCurrentCUDAStream().stream());
+  const Status status = run_ssd_chunk_scan_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
   check_cuda_status(status, "subq ssd_chunk_scan CUDA forward");
   return {y, final_states, at::empty({0, x.size(2), x.size(3), B.size(3)}, final_states.options())};
 }
@@ -213,15 +214,15 @@ std::vector<Tensor> ssd_chunk_scan_bwd(const Tensor& dy, const OptTensor& dfinal
 #ifdef SUBQ_WITH_CUDA
   const c10::OptionalDeviceGuard guard(x.device());
 #endif
-  return cpu::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
+  return composite::ssd_chunk_scan_bwd(dy, dfinal_states, in, opt);
 }
 
 
 #ifdef SUBQ_WITH_CUDA
 // The tensor-core backward: the forward's operand layouts (see fused_forward), dy in x's dtype, float32 dfinal_states.
 // Gradients come back in their inputs' dtypes, as the composite returns them.
-std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const cpu::SsdInputs& in,
-                                   const cpu::SsdOptions& opt) {
+std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_states, const composite::SsdInputs& in,
+                                   const composite::SsdOptions& opt) {
   const c10::cuda::CUDAGuard guard(in.x.device());
   const DenseInputs t = dense_inputs(in);
   const Tensor &x = t.x, &B = t.B, &C = t.C, &dt = t.dt, &A = t.A, &D = t.D, &z = t.z, &dt_bias = t.dt_bias,
@@ -229,30 +230,29 @@ std::vector<Tensor> fused_backward(const Tensor& dy, const OptTensor& dfinal_sta
   const Tensor g_out = dy.to(x.scalar_type()).contiguous();
   const Tensor dfinal = dfinal_states ? dfinal_states->to(at::kFloat).contiguous() : Tensor();
 
-  SsdBackwardParams p;
-  fill_inputs(p, t, opt);
-  p.dy = g_out.data_ptr();
-  p.dfinal_states = dfinal.defined() ? dfinal.data_ptr<float>() : nullptr;
-
+  const SsdChunkScanParams p = params_of(t, opt);
   auto f32_like = [](const Tensor& t) { return at::empty(t.sizes(), t.options().dtype(at::kFloat)); };
   Tensor dx = at::empty_like(x), dB = at::empty_like(B), dC = at::empty_like(C);
   Tensor ddt = f32_like(dt), dA = f32_like(A);
   Tensor dD = D.defined() ? f32_like(D) : Tensor(), dz = z.defined() ? at::empty_like(z) : Tensor();
   Tensor ddt_bias = dt_bias.defined() ? f32_like(dt_bias) : Tensor();
   Tensor dinit = init.defined() ? f32_like(init) : Tensor();
-  Tensor workspace = at::empty({static_cast<int64_t>(ssd_backward_workspace_bytes(p.shape))},
+  Tensor workspace = at::empty({static_cast<int64_t>(ssd_chunk_scan_bwd_workspace_bytes(p.shape))},
                                x.options().dtype(at::kByte));
-  p.dx = dx.data_ptr();
-  p.ddt = ddt.data_ptr<float>();
-  p.dA = dA.data_ptr<float>();
-  p.dB = dB.data_ptr();
-  p.dC = dC.data_ptr();
-  p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
-  p.dz = dz.defined() ? dz.data_ptr() : nullptr;
-  p.ddt_bias = ddt_bias.defined() ? ddt_bias.data_ptr<float>() : nullptr;
-  p.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
-  p.workspace = workspace.data_ptr();
-  const Status status = run_ssd_backward(p, c10::cuda::getCurrentCUDAStream().stream());
+  SsdChunkScanGrads g;
+  g.dy = g_out.data_ptr();
+  g.dfinal_states = dfinal.defined() ? dfinal.data_ptr<float>() : nullptr;
+  g.dx = dx.data_ptr();
+  g.ddt = ddt.data_ptr<float>();
+  g.dA = dA.data_ptr<float>();
+  g.dB = dB.data_ptr();
+  g.dC = dC.data_ptr();
+  g.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
+  g.dz = dz.defined() ? dz.data_ptr() : nullptr;
+  g.ddt_bias = ddt_bias.defined() ? ddt_bias.data_ptr<float>() : nullptr;
+  g.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
+  g.workspace = workspace.data_ptr();
+  const Status status = run_ssd_chunk_scan_bwd(p, g, c10::cuda::getCurrentCUDAStream().stream());
   check_cuda_status(status, "subq ssd_chunk_scan CUDA backward");
 
   auto like = [&](const std::optional<Tensor>& input, const Tensor& grad) {

@@ -81,7 +81,7 @@ at::Tensor ssd_step_composite(const at::Tensor& state, const at::Tensor& x, cons
                               const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
                               const OptTensor& dt_bias, bool dt_softplus, double dt_lo, double dt_hi) {
   check_ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_lo, dt_hi);
-  return cpu::ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_lo, dt_hi);
+  return composite::ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_lo, dt_hi);
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -98,7 +98,7 @@ at::Tensor ssd_step_cuda(const at::Tensor& state, const at::Tensor& x, const at:
   check_ssd_step(state, x, dt, A, B_in, C_in, D, z, dt_bias, dt_lo, dt_hi);
   // The kernel is opt-in until its GPU tests have passed on a GPU (it was written without one).
   if (!has_kernel_dtype(x.scalar_type()) || !experimental_enabled(Experimental::kMamba2Kernels)) {
-    return cpu::ssd_step(state, x, dt, A, B_in, C_in, D, z, dt_bias, dt_softplus, dt_lo, dt_hi);
+    return composite::ssd_step(state, x, dt, A, B_in, C_in, D, z, dt_bias, dt_softplus, dt_lo, dt_hi);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -81,9 +81,9 @@ int main() {
   params.y = y;
   params.intermediate = intermediate;
 
-  const subq::Status status = subq::monarch_fwd(params, /*stream=*/nullptr);
+  const subq::Status status = subq::run_monarch_fwd(params, /*stream=*/nullptr);
   if (status != subq::Status::kSuccess) {
-    std::printf("monarch_fwd failed: %s\n", subq::status_string(status));
+    std::printf("run_monarch_fwd failed: %s\n", subq::status_string(status));
     return 1;
   }
   std::vector<float> got(shape.tokens * shape.l * shape.s);

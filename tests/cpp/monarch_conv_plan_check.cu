@@ -10,7 +10,7 @@
 
 namespace {
 
-using subq::MonarchConvFusedParams;
+using subq::MonarchConvParams;
 using namespace subq::monarch_dft_smem;
 
 // N split into at most kMonarchConvMaxStages factors of at most kMonarchConvMaxFactor, largest first (any such
@@ -48,7 +48,7 @@ std::vector<int> descending_factors(int N) {
 int check(int N, size_t limit) {
   const std::vector<int> factors = descending_factors(N);
   if (factors.empty() && N > 1) return 0;
-  MonarchConvFusedParams p;
+  MonarchConvParams p;
   p.fft_size = 2 * int64_t{N};
   p.num_factors = static_cast<int>(factors.size());
   for (size_t a = 0; a < factors.size(); ++a) p.factors[a] = factors[a];
@@ -90,7 +90,7 @@ int main() {
   const std::vector<std::vector<int>> powers_of_two = {{16, 16}, {32, 16}, {32, 32}, {16, 16, 8},
                                                       {16, 16, 16}, {32, 16, 16}, {32, 32, 16}};
   for (const std::vector<int>& factors : powers_of_two) {
-    MonarchConvFusedParams p;
+    MonarchConvParams p;
     p.num_factors = static_cast<int>(factors.size());
     p.fft_size = 2;
     for (size_t a = 0; a < factors.size(); ++a) {

@@ -1,11 +1,11 @@
-#include "grouped_gemm/grouped_gemm_cpu.h"
+#include "grouped_matmul/grouped_matmul_cpu.h"
 
 #include <algorithm>
 #include <vector>
 
 #include <c10/util/Exception.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 // The first row of each group, then the total. On the host the sizes can be checked, so they are.
@@ -113,4 +113,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_matmul_bwd_expanded(const
   return {dx, dw, dbias};
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -1,6 +1,6 @@
 // What the setup kernel hands the CUTLASS grouped GEMM: per-problem sizes, pointers and leading dimensions, all in
-// device memory. Declares the launcher (defined in grouped_gemm_launch.cuh and instantiated once per kernel family
-// in grouped_gemm_<family>.cu), so the dispatcher compiles without the CUTLASS kernel templates.
+// device memory. Declares the launcher (defined in grouped_matmul_launch.cuh and instantiated once per kernel family
+// in grouped_matmul_<family>.cu), so the dispatcher compiles without the CUTLASS kernel templates.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,7 @@
 #include "common/status.h"
 #include "gemm/kernel_families.cuh"
 
-namespace subq::grouped_gemm {
+namespace subq::grouped_matmul {
 
 using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
@@ -33,4 +33,4 @@ struct Problems {
 template <typename Family, typename LayoutA, typename LayoutB>
 Status launch_grouped_gemm(const Problems& problems, cudaStream_t stream);
 
-}  // namespace subq::grouped_gemm
+}  // namespace subq::grouped_matmul

@@ -1,6 +1,6 @@
-// run_grouped_gemm: a setup kernel turns the device-resident group sizes into per-group problems (grouped_problems
+// run_grouped_matmul: a setup kernel turns the device-resident group sizes into per-group problems (grouped_problems
 // .cuh), then one persistent CUTLASS launch runs them all; the bias gradient is a segmented column sum.
-#include "grouped_gemm/grouped_gemm.h"
+#include "grouped_matmul/grouped_matmul.h"
 
 #include <climits>
 #include <cstdint>
@@ -10,15 +10,16 @@
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
-#include "grouped_gemm/grouped_problems.cuh"
+#include "common/dispatch.h"
+#include "grouped_matmul/grouped_problems.cuh"
 
 namespace subq {
 namespace {
 
-using grouped_gemm::ColumnMajor;
-using grouped_gemm::Problems;
-using grouped_gemm::RowMajor;
-using grouped_gemm::kOperands;
+using grouped_matmul::ColumnMajor;
+using grouped_matmul::Problems;
+using grouped_matmul::RowMajor;
+using grouped_matmul::kOperands;
 
 // ---- workspace ----------------------------------------------------------------------------------------------------
 
@@ -27,9 +28,9 @@ constexpr int64_t kWorkspaceAlign = 256;
 int64_t aligned_up(int64_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 // Problems G, plus problem G itself for the rows past the total (see ProblemPlan::tail).
-int64_t problem_slots(const GroupedGemmParams& p) { return p.groups + 1; }
+int64_t problem_slots(const GroupedMatmulParams& p) { return p.groups + 1; }
 
-bool forward_with_bias(const GroupedGemmParams& p) { return p.product == GroupedProduct::kForward && p.bias; }
+bool forward_with_bias(const GroupedMatmulParams& p) { return p.product == GroupedProduct::kForward && p.bias; }
 
 struct Workspace {
   Problems problems;
@@ -37,10 +38,10 @@ struct Workspace {
   char* zero_row = nullptr;   // n elements of zeros: the C operand of the tail problem when C is the bias
 };
 
-// One layout for grouped_gemm_workspace_bytes and run_grouped_gemm: problem sizes, 4 pointer arrays, 4
+// One layout for grouped_matmul_workspace_bytes and run_grouped_matmul: problem sizes, 4 pointer arrays, 4
 // leading-dimension arrays, the group starts, the zero row; each region 256-byte aligned. Returns the bytes; with
 // a null p.workspace only the size is meaningful.
-int64_t carve(const GroupedGemmParams& p, Workspace& ws) {
+int64_t carve(const GroupedMatmulParams& p, Workspace& ws) {
   const int64_t slots = problem_slots(p);
   char* base = static_cast<char*>(p.workspace);
   int64_t offset = 0;
@@ -116,7 +117,7 @@ __device__ void write_problem(const ProblemPlan& plan, const Problems& out, cons
     const OperandPlan& o = plan.operand[i];
     const char* ptr = o.base + (start * o.per_row + group * o.per_group) * plan.element_size;
     int64_t ld = o.ld;
-    if (tail && i == grouped_gemm::kC && ws.zero_row) {
+    if (tail && i == grouped_matmul::kC && ws.zero_row) {
       ptr = ws.zero_row;
       ld = 0;
     }
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kSetupThreads) setup_problems(ProblemPlan plan
 }
 
 // The three GEMM products in the paper's indices (x_g, dy_g the group's rows).
-ProblemPlan plan_for(const GroupedGemmParams& p) {
+ProblemPlan plan_for(const GroupedMatmulParams& p) {
   auto rows_of = [](const void* ptr, int64_t ld) { return OperandPlan{static_cast<const char*>(ptr), ld, ld, 0}; };
   auto per_group = [](const void* ptr, int64_t ld, int64_t stride) {
     return OperandPlan{static_cast<const char*>(ptr), ld, 0, stride};
@@ -163,28 +164,28 @@ ProblemPlan plan_for(const GroupedGemmParams& p) {
   switch (p.product) {
     case GroupedProduct::kForward:  // y_g (rows, n) = x_g (rows, k) · w_g (k, n) + bias_g
       plan.m = kGroupRows, plan.n = p.n, plan.k = p.k;
-      op[grouped_gemm::kA] = rows_of(p.x, p.x_row_stride);
-      op[grouped_gemm::kB] = per_group(p.w, p.n, p.k * p.n);
-      op[grouped_gemm::kD] = rows_of(p.out, p.n);
+      op[grouped_matmul::kA] = rows_of(p.x, p.x_row_stride);
+      op[grouped_matmul::kB] = per_group(p.w, p.n, p.k * p.n);
+      op[grouped_matmul::kD] = rows_of(p.out, p.n);
       // ld 0 repeats the bias row down the rows of the tile.
-      op[grouped_gemm::kC] = p.bias ? per_group(p.bias, 0, p.n) : op[grouped_gemm::kD];
+      op[grouped_matmul::kC] = p.bias ? per_group(p.bias, 0, p.n) : op[grouped_matmul::kD];
       plan.tail = true;
       plan.zero_row_bytes = p.bias ? p.n * plan.element_size : 0;
       break;
     case GroupedProduct::kInputGrad:  // dx_g (rows, k) = dy_g (rows, n) · w_g^T (n, k), w_g^T column-major
       plan.m = kGroupRows, plan.n = p.k, plan.k = p.n;
-      op[grouped_gemm::kA] = rows_of(p.dy, p.dy_row_stride);
-      op[grouped_gemm::kB] = per_group(p.w, p.n, p.k * p.n);
-      op[grouped_gemm::kD] = rows_of(p.out, p.k);
-      op[grouped_gemm::kC] = op[grouped_gemm::kD];
+      op[grouped_matmul::kA] = rows_of(p.dy, p.dy_row_stride);
+      op[grouped_matmul::kB] = per_group(p.w, p.n, p.k * p.n);
+      op[grouped_matmul::kD] = rows_of(p.out, p.k);
+      op[grouped_matmul::kC] = op[grouped_matmul::kD];
       plan.tail = true;
       break;
     case GroupedProduct::kWeightGrad:  // dw_g (k, n) = x_g^T (k, rows) · dy_g (rows, n), x_g^T column-major
       plan.m = p.k, plan.n = p.n, plan.k = kGroupRows;
-      op[grouped_gemm::kA] = rows_of(p.x, p.x_row_stride);
-      op[grouped_gemm::kB] = rows_of(p.dy, p.dy_row_stride);
-      op[grouped_gemm::kD] = per_group(p.out, p.n, p.k * p.n);
-      op[grouped_gemm::kC] = op[grouped_gemm::kD];
+      op[grouped_matmul::kA] = rows_of(p.x, p.x_row_stride);
+      op[grouped_matmul::kB] = rows_of(p.dy, p.dy_row_stride);
+      op[grouped_matmul::kD] = per_group(p.out, p.n, p.k * p.n);
+      op[grouped_matmul::kC] = op[grouped_matmul::kD];
       break;
     case GroupedProduct::kBiasGrad:  // only the group starts: empty problems, null pointers
       break;
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__(kSumColumns * kSumRowLanes)
 }
 
 template <typename T>
-Status launch_bias_grad(const GroupedGemmParams& p, const int64_t* starts, cudaStream_t stream) {
+Status launch_bias_grad(const GroupedMatmulParams& p, const int64_t* starts, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.n + kSumColumns - 1) / kSumColumns),
                   static_cast<unsigned>(p.groups < 65535 ? p.groups : 65535));
   bias_grad<T><<<grid, dim3(kSumColumns, kSumRowLanes), 0, stream>>>(
@@ -230,24 +231,13 @@ Status launch_bias_grad(const GroupedGemmParams& p, const int64_t* starts, cudaS
 
 // ---- dispatch -------------------------------------------------------------------------------------------------------
 
-// Calls fn with the kernel family (csrc/gemm/kernel_families.cuh) of a dtype and math mode.
-template <typename Fn>
-Status with_family(DType dtype, MathMode math, Fn&& fn) {
-  switch (dtype) {
-    case DType::kBFloat16: return fn(gemm::TensorOpBF16{});
-    case DType::kFloat16: return fn(gemm::TensorOpF16{});
-    case DType::kFloat32: return math == MathMode::kTF32 ? fn(gemm::TensorOpTF32{}) : fn(gemm::SimtF32{});
-  }
-  return Status::kUnsupported;
-}
-
 bool aligned(const void* ptr, int64_t ld, int vector, int element_size) {
   return reinterpret_cast<uintptr_t>(ptr) % (uintptr_t(vector) * element_size) == 0 && ld % vector == 0;
 }
 
 // Every vector load and store of the products stays inside a row when k and n are multiples of the vector width,
 // and is aligned when the pointers and row strides are.
-bool operands_aligned(const GroupedGemmParams& p, int vector) {
+bool operands_aligned(const GroupedMatmulParams& p, int vector) {
   const int size = dtype_size(p.dtype);
   if (p.k % vector != 0 || p.n % vector != 0) return false;
   const bool x = p.product == GroupedProduct::kForward || p.product == GroupedProduct::kWeightGrad;
@@ -262,17 +252,18 @@ bool operands_aligned(const GroupedGemmParams& p, int vector) {
 template <typename Family>
 Status launch_product(GroupedProduct product, const Problems& problems, cudaStream_t stream) {
   switch (product) {
-    case GroupedProduct::kForward: return grouped_gemm::launch_grouped_gemm<Family, RowMajor, RowMajor>(problems, stream);
+    case GroupedProduct::kForward:
+      return grouped_matmul::launch_grouped_gemm<Family, RowMajor, RowMajor>(problems, stream);
     case GroupedProduct::kInputGrad:
-      return grouped_gemm::launch_grouped_gemm<Family, RowMajor, ColumnMajor>(problems, stream);
+      return grouped_matmul::launch_grouped_gemm<Family, RowMajor, ColumnMajor>(problems, stream);
     case GroupedProduct::kWeightGrad:
-      return grouped_gemm::launch_grouped_gemm<Family, ColumnMajor, RowMajor>(problems, stream);
+      return grouped_matmul::launch_grouped_gemm<Family, ColumnMajor, RowMajor>(problems, stream);
     case GroupedProduct::kBiasGrad: break;
   }
   return Status::kInvalidArgument;
 }
 
-int64_t out_elements(const GroupedGemmParams& p) {
+int64_t out_elements(const GroupedMatmulParams& p) {
   switch (p.product) {
     case GroupedProduct::kForward: return p.tokens * p.n;
     case GroupedProduct::kInputGrad: return p.tokens * p.k;
@@ -286,7 +277,7 @@ int64_t out_elements(const GroupedGemmParams& p) {
 // the K loop count, the problem visitor's 32-problem steps): the margin keeps those sums from overflowing.
 // Input pointers may be null where their extents are 0 (empty tensors), so only the sizes are checked; the
 // workspace must be 256-byte aligned (carve() lays out the zero row and descriptors from it).
-bool valid(const GroupedGemmParams& p) {
+bool valid(const GroupedMatmulParams& p) {
   constexpr int64_t kMax = INT_MAX - 256;
   return p.tokens >= 0 && p.groups >= 0 && p.k >= 0 && p.n >= 0 && p.tokens <= kMax && p.k <= kMax &&
          p.n <= kMax && p.groups <= kMax && p.workspace && reinterpret_cast<uintptr_t>(p.workspace) % 256 == 0;
@@ -294,44 +285,37 @@ bool valid(const GroupedGemmParams& p) {
 
 }  // namespace
 
-int64_t grouped_gemm_workspace_bytes(const GroupedGemmParams& params) {
-  GroupedGemmParams p = params;
+int64_t grouped_matmul_workspace_bytes(const GroupedMatmulParams& params) {
+  GroupedMatmulParams p = params;
   p.workspace = nullptr;
   Workspace ws;
   return carve(p, ws);
 }
 
-int grouped_gemm_alignment(DType dtype, MathMode math) {
+int grouped_matmul_alignment(DType dtype, MathMode math) {
   int vector = 0;
-  with_family(dtype, math, [&](auto family) {
-    vector = decltype(family)::kAlignment;
+  SUBQ_GEMM_FAMILY_SWITCH(dtype, math, Family, [&] {
+    vector = Family::kAlignment;
     return Status::kSuccess;
   });
   return vector;
 }
 
-Status run_grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream) {
+Status run_grouped_matmul(const GroupedMatmulParams& p, cudaStream_t stream) {
   if (out_elements(p) == 0) return Status::kSuccess;
   if (!valid(p)) return Status::kInvalidArgument;
   const bool gemm = p.product != GroupedProduct::kBiasGrad;
-  if (gemm && !operands_aligned(p, grouped_gemm_alignment(p.dtype, p.math))) return Status::kMisaligned;
+  if (gemm && !operands_aligned(p, grouped_matmul_alignment(p.dtype, p.math))) return Status::kMisaligned;
   Workspace ws;
   carve(p, ws);
   const int64_t slots = problem_slots(p);
   ws.problems.count = static_cast<int>(p.product == GroupedProduct::kWeightGrad ? p.groups : slots);
   ws.problems.add_c = forward_with_bias(p);
   setup_problems<<<1, kSetupThreads, 0, stream>>>(plan_for(p), ws);
-  if (launch_status() != Status::kSuccess) return Status::kCudaError;
-  if (!gemm) {
-    switch (p.dtype) {
-      case DType::kBFloat16: return launch_bias_grad<__nv_bfloat16>(p, ws.starts, stream);
-      case DType::kFloat16: return launch_bias_grad<__half>(p, ws.starts, stream);
-      case DType::kFloat32: return launch_bias_grad<float>(p, ws.starts, stream);
-    }
-    return Status::kUnsupported;
-  }
-  return with_family(p.dtype, p.math, [&](auto family) {
-    return launch_product<decltype(family)>(p.product, ws.problems, stream);
+  SUBQ_RETURN_IF_ERROR(launch_status());
+  if (!gemm) return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] { return launch_bias_grad<T>(p, ws.starts, stream); });
+  return SUBQ_GEMM_FAMILY_SWITCH(p.dtype, p.math, Family, [&] {
+    return launch_product<Family>(p.product, ws.problems, stream);
   });
 }
 

@@ -1,6 +1,6 @@
-#include "norm/rmsnorm_gated_cpu.h"
+#include "rmsnorm_gated/rmsnorm_gated_cpu.h"
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -59,4 +59,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd(const at::Tenso
   return {dx, dweight, dz};
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -9,7 +9,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 // x (rows, dim), weight (dim,), z like x or none -> y (rows, dim) in x's dtype, rstd (rows, dim / group_size).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_gated_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -34,4 +34,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_fused(const at:
                                                                        bool norm_before_gate,
                                                                        std::array<bool, 3> output_mask);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

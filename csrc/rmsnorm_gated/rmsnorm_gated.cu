@@ -2,13 +2,14 @@
 // backward; a unit is handled by one warp when the group is small and by a whole block otherwise, so the group's
 // statistic is a warp shuffle or a warp shuffle plus one shared-memory step. Each thread walks the group in
 // vectors of 16 bytes when pointers and strides allow, and every statistic is accumulated in float32.
-#include "norm/rmsnorm_gated.h"
+#include "rmsnorm_gated/rmsnorm_gated.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
+#include "common/dispatch.h"
 
 #include <type_traits>
 
@@ -240,13 +241,12 @@ Status dispatch_shape(const RMSNormGatedParams& p, const RMSNormGatedGrads* g, F
   } else {
     vec = vec && aligned(p.y, 16);
   }
-  const bool warp = p.group_size <= kWarpGroupMax;
-  using V = std::integral_constant<int, kVec>;
-  using S = std::integral_constant<int, 1>;
-  using Warp = std::integral_constant<int, 32>;
-  using Block = std::integral_constant<int, kBlockThreads>;
-  if (vec) return warp ? fn(V{}, Warp{}) : fn(V{}, Block{});
-  return warp ? fn(S{}, Warp{}) : fn(S{}, Block{});
+  return SUBQ_BOOL_SWITCH(vec, kVectorized, [&] {
+    return SUBQ_BOOL_SWITCH(p.group_size <= kWarpGroupMax, kWarpPerGroup, [&] {
+      return fn(std::integral_constant<int, kVectorized ? kVec : 1>{},
+                std::integral_constant<int, kWarpPerGroup ? 32 : kBlockThreads>{});
+    });
+  });
 }
 
 template <typename T, typename W>
@@ -272,13 +272,12 @@ template <typename T, typename W>
 Status bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t stream) {
   const int64_t rpc = rows_per_chunk(p), chunks = rmsnorm_gated_row_chunks(p);
   if (chunks > 0 && (g.dx || g.dz || g.dweight)) {
-    const Status status = dispatch_shape<T, W>(p, &g, [&](auto vec, auto group_threads) {
+    SUBQ_RETURN_IF_ERROR(dispatch_shape<T, W>(p, &g, [&](auto vec, auto group_threads) {
       constexpr int kVec = decltype(vec)::value, kGroupThreads = decltype(group_threads)::value;
       const unsigned grid = grid_for(chunks * (p.dim / p.group_size), kBlockThreads / kGroupThreads);
       rmsnorm_gated_bwd_kernel<T, W, kVec, kGroupThreads><<<grid, kBlockThreads, 0, stream>>>(p, g, rpc);
       return launch_status();
-    });
-    if (status != Status::kSuccess) return status;
+    }));
   }
   if (!g.dweight) return Status::kSuccess;
   const unsigned grid = unsigned((p.dim + kReduceFeatures - 1) / kReduceFeatures);
@@ -286,32 +285,6 @@ Status bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t
       g.workspace, static_cast<W*>(g.dweight), chunks, p.dim);
   return launch_status();
 }
-
-// Calls fn<T, W>() for the element types of p.
-template <template <typename, typename> class Op, typename... Args>
-Status dispatch_types(const RMSNormGatedParams& p, Args&&... args) {
-  const bool w32 = p.weight_dtype == DType::kFloat32;
-  if (!w32 && p.weight_dtype != p.dtype) return Status::kUnsupported;
-  switch (p.dtype) {
-    case DType::kFloat32: return Op<float, float>::run(p, args...);
-    case DType::kFloat16: return w32 ? Op<__half, float>::run(p, args...) : Op<__half, __half>::run(p, args...);
-    case DType::kBFloat16:
-      return w32 ? Op<__nv_bfloat16, float>::run(p, args...) : Op<__nv_bfloat16, __nv_bfloat16>::run(p, args...);
-  }
-  return Status::kUnsupported;
-}
-
-template <typename T, typename W>
-struct Fwd {
-  static Status run(const RMSNormGatedParams& p, cudaStream_t stream) { return fwd<T, W>(p, stream); }
-};
-
-template <typename T, typename W>
-struct Bwd {
-  static Status run(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t stream) {
-    return bwd<T, W>(p, g, stream);
-  }
-};
 
 bool valid(const RMSNormGatedParams& p) {
   // No rows: x (and z) may be the null pointer of an empty tensor.
@@ -334,7 +307,9 @@ int64_t rmsnorm_gated_bwd_workspace_elements(const RMSNormGatedParams& p) {
 Status run_rmsnorm_gated_fwd(const RMSNormGatedParams& p, cudaStream_t stream) {
   if (!valid(p) || (p.rows > 0 && (!p.y || !p.rstd))) return Status::kInvalidArgument;
   if (p.rows == 0) return Status::kSuccess;
-  return dispatch_types<Fwd>(p, stream);
+  return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] {
+    return SUBQ_FLOAT32_OR_SAME_SWITCH(p.weight_dtype, p.dtype, T, W, [&] { return fwd<T, W>(p, stream); });
+  });
 }
 
 Status run_rmsnorm_gated_bwd(const RMSNormGatedParams& p, const RMSNormGatedGrads& g, cudaStream_t stream) {
@@ -342,7 +317,9 @@ Status run_rmsnorm_gated_bwd(const RMSNormGatedParams& p, const RMSNormGatedGrad
       (p.rows > 0 && (!g.dy || !p.rstd || g.dy_row_stride < 0))) {
     return Status::kInvalidArgument;
   }
-  return dispatch_types<Bwd>(p, g, stream);
+  return SUBQ_DTYPE_SWITCH(p.dtype, T, [&] {
+    return SUBQ_FLOAT32_OR_SAME_SWITCH(p.weight_dtype, p.dtype, T, W, [&] { return bwd<T, W>(p, g, stream); });
+  });
 }
 
 }  // namespace subq

@@ -10,7 +10,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 // Returns (y, final_states); final_states is empty unless return_final_states.
 std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -29,4 +29,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
 at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, bool silu);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

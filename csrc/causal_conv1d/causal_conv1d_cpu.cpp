@@ -1,8 +1,8 @@
-#include "conv1d/causal_conv1d_cpu.h"
+#include "causal_conv1d/causal_conv1d_cpu.h"
 
 #include <vector>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 at::ScalarType compute_type(const at::Tensor& x) {
@@ -121,4 +121,4 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
   return like_x(x, y);
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -1,4 +1,4 @@
-// ATen composites of the grouped matmul (grouped_gemm.h has the math). Two of them:
+// ATen composites of the grouped matmul (grouped_matmul.h has the math). Two of them:
 //  - grouped_matmul_*: the CPU implementation. It reads the group sizes on the host, checks them (non-negative,
 //    summing to at most the rows of x; ValueError otherwise) and runs one matmul per group.
 //  - grouped_matmul_*_expanded: for CUDA tensors without a kernel (float64, or a build without the CUDA kernels).
@@ -14,7 +14,7 @@
 
 #include <ATen/ATen.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 
 at::Tensor grouped_matmul_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
                               const std::optional<at::Tensor>& bias);
@@ -30,4 +30,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_matmul_bwd_expanded(const
                                                                            const at::Tensor& group_sizes,
                                                                            std::array<bool, 3> output_mask);
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

@@ -1,6 +1,6 @@
-// The one templated launcher behind run_grouped_gemm: CUTLASS 2.x GemmGrouped with device-only scheduling on the
+// The one templated launcher behind run_grouped_matmul: CUTLASS 2.x GemmGrouped with device-only scheduling on the
 // kernel families of csrc/gemm (the same tiles as the batched GEMM, so the same code runs on sm_80, sm_89 and
-// sm_90a). Each grouped_gemm_<family>.cu instantiates it for the three products' operand layouts.
+// sm_90a). Each grouped_matmul_<family>.cu instantiates it for the three products' operand layouts.
 #pragma once
 
 #include <atomic>
@@ -10,9 +10,9 @@
 #include <cutlass/gemm/device/gemm_grouped.h>
 #include <cutlass/gemm/kernel/default_gemm_grouped.h>
 
-#include "grouped_gemm/grouped_problems.cuh"
+#include "grouped_matmul/grouped_problems.cuh"
 
-namespace subq::grouped_gemm {
+namespace subq::grouped_matmul {
 
 template <typename Family, typename LayoutA, typename LayoutB>
 using GroupedGemm = cutlass::gemm::device::GemmGrouped<typename cutlass::gemm::kernel::DefaultGemmGrouped<
@@ -63,14 +63,15 @@ Status launch_grouped_gemm(const Problems& problems, cudaStream_t stream) {
   return Status::kSuccess;
 }
 
-}  // namespace subq::grouped_gemm
+}  // namespace subq::grouped_matmul
 
 // Explicit instantiation for one kernel family: forward (A, B row-major), input gradient (B = w^T, column-major),
 // weight gradient (A = x^T, column-major).
-#define SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, LayoutA, LayoutB)                                  \
-  template subq::Status subq::grouped_gemm::launch_grouped_gemm<subq::gemm::Family, subq::grouped_gemm::LayoutA, \
-                                                                subq::grouped_gemm::LayoutB>(             \
-      const subq::grouped_gemm::Problems&, cudaStream_t);
+#define SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, LayoutA, LayoutB)                        \
+  template subq::Status                                                                         \
+  subq::grouped_matmul::launch_grouped_gemm<subq::gemm::Family, subq::grouped_matmul::LayoutA,  \
+                                            subq::grouped_matmul::LayoutB>(                     \
+      const subq::grouped_matmul::Problems&, cudaStream_t);
 #define SUBQ_INSTANTIATE_GROUPED_GEMM(Family)                        \
   SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, RowMajor, RowMajor)  \
   SUBQ_INSTANTIATE_GROUPED_GEMM_LAYOUTS(Family, RowMajor, ColumnMajor) \

@@ -12,7 +12,8 @@
 
 #include "common/convert.cuh"
 #include "common/cuda_status.h"
-#include "conv1d/causal_conv1d.h"
+#include "common/dispatch.h"
+#include "causal_conv1d/causal_conv1d.h"
 
 namespace subq::conv1d {
 
@@ -131,12 +132,7 @@ Status dispatch_width(int width, F&& f) {
 
 template <typename F>
 Status dispatch(DType dtype, int width, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return dispatch_width<float>(width, f);
-    case DType::kFloat16: return dispatch_width<__half>(width, f);
-    case DType::kBFloat16: return dispatch_width<__nv_bfloat16>(width, f);
-  }
-  return Status::kUnsupported;
+  return SUBQ_DTYPE_SWITCH(dtype, T, [&] { return dispatch_width<T>(width, f); });
 }
 
 

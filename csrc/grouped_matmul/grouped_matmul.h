@@ -26,7 +26,7 @@ namespace subq {
 
 enum class GroupedProduct { kForward, kInputGrad, kWeightGrad, kBiasGrad };
 
-struct GroupedGemmParams {
+struct GroupedMatmulParams {
   GroupedProduct product = GroupedProduct::kForward;
   DType dtype = DType::kBFloat16;
   MathMode math = MathMode::kExact;   // float32 only
@@ -40,20 +40,20 @@ struct GroupedGemmParams {
   const void* dy = nullptr;           // (T, n), row stride dy_row_stride; the gradient products
   int64_t dy_row_stride = 0;
   void* out = nullptr;                // dense: y (T, n) | dx (T, k) | dw (G, k, n) | dbias (G, n)
-  void* workspace = nullptr;          // grouped_gemm_workspace_bytes(params) bytes, 256-byte aligned
+  void* workspace = nullptr;          // grouped_matmul_workspace_bytes(params) bytes, 256-byte aligned
 };
 
 // Bytes of device scratch for the per-group problem descriptors (and, with a bias, one zero row).
-int64_t grouped_gemm_workspace_bytes(const GroupedGemmParams& params);
+int64_t grouped_matmul_workspace_bytes(const GroupedMatmulParams& params);
 
 // Vector width, in elements, that the GEMM products need: k, n and the row strides multiples of it, and x, w, dy,
-// bias and out aligned to it (16 bytes for the tensor-core kernels). Otherwise run_grouped_gemm returns kMisaligned
+// bias and out aligned to it (16 bytes for the tensor-core kernels). Otherwise run_grouped_matmul returns kMisaligned
 // without launching anything, and the caller pads k and n up to a multiple (zero padding leaves the products
 // unchanged). 1 means any; the bias gradient takes any.
-int grouped_gemm_alignment(DType dtype, MathMode math);
+int grouped_matmul_alignment(DType dtype, MathMode math);
 
 // float16 and bfloat16 run on tensor cores, float32 on tensor cores in TF32 (math kTF32) or as exact FFMA; all
 // accumulate in float32. Launches on `stream`.
-Status run_grouped_gemm(const GroupedGemmParams& params, cudaStream_t stream);
+Status run_grouped_matmul(const GroupedMatmulParams& params, cudaStream_t stream);
 
 }  // namespace subq

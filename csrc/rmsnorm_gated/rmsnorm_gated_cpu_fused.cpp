@@ -2,7 +2,7 @@
 // every element five to eight times through float32 temporaries, which makes a memory-bound op 1.2-2.5x slower than
 // the plain-PyTorch formulation it replaces. Here each group's values stay in an L1-sized buffer between its two
 // passes (the statistic, then the output), and rows are split in static blocks so results are deterministic.
-#include "norm/rmsnorm_gated_cpu.h"
+#include "rmsnorm_gated/rmsnorm_gated_cpu.h"
 
 #include <cmath>
 #include <cstdint>
@@ -14,7 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-namespace subq::cpu {
+namespace subq::composite {
 namespace {
 
 // About 32K elements per task: enough to amortise a task, few enough to split 4K-token batches across cores.
@@ -203,4 +203,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_fused(const at:
   return {dx, dweight, dz};
 }
 
-}  // namespace subq::cpu
+}  // namespace subq::composite

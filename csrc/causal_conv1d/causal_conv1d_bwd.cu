@@ -5,7 +5,7 @@
 // and the initial states get dx at negative times; final-state gradients add to the inputs they copied.
 // One block per (batch, 32-channel, 64-step) tile, as in the forward; the weight and bias gradients are written as
 // per-tile partial sums and reduced by a second kernel in a fixed order (deterministic, no atomics).
-#include "conv1d/causal_conv1d_common.cuh"
+#include "causal_conv1d/causal_conv1d_common.cuh"
 
 namespace subq {
 namespace conv1d {
@@ -157,7 +157,7 @@ Status run_causal_conv1d_bwd(const CausalConv1dParams& p, const CausalConv1dGrad
     constexpr int W = decltype(w)::value;
     if (blocks > 0) {
       causal_conv1d_bwd_kernel<T, W><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, g, n_time_tiles);
-      if (launch_status() != Status::kSuccess) return Status::kCudaError;
+      SUBQ_RETURN_IF_ERROR(launch_status());
     }
     // Runs for an empty batch too: the gradients are then zero.
     const int64_t cols = p.dim * (W + 1);

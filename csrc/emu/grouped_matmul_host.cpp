@@ -1,4 +1,4 @@
-// Emulator only: a stand-in for the CUTLASS grouped GEMM behind run_grouped_gemm (grouped_gemm_launch.cuh), which
+// Emulator only: a stand-in for the CUTLASS grouped GEMM behind run_grouped_matmul (grouped_matmul_launch.cuh), which
 // the emulator cannot run (its mainloop is inline PTX: cp.async, ldmatrix, mma.sync). It executes the problems the
 // setup kernel wrote as CUTLASS would read them: D = A·B + beta·C per problem, A and B in the given layouts with
 // their leading dimensions, D and C row-major, float accumulation and the same float epilogue. So the whole op runs
@@ -9,9 +9,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "grouped_gemm/grouped_problems.cuh"
+#include "grouped_matmul/grouped_problems.cuh"
 
-namespace subq::grouped_gemm {
+namespace subq::grouped_matmul {
 namespace {
 
 // What CUTLASS assumes of a descriptor without checking: non-negative extents, and leading dimensions that keep a
@@ -63,8 +63,8 @@ Status launch_grouped_gemm(const Problems& problems, cudaStream_t) {
   return Status::kSuccess;
 }
 
-// Exactly the instantiations the dispatcher (grouped_gemm.cu: with_family, launch_product) calls: four kernel
-// families, each with the forward, input-gradient and weight-gradient operand layouts.
+// Exactly the instantiations the dispatcher (grouped_matmul.cu: SUBQ_GEMM_FAMILY_SWITCH, launch_product) calls: four
+// kernel families, each with the forward, input-gradient and weight-gradient operand layouts.
 #define SUBQ_EMU_GROUPED_GEMM(Family, LayoutA, LayoutB) \
   template Status launch_grouped_gemm<gemm::Family, LayoutA, LayoutB>(const Problems&, cudaStream_t);
 #define SUBQ_EMU_GROUPED_GEMM_FAMILY(Family)            \
@@ -76,4 +76,4 @@ SUBQ_EMU_GROUPED_GEMM_FAMILY(TensorOpF16)
 SUBQ_EMU_GROUPED_GEMM_FAMILY(TensorOpTF32)
 SUBQ_EMU_GROUPED_GEMM_FAMILY(SimtF32)
 
-}  // namespace subq::grouped_gemm
+}  // namespace subq::grouped_matmul

@@ -1,6 +1,6 @@
 // Forward causal conv1d: one block per (batch, 32-channel, 64-step) tile, x staged in shared memory with its
 // W-1 step causal halo, fp32 accumulation.
-#include "conv1d/causal_conv1d_common.cuh"
+#include "causal_conv1d/causal_conv1d_common.cuh"
 
 namespace subq {
 namespace conv1d {

@@ -1,6 +1,6 @@
 // Decoding step of the causal conv1d: a few new tokens against a rolling state. One thread per (batch, channel):
 // the work is a handful of multiply-adds per token, so the kernel is a single pass over the state and the tokens.
-#include "conv1d/causal_conv1d_common.cuh"
+#include "causal_conv1d/causal_conv1d_common.cuh"
 
 namespace subq {
 namespace conv1d {
