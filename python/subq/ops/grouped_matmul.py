@@ -1,7 +1,7 @@
 """Grouped matmul: rows sorted by group, each group multiplied by its own weight, all groups in one launch.
 
 The routed projections of Mixture-of-Modules run on it. Backed by ``torch.ops.subq.grouped_matmul_fwd/bwd``
-(csrc/torch/grouped_matmul.cpp, CUTLASS kernels in csrc/grouped_gemm/). The CUDA kernels are opt-in with
+(csrc/torch/grouped_matmul.cpp, CUTLASS kernels in csrc/grouped_matmul/). The CUDA kernels are opt-in with
 ``SUBQ_EXPERIMENTAL_GROUPED_GEMM=1`` until they have been verified on a GPU; by default CUDA takes the ATen
 composite described in the function's docstring.
 """
