@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from subq.profile.ops.base import PASSES, Impl, OpSpec
-from subq.profile.ops.conv_norm import CAUSAL_CONV1D, RMSNORM_GATED
+from subq.profile.ops.causal_conv1d import CAUSAL_CONV1D
 from subq.profile.ops.flash import FLASH
 from subq.profile.ops.flash_step import FLASH_STEP
 from subq.profile.ops.gau import GAU
 from subq.profile.ops.grouped_matmul import GROUPED_MATMUL
 from subq.profile.ops.monarch import BLOCKDIAG, MONARCH
 from subq.profile.ops.monarch_conv import MONARCH_CONV
+from subq.profile.ops.rmsnorm_gated import RMSNORM_GATED
 from subq.profile.ops.ssd import SSD
 from subq.profile.ops.ssd_step import SSD_STEP
 
