@@ -51,7 +51,7 @@ GLUE = [
     "torch/rmsnorm_gated.cpp",
     "torch/ssd_step.cpp",
     "torch/ssd_chunk_scan.cpp",
-    "torch/flash_attention.cpp",
+    "torch/flash.cpp",
     "torch/monarch_conv.cpp",
     "torch/grouped_matmul.cpp",
 ]
@@ -61,7 +61,7 @@ COMPOSITES = [
     "rmsnorm_gated/rmsnorm_gated_cpu_fused.cpp",
     "ssd/ssd_step_cpu.cpp",
     "ssd/ssd_chunk_scan_cpu.cpp",
-    "flash/flash_attention_cpu.cpp",
+    "flash/flash_cpu.cpp",
     "monarch_conv/monarch_conv_cpu.cpp",
     "monarch_conv/monarch_dft.cpp",
     "grouped_matmul/grouped_matmul_cpu.cpp",

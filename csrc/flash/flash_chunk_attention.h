@@ -9,7 +9,7 @@
 // The backward (flash_chunk_attention_bwd.cu) recomputes the states with the same two kernels, and the states'
 // gradients with them too (on Q_lin and dO, the prefix reversed); then per chunk the score gradients, the value
 // gradient and the four feature gradients (the list is at the top of that file).
-// The math, scaling and masking are those of the ATen composite (csrc/flash/flash_attention_cpu.cpp).
+// The math, scaling and masking are those of the ATen composite (csrc/flash/flash_cpu.cpp).
 // Inputs are 16-bit (float16 / bfloat16) and contiguous; products accumulate in float32.
 // Every function returns a Status and never throws.
 #pragma once

@@ -1,5 +1,5 @@
 // FLASH mixed-chunk attention backward (see flash_chunk_attention.h): the gradients of the ATen composite's
-// flash_chunk_attention_bwd (csrc/flash/flash_attention_cpu.cpp), on tensor cores through WMMA with 16-bit operands
+// flash_chunk_attention_bwd (csrc/flash/flash_cpu.cpp), on tensor cores through WMMA with 16-bit operands
 // and float32 accumulation. With dO = dout ⊙ u (dout without a gate), in launch order:
 //   chunk_states, state_prefix   on (K_lin, V): the states the forward read, state_g = lin_scale Σ_{h<g} K_lin,hᵀ V_h
 //                                (causal) or lin_scale Σ_h K_lin,hᵀ V_h (bidirectional, in slot 0);

@@ -1,7 +1,7 @@
 """FLASH attention (Hua et al. 2022): ``subq.ops.flash_chunk_attention``, ``gau_attention`` and ``flash_step``.
 
 Backed by ``torch.ops.subq.flash_chunk_attention_fwd/bwd``, ``gau_attention_fwd/bwd`` and ``flash_step``
-(csrc/torch/flash_attention.cpp). Both devices run ATen composites by default. Fused CUDA kernels for
+(csrc/torch/flash.cpp). Both devices run ATen composites by default. Fused CUDA kernels for
 ``flash_chunk_attention``, forward and backward, float16/bfloat16 (csrc/flash/flash_chunk_attention_{fwd,bwd}.cu),
 are opt-in with ``SUBQ_EXPERIMENTAL_FLASH_KERNELS=1`` until they have been verified on a GPU.
 """

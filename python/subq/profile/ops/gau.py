@@ -6,8 +6,9 @@ scale 1/L), causal or bidirectional, against the plain PyTorch formula in the sa
 Size (ops/flash_sizes.py): b ``batch``, L ``seqlen``, S ``qk_dim`` (q, k), E ``value_dim`` (v and the output),
 ``causal`` 0 or 1.
 
-matmul FLOPs. subq (csrc/flash/flash_attention_cpu.cpp; update this when a CUDA kernel lands) walks key tiles of
-  T = 256 keys; tile j (cols = min(T, L - jT) keys) is seen by rows = L queries, or L - jT when causal (the queries
+matmul FLOPs. subq (csrc/flash/flash_cpu.cpp; update this when a CUDA kernel lands) walks key tiles of
+  T = 256 keys when causal (bidirectional tiles are larger, which leaves R below unchanged); tile j
+  (cols = min(T, L - jT) keys) is seen by rows = L queries, or L - jT when causal (the queries
   from the tile's first key on). R = sum over tiles of rows x cols (L^2 bidirectional, about L^2 / 2 causal); R' = R
   bidirectional, and causal the same with each tile's diagonal square (cols x cols) counted as the strict lower
   triangle of that square padded to a power of two P, P (P - 1) / 2 pairs (the products with V, dV, dQ and dK are
@@ -30,7 +31,7 @@ from subq.profile.ops.base import Impl, Inputs, OpSpec, Size, leaf, three_x
 from subq.profile.ops.flash_sizes import ABBREV, invalid_with_sdpa
 from subq.reference import gau_attention_ref
 
-KEY_TILE = 256  # kKeyTile in csrc/flash/flash_attention_cpu.cpp
+KEY_TILE = 256  # kKeyTile in csrc/flash/flash_cpu.cpp (causal tiles)
 _LEAVES = ("q", "k", "v")
 
 

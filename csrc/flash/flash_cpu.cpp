@@ -1,4 +1,4 @@
-#include "flash/flash_attention_cpu.h"
+#include "flash/flash_cpu.h"
 
 #include <algorithm>
 

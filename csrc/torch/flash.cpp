@@ -1,5 +1,5 @@
 // Torch glue for FLASH: schemas, argument checks, and the implementations of subq::flash_chunk_attention_fwd/bwd,
-// subq::gau_attention_fwd/bwd and subq::flash_step. The ATen composites (csrc/flash/flash_attention_cpu.cpp) serve
+// subq::gau_attention_fwd/bwd and subq::flash_step. The ATen composites (csrc/flash/flash_cpu.cpp) serve
 // both devices; the fused CUDA forward and backward of flash_chunk_attention (csrc/flash/flash_chunk_attention.h) run
 // for 16-bit inputs when SUBQ_EXPERIMENTAL_FLASH_KERNELS=1.
 #include <algorithm>
@@ -8,7 +8,7 @@
 
 #include <torch/library.h>
 
-#include "flash/flash_attention_cpu.h"
+#include "flash/flash_cpu.h"
 #include "torch/checks.h"
 #include "torch/experimental_flags.h"
 
