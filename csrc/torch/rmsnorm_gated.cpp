@@ -63,37 +63,31 @@ void check_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rst
               rstd.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_composite(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z,
-                                                 double eps, int64_t group_size, bool norm_before_gate) {
+// The checked entry points around an implementation: on the CPU the fused loops, and the ATen composite for CUDA
+// tensors in a build without the kernels.
+using FwdImpl = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const OptTensor&, double,
+                                                       int64_t, bool);
+using BwdImpl = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const OptTensor&,
+                                                                   const at::Tensor&, int64_t, bool,
+                                                                   std::array<bool, 3>);
+
+template <FwdImpl impl>
+std::tuple<at::Tensor, at::Tensor> fwd_checked(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z,
+                                               double eps, int64_t group_size, bool norm_before_gate) {
   check_rmsnorm(x, weight, z, group_size);
   check_eps(eps);
-  return composite::rmsnorm_gated_fwd(x, weight, z, eps, group_size, norm_before_gate);
+  return impl(x, weight, z, eps, group_size, norm_before_gate);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_composite(const at::Tensor& dy, const at::Tensor& x,
-                                                             const at::Tensor& weight, const OptTensor& z,
-                                                             const at::Tensor& rstd, int64_t group_size,
-                                                             bool norm_before_gate, std::array<bool, 3> mask) {
+template <BwdImpl impl>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_checked(const at::Tensor& dy, const at::Tensor& x,
+                                                           const at::Tensor& weight, const OptTensor& z,
+                                                           const at::Tensor& rstd, int64_t group_size,
+                                                           bool norm_before_gate, std::array<bool, 3> mask) {
   check_rmsnorm(x, weight, z, group_size);
   check_grad(dy, x, rstd, group_size);
-  return composite::rmsnorm_gated_bwd(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
-}
-
-// The CPU runs the fused loops; the composite above stays the CUDA fallback (it runs as ATen CUDA kernels).
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& z,
-                                           double eps, int64_t group_size, bool norm_before_gate) {
-  check_rmsnorm(x, weight, z, group_size);
-  check_eps(eps);
-  return composite::rmsnorm_gated_fwd_fused(x, weight, z, eps, group_size, norm_before_gate);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
-                                                       const at::Tensor& weight, const OptTensor& z,
-                                                       const at::Tensor& rstd, int64_t group_size,
-                                                       bool norm_before_gate, std::array<bool, 3> mask) {
-  check_rmsnorm(x, weight, z, group_size);
-  check_grad(dy, x, rstd, group_size);
-  return composite::rmsnorm_gated_bwd_fused(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
+  return impl(dy, x, weight, z, rstd, group_size, norm_before_gate, mask);
 }
 
 #ifdef SUBQ_WITH_CUDA
@@ -192,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dy_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(subq, CPU, m) {
-  m.impl("rmsnorm_gated_fwd", &fwd_cpu);
-  m.impl("rmsnorm_gated_bwd", &bwd_cpu);
+  m.impl("rmsnorm_gated_fwd", &fwd_checked<composite::rmsnorm_gated_fwd_fused>);
+  m.impl("rmsnorm_gated_bwd", &bwd_checked<composite::rmsnorm_gated_bwd_fused>);
 }
 
 // Without the CUDA kernels built, CUDA tensors still work through the ATen composite.
@@ -202,8 +196,8 @@ TORCH_LIBRARY_IMPL(subq, CUDA, m) {
   m.impl("rmsnorm_gated_fwd", &fwd_cuda);
   m.impl("rmsnorm_gated_bwd", &bwd_cuda);
 #else
-  m.impl("rmsnorm_gated_fwd", &fwd_composite);
-  m.impl("rmsnorm_gated_bwd", &bwd_composite);
+  m.impl("rmsnorm_gated_fwd", &fwd_checked<composite::rmsnorm_gated_fwd>);
+  m.impl("rmsnorm_gated_bwd", &bwd_checked<composite::rmsnorm_gated_bwd>);
 #endif
 }
 
