@@ -33,7 +33,7 @@ bool small_16bit_blocks(const at::Tensor& x, int64_t block) {
 // On the CPU the block-diagonal products run one GEMM per block, reading and writing column slices of the
 // (tokens, features) matrices in place (BLAS takes their row stride as the leading dimension). The batched form
 // would leave a (nblocks, tokens, block) result to transpose and copy, which in M2-BERT's GLU cost as much time as
-// the products. The CUDA fallback keeps one batched launch.
+// the products. The CUDA fallback keeps one batched launch, and so do small 16-bit blocks (small_16bit_blocks above).
 at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w) {
   const int64_t nblocks = w.size(0), bo = w.size(1), bi = w.size(2);
   if (!x.is_cpu() || small_16bit_blocks(x, std::max(bo, bi))) {

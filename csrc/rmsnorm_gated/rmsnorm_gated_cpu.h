@@ -1,6 +1,7 @@
-// ATen composite gated RMSNorm: the CPU implementation, and the CUDA path for float64 (the kernels take float32,
-// float16 and bfloat16). Same math and saved statistic as rmsnorm_gated.h; statistics in float32, or in float64
-// for float64 inputs. Gradients not asked for in output_mask (or dz without z) come back as empty tensors.
+// Gated RMSNorm without the CUDA kernels: the ATen composite (the CUDA path for float64, for the other dtypes while
+// the kernels are opt-in, and in builds without them) and the CPU's fused loops. Same math and saved statistic as
+// rmsnorm_gated.h; statistics in float32, or in float64 for float64 inputs. Gradients not asked for in output_mask
+// (or dz without z) come back as empty tensors.
 #pragma once
 
 #include <array>

@@ -4,6 +4,7 @@
 // passes (the statistic, then the output), and rows are split in static blocks so results are deterministic.
 #include "rmsnorm_gated/rmsnorm_gated_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -80,7 +80,8 @@ def _cuda_only(what: str) -> Availability:
 def opt_in(impl: Impl, name: str, op: str) -> Impl:
     """``impl`` with ``op``'s opt-in kernels switched on, timed side by side with the default path. They are CUDA
     kernels: on a CPU the variant would time the default path again."""
-    return replace(impl, name=name, opt_in=op, unavailable=_cuda_only(f"{experimental.for_op(op).env}=1"))
+    variant = replace(impl, name=name, opt_in=op)
+    return replace(variant, unavailable=_cuda_only(f"{variant.flag}=1"))
 
 
 def compiled(impl: Impl) -> Impl:
